@@ -1,0 +1,149 @@
+"""Time one training step (forward + backward + SGD step) per model and rule; print JSON.
+
+    python benchmarks/step_time.py [--rounds 7] [--batch-size 128] [--models ...] [--out FILE]
+
+Every rule of a model is timed in the same run, interleaved round by round (bp, dfa, ..., bp, dfa,
+...) so that drift of a shared machine hits all alike; warm-up steps are excluded. Reported: the
+median milliseconds per step, each rule's ratio to ``bp`` (the median over rounds of the per-round
+ratio), the floor that counting multiply-adds gives for that ratio (forward + weight gradients +
+input gradients where computed + projections, over BP's forward + weight + input gradients), the
+gap between the two, and the bytes of feedback each rule stores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import dfatorch
+from dfatorch.models import build_model, layer_costs, model_stats, training_macs
+
+MODELS = {
+    "mlp_3x800": dict(name="mlp_3x800", options={"activation": "tanh"}),
+    "small_cnn": dict(name="small_cnn", options={"activation": "relu"}),
+    "nokland_cnn": dict(name="nokland_cnn", options={"activation": "tanh"}),
+}
+RULES: dict[str, dict[str, Any]] = {
+    "bp": {"method": "bp"},
+    "dfa_all": {"method": "dfa", "scope": "all"},
+    "dfa_fc": {"method": "dfa", "scope": "fc"},
+    "bdfa_fc_packed": {"method": "bdfa", "scope": "fc", "storage": "packed"},
+    "bdfa_fc_seeded": {"method": "bdfa", "scope": "fc", "storage": "seeded"},
+    "bdfa_all_packed": {"method": "bdfa", "scope": "all", "storage": "packed"},
+}
+INPUT_SHAPE = (3, 32, 32)
+NUM_CLASSES = 10
+
+
+def make_step(model_key: str, rule: dict[str, Any], x: torch.Tensor, y: torch.Tensor):
+    torch.manual_seed(0)
+    spec = MODELS[model_key]
+    model = build_model(spec["name"], INPUT_SHAPE, NUM_CLASSES, **spec["options"]).to(x.device)
+    engine = dfatorch.attach(model, example_input=x[:2], **rule)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return model, engine, step
+
+
+def measure(model_key: str, rounds: int, warmup: int, batch: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *INPUT_SHAPE, generator=g)
+    y = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
+    built = {key: make_step(model_key, rule, x, y) for key, rule in RULES.items()}
+    for _, _, step in built.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {key: [] for key in RULES}
+    for _ in range(rounds):
+        for key, (_, _, step) in built.items():
+            start = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - start)
+    model, _, _ = built["bp"]
+    stats = model_stats(model, INPUT_SHAPE)
+    costs = layer_costs(model, INPUT_SHAPE)
+    bp_macs = training_macs(costs, [False] * len(costs), NUM_CLASSES)["total"]
+    float_bytes = None
+    result: dict[str, Any] = {"params": stats.params, "forward_macs_per_sample": stats.macs}
+    rules: dict[str, Any] = {}
+    for key, (_, engine, _) in built.items():
+        cut = [False] + [prev.rule.is_feedback for prev in engine.layers[:-1]]
+        macs = training_macs(costs, cut, NUM_CLASSES)
+        ratios = [t / b for t, b in zip(times[key], times["bp"])]
+        fb = engine.storage_bytes()
+        if key == "dfa_all":
+            float_bytes = fb["pattern"]
+        ratio = statistics.median(ratios)
+        floor = macs["total"] / bp_macs
+        rules[key] = {
+            **RULES[key],
+            "ms_median": round(1e3 * statistics.median(times[key]), 2),
+            "ms_min": round(1e3 * min(times[key]), 2),
+            "ratio_to_bp": round(ratio, 3),
+            "floor_from_macs": round(floor, 3),
+            "gap": round(ratio - floor, 3),
+            "feedback_points": engine.feedback_layers,
+            "feedback_units": 0 if engine.feedback is None else engine.feedback.total_size,
+            "feedback_pattern_bytes": fb["pattern"],
+            "feedback_scale_bytes": fb["scales"],
+        }
+    for entry in rules.values():
+        float32 = 4 * NUM_CLASSES * entry["feedback_units"]
+        entry["float32_bytes_same_points"] = float32
+        share = entry["feedback_pattern_bytes"] / float32 if float32 else None
+        entry["bytes_vs_float32"] = None if share is None else round(share, 5)
+    result["rules"] = rules
+    result["float32_bytes_dfa_all"] = float_bytes
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report: dict[str, Any] = {
+        "benchmark": "step_time",
+        "command": " ".join(["python", "benchmarks/step_time.py", *(argv or sys.argv[1:])]),
+        "config": vars(args),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "dfatorch": dfatorch.__version__,
+        },
+        "models": {},
+    }
+    for key in args.models:
+        print(f"timing {key} ...", file=sys.stderr, flush=True)
+        report["models"][key] = measure(key, args.rounds, args.warmup, args.batch_size)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,668 @@
+"""Attach DFA, binary DFA or the hybrid BP+DFA of Han & Yoo (2019) to an unchanged model.
+
+How it works (one ordinary ``loss.backward()`` does everything):
+
+- *Layers* are the model's ``nn.Linear`` and ``nn.Conv{1,2,3}d`` modules, in registration order;
+  the last is the *output layer*. Each hidden layer has a :class:`Rule`.
+- A hidden layer under ``dfa``/``bdfa`` gets its error at its *feedback point*: the input of the
+  next layer, i.e. its output after nonlinearity, normalisation, pooling, dropout and flattening. A
+  forward pre-hook on that next layer stashes the tensor and hands the layer a detached copy, which
+  cuts the graph: autograd never computes the ``W^T delta`` product that DFA would throw away.
+- A forward hook on the output layer passes its output ``y`` through one autograd Function together
+  with the stashed feedback points. In backward that Function receives the true output error
+  ``e = dLoss/dy`` of the user's real loss and returns ``e @ B_l`` as the gradient of every feedback
+  point, computed as one matmul ``e @ [B_1 | B_2 | ...]`` and split into views. Autograd then runs
+  each segment's own backward: ``f'(a_l)``, batch norm, pooling and the weight gradients, unchanged.
+- A layer under ``bp`` places no cut: its output's gradient is back-propagated from the next layer.
+
+The engine therefore assumes that, along the DFA-trained part of the model, each feedback point
+reaches the output only through the next layer (a chain). Skip connections inside a BP part are
+fine; one that bypasses a cut is detected on the first pass and refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .feedback import FeedbackInit, FeedbackMatrix, Storage
+
+__all__ = [
+    "ConvError",
+    "DFAEngine",
+    "LayerInfo",
+    "Rule",
+    "Scope",
+    "attach",
+    "preserved_state",
+]
+
+#: Modules that carry a rule: the weight layers of the model.
+LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+#: Parametrised modules that may sit inside a segment: they are trained by the gradient that
+#: arrives at them, like the layer they follow.
+SEGMENT_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.PReLU,
+)
+
+
+#: The engine attached to each model, so that a second attach() is refused.
+_ENGINES: weakref.WeakKeyDictionary[nn.Module, DFAEngine] = weakref.WeakKeyDictionary()
+
+
+class Rule(str, Enum):
+    """How a hidden layer receives the error at its output."""
+
+    BP = "bp"  #: back-propagated from the layer above (exact gradient)
+    DFA = "dfa"  #: ``e @ B_l`` with a fixed random float matrix (Nøkland 2016)
+    BDFA = "bdfa"  #: ``e @ B_l`` with ``B_l`` in ``{-s_l, +s_l}`` (Han & Yoo 2019)
+
+    @property
+    def is_feedback(self) -> bool:
+        return self is not Rule.BP
+
+
+class Scope(str, Enum):
+    """Which hidden layers a ``dfa``/``bdfa`` method covers."""
+
+    ALL = "all"  #: every hidden layer, convolutional and linear, gets its own projection
+    FC = "fc"  #: the paper's hybrid: hidden linear layers by DFA, the conv part by BP
+
+
+class ConvError(str, Enum):
+    """Where the conv stack's error comes from in the hybrid (``scope="fc"``)."""
+
+    #: (a) back-propagated from the first DFA-trained linear layer's delta, ``W^T delta``
+    BACKPROP = "backprop"
+    #: (b) a projection ``e @ B`` of its own, straight onto the conv stack's output
+    PROJECT = "project"
+
+
+@dataclass
+class LayerInfo:
+    """A weight layer seen by the engine."""
+
+    name: str
+    module: nn.Module
+    rule: Rule
+    is_output: bool = False
+
+
+class _DeliverFeedback(torch.autograd.Function):
+    """Identity on ``y``; backward returns ``e @ B_l`` as the gradient of each feedback point."""
+
+    @staticmethod
+    def forward(ctx: Any, engine: DFAEngine, y: Tensor, *points: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.engine = engine
+        # shape and strides of each point, to hand back its gradient in the same layout
+        ctx.layouts = [torch.empty_strided(p.shape, p.stride(), device="meta") for p in points]
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        needs = ctx.needs_input_grad[2:]
+        if not any(needs):
+            return (None, grad_y, *([None] * len(needs)))
+        signals = ctx.engine._project(grad_y, ctx.layouts)  # views of one (N, D) product
+        return (None, grad_y, *(s if n else None for s, n in zip(signals, needs)))
+
+
+class DFAEngine(nn.Module):
+    """The hooks and feedback that train a model by DFA/BDFA/BP. Create it with :func:`attach`.
+
+    The engine is an ``nn.Module`` so that its feedback follows the usual conventions: buffers in
+    :meth:`state_dict`, moved by ``.to()``. It is not part of the model (the model's own
+    ``state_dict`` is unchanged); the feedback also follows the model's device on its own.
+    """
+
+    feedback: FeedbackMatrix | None
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[LayerInfo],
+        *,
+        num_classes: int | None,
+        init: FeedbackInit,
+        storage: Storage,
+        seed: int,
+        gain: float,
+    ) -> None:
+        super().__init__()
+        object.__setattr__(self, "model", model)  # not a submodule: keep the model's state apart
+        self.layers = layers
+        self.num_classes = num_classes
+        self.init = init
+        self.storage = storage
+        self.seed = seed
+        self.gain = gain
+        self.feedback = None
+        self.calibrated = False
+        self._enabled = True
+        self._next = 0
+        self._stash: list[Tensor] = []
+        self._stash_from: list[int] = []
+        self._checked = False
+        self.recorded_signals: list[Tensor] | None = None
+        self.record_signals = False
+        self._handles: list[RemovableHandle] = []
+        for index, info in enumerate(layers):
+            self._handles.append(info.module.register_forward_pre_hook(self._pre_hook(index)))
+        self._handles.append(layers[-1].module.register_forward_hook(self._output_hook))
+
+    # -- public API --------------------------------------------------------------------------
+
+    model: nn.Module
+
+    @property
+    def rules(self) -> dict[str, Rule]:
+        """The rule of every layer by name (the output layer reports ``bp``: its true gradient)."""
+        return {info.name: info.rule for info in self.layers}
+
+    @property
+    def feedback_layers(self) -> list[str]:
+        """Names of the layers whose output receives a projected error, in order."""
+        return [info.name for info in self.layers[:-1] if info.rule.is_feedback]
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        """Remove every hook: the model trains by plain back-propagation again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._stash, self._stash_from = [], []
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Within this context, forward passes are plain back-propagation (no cuts)."""
+        previous, self._enabled = self._enabled, False
+        try:
+            yield
+        finally:
+            self._enabled = previous
+
+    def storage_bytes(self) -> dict[str, int]:
+        """Bytes of feedback held: ``{"pattern": ..., "scales": ...}`` (0 before the first pass)."""
+        if self.feedback is None:
+            return {"pattern": 0, "scales": 0}
+        return self.feedback.storage_bytes()
+
+    def materialize(self, example_input: Any) -> DFAEngine:
+        """Build the feedback now from one forward pass on ``example_input`` (a tensor or a tuple of
+        arguments), instead of lazily on the first training pass. Model and RNG state are kept."""
+        if self.feedback is not None or not self.feedback_layers:
+            return self
+        args = example_input if isinstance(example_input, tuple) else (example_input,)
+        with preserved_state(self.model), torch.enable_grad():
+            self.model(*args)
+        if self.feedback is None:
+            raise RuntimeError("the example forward pass did not reach the output layer")
+        return self
+
+    def true_signals(
+        self,
+        inputs: Any,
+        targets: Any,
+        loss_fn: Callable[[Tensor, Any], Tensor],
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Back-propagation's answer at every feedback point, for comparison with DFA's.
+
+        Runs one plain BP forward/backward (no cuts) on ``inputs`` and returns ``(e, grads)``: the
+        output error ``dL/dy`` and ``dL/dh_l`` at each feedback point, flattened to ``(N, d_l)``.
+        Parameter ``.grad``, buffers and RNG states are left as they were.
+        """
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        with preserved_state(self.model), torch.enable_grad():
+            self._capture = True
+            try:
+                with self.disabled():
+                    y = self.model(*args)
+                points = self._captured
+            finally:
+                self._capture = False
+                self._captured = []
+            loss = loss_fn(y, targets)
+            _check_scalar_loss(loss)
+            grads = torch.autograd.grad(loss, [y, *points], allow_unused=True)
+        flat = [
+            (g if g is not None else torch.zeros_like(p)).reshape(p.shape[0], -1)
+            for g, p in zip(grads[1:], points)
+        ]
+        return grads[0].detach(), [g.detach() for g in flat]
+
+    @torch.no_grad()
+    def calibrate(
+        self,
+        inputs: Any,
+        targets: Any,
+        loss_fn: Callable[[Tensor, Any], Tensor],
+    ) -> list[float]:
+        """Set each feedback point's scale so that ``||e B_l||`` equals BP's ``||dL/dh_l||`` on this
+        batch (the *norm-matched* initialisation). Returns the new scales."""
+        self.materialize(inputs)
+        error, true = self.true_signals(inputs, targets, loss_fn)
+        assert self.feedback is not None
+        delivered = self.feedback.project(error)
+        for i, (d, t) in enumerate(zip(delivered, true)):
+            dn, tn = d.norm(), t.norm()
+            if dn > 0 and tn > 0:
+                self.feedback.scales[i] *= (tn / dn).to(self.feedback.scales.dtype)
+        self.calibrated = True
+        return self.feedback.scales.tolist()
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    _capture = False
+    _captured: list[Tensor] = []  # noqa: RUF012 - replaced per instance before use
+
+    def _pre_hook(self, index: int) -> Callable[[nn.Module, tuple[Any, ...]], Any]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> Any:
+            if index == 0:
+                self._next = 0
+                self._stash, self._stash_from = [], []
+                if self._capture:
+                    self._captured = []
+            if index != self._next:
+                expected = self.layers[self._next].name if self._next < len(self.layers) else None
+                raise RuntimeError(
+                    f"layer {self.layers[index].name!r} ran where {expected!r} was expected: the "
+                    "engine needs the layers to run once each, in registration order, starting "
+                    "from the first (pass output=... to attach() if the last registered layer "
+                    "is not the output layer)"
+                )
+            self._next = index + 1
+            if index == 0 or not self.layers[index - 1].rule.is_feedback:
+                return None
+            if not args or not isinstance(args[0], Tensor):
+                raise TypeError(f"layer {self.layers[index].name!r} got a non-tensor input")
+            point = args[0]
+            if self._capture:
+                self._captured.append(point)
+            if not (self._enabled and torch.is_grad_enabled()):
+                return None
+            self._stash.append(point)
+            self._stash_from.append(index - 1)
+            return (point.detach(), *args[1:])
+
+        return hook
+
+    def _output_hook(self, module: nn.Module, args: tuple[Any, ...], y: Any) -> Any:
+        if self._next != len(self.layers):  # pragma: no cover - the pre-hooks catch this first
+            raise RuntimeError("the output layer ran before every layer had run")
+        if not (self._enabled and torch.is_grad_enabled()):
+            return None
+        points, self._stash, self._stash_from = self._stash, [], []
+        if not isinstance(y, Tensor) or y.dim() != 2:
+            shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(
+                f"the output layer {self.layers[-1].name!r} returned {shape}; DFA needs "
+                "(batch, classes) logits"
+            )
+        if self.num_classes is not None and y.shape[1] != self.num_classes:
+            raise ValueError(
+                f"the output has {y.shape[1]} units but the feedback is for {self.num_classes}"
+            )
+        if not points:
+            return None
+        if self.feedback is None:
+            self._build_feedback(y, points)
+        else:
+            self._check_sizes(points)
+        if not self._checked:
+            _check_chain(y, points)
+            self._checked = True
+        return _DeliverFeedback.apply(self, y, *points)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _feedback_infos(self) -> list[LayerInfo]:
+        return [info for info in self.layers[:-1] if info.rule.is_feedback]
+
+    def _build_feedback(self, y: Tensor, points: list[Tensor]) -> None:
+        infos = self._feedback_infos()
+        if self.num_classes is None:
+            self.num_classes = int(y.shape[1])
+        self.feedback = FeedbackMatrix(
+            self.num_classes,
+            [p[0].numel() for p in points],
+            binary=[info.rule is Rule.BDFA for info in infos],
+            init=self.init,
+            storage=self.storage,
+            seed=self.seed,
+            gain=self.gain,
+            names=[info.name for info in infos],
+        ).to(y.device)
+
+    def _check_sizes(self, points: list[Tensor]) -> None:
+        assert self.feedback is not None
+        for point, size, name in zip(points, self.feedback.sizes, self.feedback.names):
+            if point[0].numel() != size:
+                raise ValueError(
+                    f"the output of layer {name!r} has {point[0].numel()} units per sample, but "
+                    f"its feedback was built for {size} (input size changed?)"
+                )
+
+    def _project(self, error: Tensor, like: list[Tensor]) -> list[Tensor]:
+        assert self.feedback is not None
+        if self.init is FeedbackInit.NORM_MATCHED and not self.calibrated:
+            raise RuntimeError(
+                "init='norm_matched' needs engine.calibrate(inputs, targets, loss_fn) on a batch "
+                "before the first training step"
+            )
+        if self.feedback.scales.device != error.device:
+            self.feedback.to(error.device)
+        signals = self.feedback.project(error, like)
+        if self.record_signals:
+            self.recorded_signals = [s.detach() for s in signals]
+        return signals
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "rules": {info.name: info.rule.value for info in self.layers},
+            "calibrated": self.calibrated,
+            "layout": None if self.feedback is None else self.feedback.layout(),
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        mine = {info.name: info.rule.value for info in self.layers}
+        if state.get("rules") != mine:
+            raise ValueError(f"saved rules {state.get('rules')} do not match this engine's {mine}")
+        self.calibrated = bool(state.get("calibrated", False))
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # Feedback is built lazily; a checkpoint may arrive before the first pass: build it from
+        # the saved layout so that the buffers below have somewhere to go.
+        extra = state_dict.get(prefix + "_extra_state")
+        layout = extra.get("layout") if isinstance(extra, dict) else None
+        if self.feedback is None and layout is not None:
+            self.feedback = FeedbackMatrix(
+                layout["num_classes"],
+                layout["sizes"],
+                binary=layout["binary"],
+                init=layout["init"],
+                storage=layout["storage"],
+                seed=layout["seed"],
+                gain=self.gain,
+                names=layout["names"],
+            )
+            self.num_classes = layout["num_classes"]
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        rules = ", ".join(f"{i.name}={i.rule.value}" for i in self.layers[:-1])
+        return f"output={self.layers[-1].name!r}, rules=({rules}), init={self.init.value}"
+
+
+def _check_scalar_loss(loss: Any) -> None:
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"the loss must be a tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(
+            f"the loss must be a scalar, got shape {tuple(loss.shape)} (reduce it, e.g. .mean())"
+        )
+
+
+def _check_chain(y: Tensor, points: list[Tensor]) -> None:
+    """Refuse graphs where a feedback point reaches the output other than through its cut.
+
+    Walks the autograd graph of the output and of every segment once (on the first pass). A walk
+    from segment ``k`` must not meet the node of an earlier feedback point: if it does, that point's
+    gradient would be a mix of the projected error and back-propagation.
+    """
+    nodes = [p.grad_fn for p in points]
+    roots = [y, *points[::-1]]
+    for k, root in enumerate(roots):
+        # the output segment may meet no point; segment of point j only points before j
+        limit = len(points) if k == 0 else len(points) - k
+        forbidden = {n: i for i, n in enumerate(nodes[:limit]) if n is not None}
+        if not forbidden or root.grad_fn is None:
+            continue
+        seen: set[Any] = set()
+        stack = [root.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if node in forbidden and node is not root.grad_fn:
+                raise ValueError(
+                    "a feedback point reaches the output by a path that bypasses its cut (a skip "
+                    f"connection around a DFA layer?): feedback point #{forbidden[node]} of "
+                    f"{len(points)}. DFA needs a chain; set such layers to 'bp' with rules=..."
+                )
+            stack.extend(n for n, _ in node.next_functions if n is not None)
+
+
+def _layer_list(model: nn.Module, output: str | None) -> list[tuple[str, nn.Module]]:
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+    if not found:
+        raise ValueError(
+            f"{type(model).__name__} has no layer the engine can train: it needs nn.Linear or "
+            "nn.Conv1d/2d/3d modules"
+        )
+    if output is not None:
+        names = [n for n, _ in found]
+        if output not in names:
+            raise ValueError(f"output={output!r} is not one of the model's layers: {names}")
+        found.append(found.pop(names.index(output)))
+    return found
+
+
+def _execution_order(
+    model: nn.Module, found: list[tuple[str, nn.Module]], example_input: Any, output: str | None
+) -> list[tuple[str, nn.Module]]:
+    """Reorder ``found`` as the layers run on ``example_input`` (a no-grad pass, no trace left)."""
+    ran: list[int] = []
+    handles = [
+        m.register_forward_pre_hook(lambda *_, i=i: ran.append(i)) for i, (_, m) in enumerate(found)
+    ]
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    try:
+        with preserved_state(model), torch.no_grad():
+            model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    twice = sorted({found[i][0] for i in ran if ran.count(i) > 1})
+    if twice:
+        raise ValueError(f"layers {twice} ran more than once in one forward; DFA needs each once")
+    idle = [name for i, (name, _) in enumerate(found) if i not in ran]
+    if idle:
+        raise ValueError(f"layers {idle} did not run on the example input")
+    order = [found[i] for i in ran]
+    if output is not None:
+        order.append(order.pop([n for n, _ in order].index(output)))
+    return order
+
+
+def _resolve_rules(
+    found: list[tuple[str, nn.Module]],
+    method: Rule,
+    scope: Scope,
+    conv_error: ConvError,
+    overrides: Mapping[str, Rule | str] | None,
+    known: set[str],
+) -> list[Rule]:
+    hidden = found[:-1]
+    rules: list[Rule] = []
+    for _name, module in hidden:
+        if method is Rule.BP or scope is Scope.ALL or isinstance(module, nn.Linear):
+            rules.append(method)
+        else:
+            rules.append(Rule.BP)
+    if method.is_feedback and scope is Scope.FC and conv_error is ConvError.PROJECT:
+        first_fc = next((i for i, r in enumerate(rules) if r.is_feedback), None)
+        if first_fc is not None and first_fc > 0:
+            rules[first_fc - 1] = method  # the conv stack's top gets a projection of its own
+    for pattern, rule in (overrides or {}).items():
+        matched = [i for i, (name, _) in enumerate(found) if fnmatch.fnmatchcase(name, pattern)]
+        if not matched and not any(fnmatch.fnmatchcase(n, pattern) for n in known):
+            raise ValueError(f"rules: {pattern!r} matches no layer of {[n for n, _ in found]}")
+        for i in matched:
+            if i == len(found) - 1:
+                if Rule(rule).is_feedback:
+                    raise ValueError(
+                        f"{found[i][0]!r} is the output layer: it is always trained by its true "
+                        "gradient and cannot take a feedback rule"
+                    )
+                continue
+            rules[i] = Rule(rule)
+    return rules
+
+
+def _check_unsupported(model: nn.Module, overrides: Mapping[str, Any] | None) -> None:
+    allowed = LAYER_TYPES + SEGMENT_TYPES
+    for name, module in model.named_modules():
+        if isinstance(module, allowed) or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        if overrides and any(
+            fnmatch.fnmatchcase(name, p) and Rule(r) is Rule.BP for p, r in overrides.items()
+        ):
+            continue
+        raise ValueError(
+            f"module {name!r} ({type(module).__name__}) has parameters but is not a layer type "
+            "DFA supports (nn.Linear, nn.Conv1d/2d/3d, normalisation): it would be trained by "
+            f"whatever gradient reaches it. Pass rules={{{name!r}: 'bp'}} to accept that."
+        )
+
+
+def attach(
+    model: nn.Module,
+    method: Rule | str = Rule.DFA,
+    *,
+    scope: Scope | str = Scope.ALL,
+    conv_error: ConvError | str = ConvError.BACKPROP,
+    rules: Mapping[str, Rule | str] | None = None,
+    init: FeedbackInit | str = FeedbackInit.UNIFORM,
+    storage: Storage | str = Storage.DENSE,
+    gain: float = 1.0,
+    seed: int = 0,
+    output: str | None = None,
+    example_input: Any = None,
+) -> DFAEngine:
+    """Train ``model`` by DFA, binary DFA or the hybrid, through hooks; the training loop stays
+    ``loss = criterion(model(x), y); loss.backward(); optimizer.step()``.
+
+    Args:
+        model: any module whose ``nn.Linear``/``nn.Conv*d`` layers run once each per forward, in
+            registration order, the last one producing ``(batch, classes)`` outputs.
+        method: ``"bp"``, ``"dfa"`` or ``"bdfa"`` for the hidden layers in ``scope``.
+        scope: ``"all"``: every hidden layer; ``"fc"``: the paper's hybrid, hidden ``nn.Linear``
+            layers by ``method`` and the convolutional part by back-propagation.
+        conv_error: in the hybrid, how the conv stack gets its error: ``"backprop"`` (from the first
+            DFA layer's delta) or ``"project"`` (a projection of its own onto its output).
+        rules: per-layer overrides, ``{name_or_glob: rule}``, applied after the preset.
+        init: the feedback pattern, see :class:`~dfatorch.feedback.FeedbackInit`.
+        storage: ``"dense"``, ``"packed"`` (binary only, 1 bit a weight) or ``"seeded"`` (nothing
+            stored, regenerated each step); all give the same updates.
+        gain: a factor on every feedback scale.
+        seed: seeds the feedback patterns.
+        output: the name of the output layer, when it is not the last registered layer.
+        example_input: if given, the feedback is built now from one forward pass on it;
+            otherwise on the first training forward pass.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: no eligible layer, no hidden layer for a DFA rule, an unsupported parametrised
+            module under a DFA rule, an unknown option.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attach() needs an nn.Module, got {type(model).__name__}")
+    method, scope = _enum(Rule, method, "method"), _enum(Scope, scope, "scope")
+    conv_error = _enum(ConvError, conv_error, "conv_error")
+    init, storage = _enum(FeedbackInit, init, "init"), _enum(Storage, storage, "storage")
+    for value in (rules or {}).values():
+        _enum(Rule, value, "rules")
+    previous = _ENGINES.get(model)
+    if previous is not None and previous.attached:
+        raise ValueError("an engine is already attached to this model: call engine.remove() first")
+    found = _layer_list(model, output)
+    if example_input is not None:
+        found = _execution_order(model, found, example_input, output)
+    known = {name for name, _ in model.named_modules()}
+    layer_rules = _resolve_rules(found, method, scope, conv_error, rules, known)
+    layers = [LayerInfo(n, m, r) for (n, m), r in zip(found[:-1], layer_rules)]
+    layers.append(LayerInfo(found[-1][0], found[-1][1], Rule.BP, is_output=True))
+    wants_feedback = method.is_feedback or any(Rule(r).is_feedback for r in (rules or {}).values())
+    if wants_feedback:
+        if len(found) < 2:
+            raise ValueError(
+                f"{type(model).__name__} has a single layer ({found[0][0]!r}), the output layer: "
+                "there is no hidden layer for DFA to train"
+            )
+        if not any(info.rule.is_feedback for info in layers):
+            raise ValueError(
+                f"no hidden layer gets a DFA rule with scope={scope.value!r}: layers are "
+                f"{[(n, type(m).__name__) for n, m in found]}"
+            )
+        _check_unsupported(model, rules)
+    out = found[-1][1]
+    num_classes = out.out_features if isinstance(out, nn.Linear) else None
+    engine = DFAEngine(
+        model, layers, num_classes=num_classes, init=init, storage=storage, seed=seed, gain=gain
+    )
+    _ENGINES[model] = engine
+    if example_input is not None:
+        engine.materialize(example_input)
+    return engine
+
+
+def _enum(kind: type[Enum], value: Any, what: str) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        options = ", ".join(repr(m.value) for m in kind)  # type: ignore[attr-defined]
+        raise ValueError(f"{what}={value!r} is not one of {options}") from None
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Run a probe pass and leave no trace: buffers (batch-norm statistics), parameter gradients
+    and the CPU/accelerator RNG states are restored on exit."""
+    buffers = {
+        k: v.detach().clone()
+        for k, v in model.state_dict(keep_vars=True).items()
+        if not isinstance(v, nn.Parameter) and isinstance(v, Tensor)
+    }
+    grads = {
+        n: (None if p.grad is None else p.grad.detach().clone())
+        for n, p in model.named_parameters()
+    }
+    devices = [d for d in {p.device for p in model.parameters()} if d.type != "cpu"]
+    with torch.random.fork_rng(devices=devices, device_type=devices[0].type if devices else "cuda"):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                state = model.state_dict(keep_vars=True)
+                for k, v in buffers.items():
+                    state[k].copy_(v)
+                for n, p in model.named_parameters():
+                    p.grad = grads[n]
