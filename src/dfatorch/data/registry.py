@@ -1,0 +1,133 @@
+"""``load_dataset``: one entry point for every supported dataset, plus data-folder resolution."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .base import DataError, DatasetSplits
+from .cifar import load_cifar10, load_cifar100
+from .digits import load_digits
+from .download import REGISTRY, download_dataset, manual_instructions, md5sum, safe_extract_tar
+from .idx import FASHION_MNIST_CLASSES, MNIST_CLASSES, find_idx_folder, load_idx_folder
+
+__all__ = [
+    "DATASET_NAMES",
+    "DATA_ENV",
+    "SYSTEM_FASHION_MNIST_DIR",
+    "canonical_name",
+    "load_dataset",
+    "resolve_data_dir",
+]
+
+DATASET_NAMES: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100")
+DATA_ENV = "DFATORCH_DATA"
+DEFAULT_DATA_DIR = Path("~/.cache/dfatorch/data")
+# Where the Debian package ``dataset-fashion-mnist`` installs the official files.
+SYSTEM_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+_ALIASES = {
+    "cifar-10": "cifar10",
+    "cifar-100": "cifar100",
+    "fashionmnist": "fashion-mnist",
+    "fmnist": "fashion-mnist",
+}
+
+
+def canonical_name(name: str) -> str:
+    """Normalise a dataset name (``"CIFAR-10"`` -> ``"cifar10"``); ValueError if unknown."""
+    key = name.strip().lower().replace("_", "-")
+    key = _ALIASES.get(key, key)
+    if key not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    return key
+
+
+def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
+    """The data folder: ``data_dir``, else ``$DFATORCH_DATA``, else ``~/.cache/dfatorch/data``."""
+    if data_dir is not None and str(data_dir) != "":
+        return Path(data_dir).expanduser()
+    env = os.environ.get(DATA_ENV)
+    return Path(env).expanduser() if env else DEFAULT_DATA_DIR.expanduser()
+
+
+def _idx_folders(name: str, root: Path) -> list[Path]:
+    # Dedicated subfolders first: MNIST and Fashion-MNIST use the same file names, so the data
+    # folder itself (for a data_dir pointing straight at the files) comes last.
+    if name == "mnist":
+        return [root / "mnist", root / "MNIST" / "raw", root]
+    return [root / "fashion-mnist", root / "FashionMNIST" / "raw", SYSTEM_FASHION_MNIST_DIR, root]
+
+
+def _not_found(name: str, root: Path, looked_in: list[Path]) -> DataError:
+    where = ", ".join(str(p) for p in looked_in)
+    return DataError(
+        f"{name} not found (looked in {where}).\n{manual_instructions(name, root)}"
+        f"Or pass download=True (CLI: --download) to fetch the official files with checksum "
+        f"verification. Set ${DATA_ENV} or pass data_dir to use another data folder."
+    )
+
+
+def _load_idx(name: str, root: Path, download: bool) -> DatasetSplits:
+    folders = _idx_folders(name, root)
+    folder = find_idx_folder(folders)
+    if folder is None:
+        if not download:
+            raise _not_found(name, root, folders)
+        folder = download_dataset(name, root)
+    classes = MNIST_CLASSES if name == "mnist" else FASHION_MNIST_CLASSES
+    return load_idx_folder(folder, name, classes)
+
+
+def _ensure_cifar(name: str, root: Path, download: bool) -> Path:
+    """Return the extracted CIFAR folder, extracting a local archive or downloading if needed."""
+    spec = REGISTRY[name]
+    assert spec.extracted is not None
+    sub, members = spec.extracted
+    folder = root / sub
+    if all((folder / m).is_file() for m in members):
+        return folder
+    archive = root / spec.files[0].filename
+    if archive.is_file():
+        # A hand-placed official archive: verify before trusting its contents.
+        got = md5sum(archive)
+        if got != spec.files[0].md5:
+            raise DataError(f"{archive}: md5 {got} does not match official {spec.files[0].md5}")
+        safe_extract_tar(archive, root)
+        return folder
+    if not download:
+        raise _not_found(name, root, [folder, archive])
+    return download_dataset(name, root)
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | Path | None = None,
+    *,
+    download: bool = False,
+    label: str = "fine",
+) -> DatasetSplits:
+    """Load train/test splits of ``name`` (``digits``, ``mnist``, ``fashion-mnist``, ``cifar10``,
+    ``cifar100``) as uint8 images with train-set normalisation statistics.
+
+    Files are looked up under :func:`resolve_data_dir` (``data_dir`` / ``$DFATORCH_DATA`` /
+    ``~/.cache/dfatorch/data``): ``mnist/``, ``fashion-mnist/`` (also the Debian package folder
+    ``/usr/share/datasets/fashion-mnist``, and the IDX files directly in the data folder),
+    ``cifar-10-batches-py/``, ``cifar-100-python/`` (or the official ``.tar.gz`` there, which is
+    md5-checked and extracted).
+    With ``download=True`` missing files are fetched and md5-checked; otherwise a
+    :class:`DataError` says exactly which files to put where. ``label`` selects CIFAR-100's
+    ``"fine"`` (100) or ``"coarse"`` (20) classes and is ignored by other datasets.
+    """
+    key = canonical_name(name)
+    if label not in ("fine", "coarse"):
+        raise ValueError(f"label must be 'fine' or 'coarse', got {label!r}")
+    if key == "digits":
+        return load_digits()
+    root = resolve_data_dir(data_dir)
+    if key in ("mnist", "fashion-mnist"):
+        return _load_idx(key, root, download)
+    if key == "cifar10":
+        return load_cifar10(_ensure_cifar(key, root, download))
+    assert key == "cifar100"
+    return load_cifar100(_ensure_cifar(key, root, download), label=label)
