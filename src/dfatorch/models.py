@@ -11,6 +11,8 @@ name                    architecture (for 3x32x32 inputs)
 ``small_cnn``           conv32-conv64-conv64 3x3 with 2x2 max-pool (as in Launay et al. 2019),
                         FC256-FC256
 ``vgg_cnn``             VGG-style: 2x conv32, pool, 2x conv64, pool, 2x conv128, pool, FC512-FC512
+``track_cnn``           conv32-pool-conv64-pool-conv96 3x3 (stride 4, the tracker's backbone; see
+                        :func:`conv_features`), pool, FC256 for pre-training as a classifier
 ``mlp``                 hidden widths from ``hidden=`` (default 800-800)
 ``mlp_2x800``           784-800-800-10 (Nøkland's MNIST network)
 ``mlp_3x800``           in-800-800-800-out
@@ -34,6 +36,7 @@ __all__ = [
     "ModelStats",
     "build_model",
     "cnn",
+    "conv_features",
     "count_parameters",
     "layer_costs",
     "mlp",
@@ -176,6 +179,23 @@ def _vgg_cnn(input_shape: Sequence[int], num_classes: int, **kw: Any) -> nn.Sequ
     return cnn(input_shape, num_classes, convs=convs, head=(512, 512), **kw)
 
 
+def _track_cnn(input_shape: Sequence[int], num_classes: int, **kw: Any) -> nn.Sequential:
+    kw.setdefault("activation", "relu")
+    return cnn(input_shape, num_classes, convs=(32, "M", 64, "M", 96, "M"), head=(256,), **kw)
+
+
+def conv_features(model: nn.Sequential) -> nn.Sequential:
+    """The convolutional part of a zoo CNN: its modules before ``nn.Flatten``, without the pooling
+    that ends them. Shares the model's parameters (a view, not a copy)."""
+    modules = list(model)
+    end = next((i for i, m in enumerate(modules) if isinstance(m, nn.Flatten)), None)
+    if end is None:
+        raise ValueError("the model has no nn.Flatten: no convolutional part to take")
+    while end > 0 and isinstance(modules[end - 1], nn.MaxPool2d | nn.AvgPool2d):
+        end -= 1
+    return nn.Sequential(*modules[:end])
+
+
 def _mlp_preset(hidden: tuple[int, ...]) -> Callable[..., nn.Sequential]:
     def build(input_shape: Sequence[int], num_classes: int, **kw: Any) -> nn.Sequential:
         kw.setdefault("hidden", hidden)
@@ -189,6 +209,7 @@ MODELS: dict[str, Callable[..., nn.Sequential]] = {
     "nokland_cnn": _nokland_cnn,
     "small_cnn": _small_cnn,
     "vgg_cnn": _vgg_cnn,
+    "track_cnn": _track_cnn,
     "mlp": mlp,
     "mlp_2x800": _mlp_preset((800, 800)),
     "mlp_3x800": _mlp_preset((800, 800, 800)),
@@ -202,7 +223,7 @@ def build_model(
     """Build zoo model ``name`` for inputs of ``input_shape`` (C, H, W) and ``num_classes``."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    if len(input_shape) != 3 and name in ("nokland_cnn", "small_cnn", "vgg_cnn"):
+    if len(input_shape) != 3 and name.endswith("_cnn"):
         raise ValueError(f"{name} needs (C, H, W) inputs, got {tuple(input_shape)}")
     return MODELS[name](tuple(input_shape), num_classes, **options)
 

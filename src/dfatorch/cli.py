@@ -1,0 +1,220 @@
+"""The ``dfatorch`` command line: argument parsing only; the work is done by the library."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+TRAIN_HELP = {
+    "dataset": "digits (embedded, no download), mnist, fashion-mnist, cifar10, cifar100",
+    "data_dir": "folder with the dataset files (default: $DFATORCH_DATA or ~/.cache/dfatorch/data)",
+    "download": "fetch missing dataset files from the official source, md5-checked",
+    "label": "CIFAR-100 labels: fine (100 classes) or coarse (20)",
+    "fraction": "train on a class-stratified, seeded fraction of the training set, e.g. 0.02",
+    "val_fraction": "hold out this fraction of the training set as a validation split",
+    "augment": "random crop (4-pixel padding) and horizontal flip (default: on for CIFAR)",
+    "model": "zoo model: nokland_cnn, small_cnn, vgg_cnn, track_cnn, mlp, mlp_2x800, ...",
+    "activation": "tanh, relu, leaky_relu or sigmoid (default: the model's own)",
+    "batch_norm": "batch normalisation after every hidden layer",
+    "dropout": "dropout probability in the fully connected head",
+    "width": "multiply every hidden width by this",
+    "method": "bp, dfa or bdfa (binary feedback)",
+    "scope": "all (every hidden layer) or fc (Han & Yoo's hybrid: conv layers by BP)",
+    "conv_error": "hybrid only: backprop (W^T delta of the first DFA layer) or project",
+    "init": "feedback init: uniform, gaussian, orthogonal, balanced, norm_matched",
+    "storage": "feedback storage: dense, packed (1 bit a weight, bdfa) or seeded (0 bytes)",
+    "gain": "multiply every feedback scale by this",
+    "epochs": "number of epochs",
+    "batch_size": "mini-batch size",
+    "optimizer": "sgd or adam",
+    "lr": "learning rate",
+    "momentum": "SGD momentum",
+    "weight_decay": "L2 weight decay",
+    "schedule": "constant or cosine learning rate",
+    "seed": "seeds data order, augmentation, initialisation and feedback",
+    "device": "auto (CUDA if available), cpu, cuda, cuda:1, ...",
+    "channels_last": "channels-last memory format for conv nets (often faster on CPU)",
+    "eval_test": "evaluate on the test set every epoch (off for tuning runs)",
+    "align_every": "log gradient alignment every N steps (0: off)",
+}
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        help_text = TRAIN_HELP.get(f.name, "")
+        kind = str(f.type)
+        if "bool" in kind:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
+            continue
+        converter: Any = float if "float" in kind else int if kind.startswith("int") else str
+        parser.add_argument(
+            flag, type=converter, default=default, help=f"{help_text} (default: {default})"
+        )
+
+
+def _config_from(args: argparse.Namespace, **overrides: Any) -> Any:
+    from .train import TrainConfig
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _print_summary(rows: list[tuple[str, list[dict[str, Any]]]]) -> None:
+    from .train import summary_table
+
+    print(summary_table(rows))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import NonFiniteLossError, train
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        config = None
+    else:
+        config = _config_from(args)
+        name = f"{config.dataset}-{config.model}-{config.method}-{config.scope}-s{config.seed}"
+        run_dir = Path(args.out) if args.out else Path("runs") / name
+    try:
+        result = train(
+            config,
+            run_dir,
+            resume=bool(args.resume),
+            epochs=args.epochs if args.resume and args.epochs_given else None,
+            progress=not args.no_progress,
+            on_epoch=None if args.no_progress else _epoch_line,
+        )
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    _print_summary([(str(run_dir), result.history)])
+    print(f"run folder: {run_dir}")
+    if result.interrupted:
+        print(f"interrupted: checkpoint saved; continue with: dfatorch train --resume {run_dir}")
+        return 130
+    return 0
+
+
+def _epoch_line(record: dict[str, Any]) -> None:
+    split = "test" if record.get("test_acc") is not None else "val"
+    print(
+        f"epoch {record['epoch']:3d}  train loss {record['train_loss']:.4f} acc "
+        f"{record['train_acc']:.4f}  {split} loss {record[f'{split}_loss']:.4f} acc "
+        f"{record[f'{split}_acc']:.4f}  {record['epoch_seconds']:.1f}s "
+        f"({record['images_per_second']:.0f} img/s)",
+        flush=True,
+    )
+
+
+def parse_method(token: str, default_scope: str) -> dict[str, str]:
+    """``"bdfa"`` or ``"bdfa:fc"`` -> ``{"method": "bdfa", "scope": "fc"}``."""
+    method, _, scope = token.strip().partition(":")
+    if method not in ("bp", "dfa", "bdfa"):
+        raise ValueError(f"unknown method {method!r} in --methods (bp, dfa, bdfa, e.g. dfa:all)")
+    return {"method": method, "scope": scope or default_scope}
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .plots import plot_curves
+    from .train import is_finished, read_metrics, train
+
+    specs = [parse_method(t, args.scope) for t in args.methods.split(",") if t.strip()]
+    out = Path(args.out or f"runs/compare-{args.dataset}-{args.model}")
+    rows = []
+    for spec in specs:
+        label = spec["method"] if spec["method"] == "bp" else f"{spec['method']}-{spec['scope']}"
+        run_dir = out / label
+        if not is_finished(run_dir):
+            print(f"== {label} ==", flush=True)
+            resume = (run_dir / "checkpoint.pt").exists()
+            train(
+                None if resume else _config_from(args, **spec),
+                run_dir,
+                resume=resume,
+                progress=not args.no_progress,
+            )
+        rows.append((label, read_metrics(run_dir)))
+    _print_summary(rows)
+    png = plot_curves(dict(rows), out / "compare.png", title=f"{args.dataset} / {args.model}")
+    (out / "compare.json").write_text(json.dumps({k: v for k, v in rows}, indent=1))
+    print(f"plot: {png}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import plot_curves
+    from .train import read_metrics
+
+    runs = {Path(d).name or str(d): read_metrics(d) for d in args.run_dirs}
+    empty = [k for k, v in runs.items() if not v]
+    if empty:
+        print(f"error: no metrics.jsonl records in {empty}", file=sys.stderr)
+        return 2
+    print(f"plot: {plot_curves(runs, args.out)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dfatorch",
+        description="Train networks by DFA, binary DFA and Han & Yoo's hybrid BP+DFA.",
+    )
+    parser.add_argument("--version", action="version", version=f"dfatorch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one model", description="Train one model.")
+    _add_config_arguments(p)
+    p.add_argument("--out", help="run folder (default: runs/DATASET-MODEL-METHOD-SCOPE-sSEED)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or epoch lines")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "compare",
+        help="train several methods on the same data, seed and budget; table and plot",
+        description="Train several methods on the same data, seed and budget.",
+    )
+    _add_config_arguments(p)
+    p.add_argument(
+        "--methods", default="bp,dfa,bdfa", help="e.g. bp,dfa,bdfa or bp,dfa:all,bdfa:fc"
+    )
+    p.add_argument("--out", help="folder for the runs, table and plot")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("plot", help="draw the curves of runs", description="Draw run curves.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default="curves.png", help="PNG file to write (default: curves.png)")
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.epochs_given = "--epochs" in argv
+    try:
+        return int(args.func(args))
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

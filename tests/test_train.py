@@ -1,0 +1,167 @@
+"""The trainer and the command line on the embedded digits data: files, exact resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dfatorch.cli import main
+from dfatorch.data import load_dataset
+from dfatorch.train import (
+    NonFiniteLossError,
+    TrainConfig,
+    load_checkpoint,
+    read_metrics,
+    train,
+)
+
+TIMING = {"epoch_seconds", "images_per_second"}
+FAST = dict(dataset="digits", model="mlp", activation="tanh", batch_size=32, epochs=3)
+
+
+def strip_timing(history):
+    return [{k: v for k, v in h.items() if k not in TIMING} for h in history]
+
+
+def test_run_folder_contents(tmp_path):
+    config = TrainConfig(**FAST, method="bdfa", scope="all", dropout=0.2)
+    result = train(config, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    meta = json.loads((run / "config.json").read_text())
+    assert TrainConfig.from_dict(meta["config"]) == config
+    assert meta["environment"]["torch"] == torch.__version__
+    assert "git_commit" in meta["environment"]
+    # Flatten, Linear, Tanh, Dropout, Linear, Tanh, Dropout, Linear
+    assert meta["engine"]["rules"] == {"1": "bdfa", "4": "bdfa", "7": "bp"}
+    records = read_metrics(run)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    keys = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds",
+            "images_per_second"}  # fmt: skip
+    assert keys <= set(records[0])
+    assert records == result.history
+    ckpt = load_checkpoint(run / "checkpoint.pt")  # weights_only=True
+    assert ckpt["epoch"] == 3 and ckpt["batch"] == 0
+    assert "feedback.pattern" in ckpt["engine"]
+    # digits: 1438 training images, chance is 10%
+    assert records[-1]["test_acc"] > 0.6
+    with pytest.raises(FileExistsError):
+        train(config, run, progress=False)
+
+
+def test_resume_after_ctrl_c_mid_epoch_is_exact(tmp_path, monkeypatch):
+    config = TrainConfig(**FAST, method="dfa", scope="all", dropout=0.3, schedule="cosine")
+    reference = train(config, tmp_path / "ref", progress=False).history
+
+    calls = {"n": 0}
+    real = torch.nn.functional.cross_entropy
+
+    def interrupting(logits, target, *args, **kwargs):
+        if not kwargs and not args:  # training-step calls; evaluation passes reduction="sum"
+            calls["n"] += 1
+            if calls["n"] == 60:  # epoch 2 of 45 batches each, mid-way: a real Ctrl-C
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(logits, target, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", interrupting)
+    stopped = train(config, tmp_path / "run", progress=False)
+    assert stopped.interrupted and len(stopped.history) == 1
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert (ckpt["epoch"], ckpt["batch"]) == (1, 15)  # the step in progress was finished
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", real)
+    resumed = train(None, tmp_path / "run", resume=True, progress=False)
+    assert strip_timing(resumed.history) == strip_timing(reference)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_is_exact(tmp_path):
+    args = ["--dataset", "digits", "--model", "mlp", "--width", "0.1", "--method", "bdfa",
+            "--scope", "all", "--batch-size", "8", "--epochs", "6", "--dropout", "0.2",
+            "--no-progress"]  # fmt: skip
+    # one thread: tiny steps on a loaded 2-core machine otherwise spend their time spin-waiting
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, "-m", "dfatorch", "train", *args, "--out", str(ref)],
+                   check=True, env=env, capture_output=True)  # fmt: skip
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "dfatorch", "train", *args, "--out", str(run)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(read_metrics(run)) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(read_metrics(run))
+    assert 2 <= done < 6, f"the run was not killed mid-way ({done} epochs)"
+    # resumed the same way: float sums are exact only with the same thread count
+    resume = [sys.executable, "-m", "dfatorch", "train", "--resume", str(run), "--no-progress"]
+    subprocess.run(resume, check=True, env=env, capture_output=True)
+    assert strip_timing(read_metrics(run)) == strip_timing(read_metrics(ref))
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    options = {**FAST, "epochs": 20, "activation": "relu"}
+    config = TrainConfig(**options, method="dfa", scope="all", optimizer="sgd", lr=1e8)
+    with pytest.raises(NonFiniteLossError, match="the loss became") as info:
+        train(config, tmp_path / "run", progress=False)
+    assert "checkpoint" in str(info.value)
+    records = read_metrics(tmp_path / "run")
+    if (tmp_path / "run" / "checkpoint.pt").exists():  # a good epoch finished before the blow-up
+        ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+        assert ckpt["epoch"] == len(records)
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_validation_split_never_touches_test(tmp_path):
+    config = TrainConfig(**FAST, method="bdfa", val_fraction=0.2, eval_test=False)
+    history = train(config, tmp_path / "run", progress=False).history
+    assert history[-1]["test_acc"] is None and history[-1]["val_acc"] > 0.5
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    held = meta["data"]["eval_examples"]["val"]
+    total = len(load_dataset("digits").train)
+    assert list(meta["data"]["eval_examples"]) == ["val"] and abs(held - 0.2 * total) < 10
+    assert meta["data"]["train_examples"] == total - held
+
+
+def test_fraction_trains_on_a_stratified_subset(tmp_path):
+    config = TrainConfig(**{**FAST, "epochs": 1}, method="bp", fraction=0.1)
+    train(config, tmp_path / "run", progress=False)
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert 140 <= meta["data"]["train_examples"] <= 150
+
+
+def test_cli_train_compare_plot(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = main(["compare", "--methods", "bp,dfa:all,bdfa", "--dataset", "digits", "--model",
+                 "small_cnn", "--epochs", "2", "--out", str(out), "--no-progress"])  # fmt: skip
+    assert code == 0
+    text = capsys.readouterr().out
+    for label in ("bp", "dfa-all", "bdfa-fc"):
+        assert label in text
+        assert len(read_metrics(out / label)) == 2
+    assert (out / "compare.png").stat().st_size > 10_000
+    # a second call finds every run finished and trains nothing
+    mtime = (out / "bp" / "checkpoint.pt").stat().st_mtime_ns
+    assert main(["compare", "--methods", "bp", "--dataset", "digits", "--model", "small_cnn",
+                 "--epochs", "2", "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    assert (out / "bp" / "checkpoint.pt").stat().st_mtime_ns == mtime
+    assert (
+        main(["plot", str(out / "bp"), str(out / "bdfa-fc"), "--out", str(tmp_path / "c.png")]) == 0
+    )
+    assert (tmp_path / "c.png").exists()
+    assert main(["plot", str(tmp_path / "nothing"), "--out", str(tmp_path / "d.png")]) == 2
+
+
+def test_cli_errors_are_messages(tmp_path, capsys):
+    assert main(["train", "--fraction", "0", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "fraction" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "missing"), "--no-progress"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert main(["train", "--method", "sgd", "--out", str(tmp_path / "y"), "--no-progress"]) == 2
+    assert "method='sgd' is not one of 'bp', 'dfa', 'bdfa'" in capsys.readouterr().err
