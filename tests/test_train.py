@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +166,22 @@ def test_cli_errors_are_messages(tmp_path, capsys):
     assert "nothing to resume" in capsys.readouterr().err
     assert main(["train", "--method", "sgd", "--out", str(tmp_path / "y"), "--no-progress"]) == 2
     assert "method='sgd' is not one of 'bp', 'dfa', 'bdfa'" in capsys.readouterr().err
+
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_bdfa_learns_real_mnist(tmp_path):
+    """A few hundred steps of hybrid BDFA on real MNIST (5% of the training set, the full test set)
+    must clearly beat chance (10%)."""
+    if not (SHARED / "mnist").is_dir():
+        pytest.skip(f"{SHARED / 'mnist'} not found")
+    data = {"dataset": "mnist", "data_dir": str(SHARED), "fraction": 0.05}
+    rule = {"method": "bdfa", "scope": "fc", "storage": "packed"}
+    config = TrainConfig(**data, **rule, model="small_cnn", epochs=2, batch_size=16)
+    history = train(config, tmp_path / "run", progress=False).history
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert meta["data"]["train_examples"] == 3000 and meta["data"]["eval_examples"]["test"] == 10000
+    assert history[-1]["test_acc"] > 0.6  # 375 steps
