@@ -41,7 +41,8 @@ TRAIN_HELP = {
     "seed": "seeds data order, augmentation, initialisation and feedback",
     "device": "auto (CUDA if available), cpu, cuda, cuda:1, ...",
     "channels_last": "channels-last memory format for conv nets (often faster on CPU)",
-    "eval_test": "evaluate on the test set every epoch (off for tuning runs)",
+    "eval_test": "evaluate on the test set (off for tuning runs)",
+    "eval_every": "evaluate every N epochs (and after the last)",
     "align_every": "log gradient alignment every N steps (0: off)",
 }
 
@@ -169,6 +170,48 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard wants I/N, e.g. 0/2, got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= I < N")
+    return i, n
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiment import load_experiment, run_experiment
+
+    for file in args.files:
+        exp = load_experiment(file)
+        if args.list:
+            from .experiment import select
+
+            chosen, _ = select(exp, Path(args.results_root) / exp.name)
+            for cell in exp.tuning_cells() + exp.cells(chosen if exp.tune else None):
+                print(cell.key)
+            continue
+        summary = run_experiment(
+            exp,
+            runs_root=args.runs_root,
+            results_root=args.results_root,
+            shard=args.shard,
+            progress=not args.no_progress,
+        )
+        print(f"{exp.name}: {len(summary['rows'])} rows, {summary['cells_missing']} cells missing")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    files = args.files or sorted(str(p) for p in Path("experiments").glob("*.toml"))
+    print(f"wrote {write_report(files, results_root=args.results_root, out=args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dfatorch",
@@ -201,6 +244,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", default="curves.png", help="PNG file to write (default: curves.png)")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser(
+        "experiment",
+        help="run the cells of experiment files (finished cells are skipped)",
+        description="Run every unfinished cell of experiment files, then aggregate.",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE.toml")
+    p.add_argument("--runs-root", default="runs/experiments", help="run folders (checkpoints)")
+    p.add_argument("--results-root", default="experiments/results", help="results to commit")
+    p.add_argument("--shard", type=_shard, default=(0, 1), help="run every N-th cell from I: I/N")
+    p.add_argument("--list", action="store_true", help="list the cells and exit")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser(
+        "report",
+        help="write docs/RESULTS.md and its plots from experiment results",
+        description="Generate docs/RESULTS.md from experiments/results.",
+    )
+    p.add_argument("files", nargs="*", metavar="FILE.toml", help="default: experiments/*.toml")
+    p.add_argument("--results-root", default="experiments/results")
+    p.add_argument("--out", default="docs/RESULTS.md")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -47,24 +47,26 @@ def plot_curves(
         split = _split(histories[0])
         for ax, key in ((acc_ax, "acc"), (loss_ax, "loss")):
             for prefix, style in ((split, "-"), ("train", "--")):
-                curves = [[h.get(f"{prefix}_{key}") for h in hist] for hist in histories]
-                n = min(len(c) for c in curves)
-                if n == 0 or any(v is None for c in curves for v in c[:n]):
+                # epochs where every history has a value (evaluation may run every few epochs)
+                values = [
+                    {h["epoch"]: h.get(f"{prefix}_{key}") for h in hist} for hist in histories
+                ]
+                epochs = sorted(e for e in values[0] if all(v.get(e) is not None for v in values))
+                if not epochs:
                     continue
-                xs = list(range(1, n + 1))
-                mean = [sum(c[j] for c in curves) / len(curves) for j in range(n)]
+                stacked = [[v[e] for v in values] for e in epochs]
+                mean = [sum(col) / len(col) for col in stacked]
+                width = 1.6 if style == "-" else 1.0
                 name = f"{label} ({prefix})"
-                ax.plot(
-                    xs, mean, style, color=color, label=name, linewidth=1.6 if style == "-" else 1
-                )
-                if len(curves) > 1:
+                ax.plot(epochs, mean, style, color=color, label=name, linewidth=width)
+                if len(histories) > 1:
                     std = [
-                        (sum((c[j] - mean[j]) ** 2 for c in curves) / len(curves)) ** 0.5
-                        for j in range(n)
+                        (sum((x - m) ** 2 for x in col) / len(col)) ** 0.5
+                        for col, m in zip(stacked, mean)
                     ]
-                    lo = [m - s for m, s in zip(mean, std)]
-                    hi = [m + s for m, s in zip(mean, std)]
-                    ax.fill_between(xs, lo, hi, color=color, alpha=0.15, linewidth=0)
+                    lo = [m - d for m, d in zip(mean, std)]
+                    hi = [m + d for m, d in zip(mean, std)]
+                    ax.fill_between(epochs, lo, hi, color=color, alpha=0.15, linewidth=0)
     acc_ax.set_xlabel("epoch")
     acc_ax.set_ylabel("accuracy")
     loss_ax.set_xlabel("epoch")

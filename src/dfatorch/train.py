@@ -96,6 +96,7 @@ class TrainConfig:
     device: str = "auto"
     channels_last: bool = False
     eval_test: bool = True
+    eval_every: int = 1
     align_every: int = 0
 
     def __post_init__(self) -> None:
@@ -103,8 +104,8 @@ class TrainConfig:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.eval_every < 1:
+            raise ValueError("epochs, batch_size and eval_every must be >= 1")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.schedule not in ("constant", "cosine"):
@@ -280,13 +281,23 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _environment() -> dict[str, Any]:
     return {
         "dfatorch": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": _cpu_name(),
         "threads": torch.get_num_threads(),
         "git_commit": _git_commit(),
         "argv": sys.argv,
@@ -527,12 +538,15 @@ def train(
                 "train_loss": partial["loss_sum"] / max(partial["seen"], 1),
                 "train_acc": partial["correct"] / max(partial["seen"], 1),
             }
-            for split, loader in run.eval_loaders.items():
-                record[f"{split}_loss"], record[f"{split}_acc"] = evaluate(
-                    model, loader, channels_last=config.channels_last
-                )
-            if "test" not in run.eval_loaders:
-                record["test_loss"] = record["test_acc"] = None
+            scheduled = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
+            for split in ("test", "val"):
+                loader = run.eval_loaders.get(split)
+                if loader is not None and scheduled:
+                    record[f"{split}_loss"], record[f"{split}_acc"] = evaluate(
+                        model, loader, channels_last=config.channels_last
+                    )
+                elif loader is not None or split == "test":
+                    record[f"{split}_loss"] = record[f"{split}_acc"] = None
             record.update(
                 epoch_seconds=seconds,
                 images_per_second=partial["seen"] / max(seconds, 1e-9),
@@ -558,24 +572,41 @@ def is_finished(run_dir: str | Path) -> bool:
     return len(read_metrics(run_dir)) >= epochs
 
 
+def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Final and best evaluation accuracy (test if evaluated, else validation), final loss, epochs
+    and mean seconds per epoch of a run's history."""
+    if not history:
+        return {"epochs": 0, "split": None}
+    split = "test" if any(h.get("test_acc") is not None for h in history) else "val"
+    evaluated = [h for h in history if h.get(f"{split}_acc") is not None]
+    return {
+        "epochs": len(history),
+        "split": split,
+        "final_acc": evaluated[-1][f"{split}_acc"] if evaluated else None,
+        "best_acc": max(h[f"{split}_acc"] for h in evaluated) if evaluated else None,
+        "final_loss": evaluated[-1][f"{split}_loss"] if evaluated else None,
+        "final_train_acc": history[-1]["train_acc"],
+        "seconds_per_epoch": sum(h["epoch_seconds"] for h in history) / len(history),
+    }
+
+
 def summary_table(results: list[tuple[str, list[dict[str, Any]]]]) -> str:
     """A text table of runs: final and best accuracies, final loss, mean seconds per epoch."""
     rows = [("run", "epochs", "final acc", "best acc", "final loss", "s/epoch", "split")]
     for name, history in results:
-        if not history:
-            rows.append((name, "0", "-", "-", "-", "-", "-"))
+        s = summarize(history)
+        if s["epochs"] == 0 or s["final_acc"] is None:
+            rows.append((name, str(s["epochs"]), "-", "-", "-", "-", "-"))
             continue
-        split = "test" if history[-1].get("test_acc") is not None else "val"
-        accs = [h[f"{split}_acc"] for h in history if h.get(f"{split}_acc") is not None]
         rows.append(
             (
                 name,
-                str(len(history)),
-                f"{history[-1][f'{split}_acc']:.4f}",
-                f"{max(accs):.4f}",
-                f"{history[-1][f'{split}_loss']:.4f}",
-                f"{sum(h['epoch_seconds'] for h in history) / len(history):.2f}",
-                split,
+                str(s["epochs"]),
+                f"{s['final_acc']:.4f}",
+                f"{s['best_acc']:.4f}",
+                f"{s['final_loss']:.4f}",
+                f"{s['seconds_per_epoch']:.2f}",
+                s["split"],
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -1,0 +1,370 @@
+"""Declarative experiments: a TOML file of cells, a resumable runner and aggregated results.
+
+An experiment file names a base configuration, the methods to compare, a grid and, optionally, a
+hyper-parameter search on a validation split::
+
+    name = "cifar10-small"
+    description = "..."
+
+    [base]                      # TrainConfig fields shared by every cell
+    dataset = "cifar10"
+    model = "small_cnn"
+    epochs = 30
+
+    [[methods]]                 # one entry per method: a label and TrainConfig overrides
+    label = "bp"
+    method = "bp"
+
+    [[grid]]                    # cross products; several blocks are concatenated
+    fraction = [0.1, 0.02]
+    seed = [0, 1, 2]
+
+    [tune]                      # optional: searched per method (and per `by` axis) on a held-out
+    lr = [1e-4, 3e-4, 1e-3]     # split of the training set, never on the test set; lists are
+    val_fraction = 0.1          # searched, other TrainConfig keys (e.g. epochs = 5) apply to the
+    seed = 100                  # search runs only
+    by = ["fraction"]
+    metric = "final"            # or "best": the validation accuracy that decides
+
+Every cell is a run folder under ``runs_root``; when it finishes, its ``config.json`` and
+``metrics.jsonl`` are copied under ``results_root`` (small text files, meant to be committed), and a
+cell with results there is never run again: an interrupted sweep resumes where it stopped, also on
+another machine. ``--shard i/n`` splits the cells between processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import shutil
+import statistics
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .train import TrainConfig, is_finished, read_metrics, summarize, train
+
+__all__ = ["Cell", "Experiment", "aggregate", "load_experiment", "run_experiment"]
+
+#: Config fields that do not change what a cell computes (a cell run elsewhere still counts).
+NEUTRAL = {"data_dir", "device", "download"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of an experiment: where it lives, what it trains and its labels for tables."""
+
+    key: str
+    config: TrainConfig
+    labels: dict[str, Any]
+
+
+@dataclass
+class Experiment:
+    """A parsed experiment file (see the module docstring)."""
+
+    name: str
+    path: Path
+    description: str = ""
+    base: dict[str, Any] = field(default_factory=dict)
+    methods: list[dict[str, Any]] = field(default_factory=list)
+    grid: list[dict[str, list[Any]]] = field(default_factory=list)
+    tune: dict[str, Any] | None = None
+
+    @property
+    def tune_axes(self) -> dict[str, list[Any]]:
+        """The searched values: the list-valued keys of ``[tune]``."""
+        return {k: v for k, v in (self.tune or {}).items() if k not in _TUNE_KEYS and _is_list(v)}
+
+    @property
+    def tune_fixed(self) -> dict[str, Any]:
+        """TrainConfig overrides for the search runs only: the scalar keys of ``[tune]``."""
+        return {
+            k: v for k, v in (self.tune or {}).items() if k not in _TUNE_KEYS and not _is_list(v)
+        }
+
+    def _grid_points(self) -> list[dict[str, Any]]:
+        points = []
+        for block in self.grid or [{}]:
+            keys = list(block)
+            for values in itertools.product(*(block[k] for k in keys)):
+                points.append(dict(zip(keys, values)))
+        return points
+
+    def _config(self, *layers: dict[str, Any]) -> TrainConfig:
+        merged: dict[str, Any] = {}
+        for layer in (self.base, *layers):
+            merged.update(layer)
+        return TrainConfig.from_dict(merged)
+
+    def tuning_cells(self) -> list[Cell]:
+        """The search: every method x tuned-by value x point of the tuned axes, one seed."""
+        if not self.tune:
+            return []
+        by = list(self.tune.get("by", []))
+        groups = sorted({tuple(p.get(k) for k in by) for p in self._grid_points()}, key=str)
+        axes = self.tune_axes
+        cells = []
+        for method in self.methods:
+            overrides = {k: v for k, v in method.items() if k != "label"}
+            for group in groups:
+                fixed = dict(zip(by, group))
+                for values in itertools.product(*axes.values()):
+                    point = dict(zip(axes, values))
+                    tune_run = {
+                        **self.tune_fixed,
+                        "val_fraction": self.tune.get("val_fraction", 0.1),
+                        "seed": self.tune.get("seed", 100),
+                        "eval_test": False,
+                    }
+                    config = self._config(overrides, fixed, point, tune_run)
+                    key = "/".join(
+                        [
+                            "tune",
+                            method["label"],
+                            *(f"{k}={v}" for k, v in {**fixed, **point}.items()),
+                        ]
+                    )
+                    cells.append(Cell(key, config, {"method": method["label"], **fixed, **point}))
+        return cells
+
+    def cells(self, chosen: dict[str, dict[str, Any]] | None = None) -> list[Cell]:
+        """The measured cells; ``chosen`` maps a tuning group key to its selected values."""
+        by = list((self.tune or {}).get("by", []))
+        cells = []
+        for method in self.methods:
+            overrides = {k: v for k, v in method.items() if k != "label"}
+            for point in self._grid_points():
+                picked: dict[str, Any] = {}
+                if self.tune:
+                    group = _group_key(method["label"], {k: point.get(k) for k in by})
+                    if chosen is None or group not in chosen:
+                        continue  # its search is not finished yet
+                    picked = chosen[group]
+                config = self._config(overrides, picked, point)
+                key = "/".join([method["label"], *(f"{k}={v}" for k, v in point.items())])
+                cells.append(Cell(key, config, {"method": method["label"], **point}))
+        return cells
+
+
+_TUNE_KEYS = {"val_fraction", "seed", "by", "metric"}
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, list)
+
+
+def _group_key(label: str, fixed: dict[str, Any]) -> str:
+    return "/".join([label, *(f"{k}={v}" for k, v in fixed.items())])
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and check an experiment file."""
+    path = Path(path)
+    with path.open("rb") as fh:
+        data = tomllib.load(fh)
+    known = {"name", "description", "base", "methods", "grid", "tune"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown} (known: {sorted(known)})")
+    if "name" not in data or not data.get("methods"):
+        raise ValueError(f"{path}: an experiment needs a name and at least one [[methods]] entry")
+    labels = [m.get("label") for m in data["methods"]]
+    if None in labels or len(set(labels)) != len(labels):
+        raise ValueError(f"{path}: every [[methods]] entry needs a unique label, got {labels}")
+    exp = Experiment(
+        name=data["name"],
+        path=path,
+        description=data.get("description", ""),
+        base=data.get("base", {}),
+        methods=data["methods"],
+        grid=data.get("grid", []),
+        tune=data.get("tune"),
+    )
+    # build every cell once so that a typo fails now, not hours into the sweep
+    for cell in exp.tuning_cells() + exp.cells({g: {} for g in _all_groups(exp)}):
+        del cell
+    return exp
+
+
+def _all_groups(exp: Experiment) -> list[str]:
+    by = list((exp.tune or {}).get("by", []))
+    return [
+        _group_key(m["label"], {k: p.get(k) for k in by})
+        for m in exp.methods
+        for p in exp._grid_points()
+    ]
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    # fields added to TrainConfig after a cell ran take their defaults: old results stay valid
+    full = {**dataclasses.asdict(TrainConfig()), **config}
+    return {k: v for k, v in full.items() if k not in NEUTRAL}
+
+
+def cell_results(results_dir: Path, cell: Cell) -> list[dict[str, Any]] | None:
+    """The finished history of ``cell`` under ``results_dir``, or None if it is not done (or was
+    done with another configuration)."""
+    folder = results_dir / cell.key
+    if not is_finished(folder):
+        return None
+    saved = json.loads((folder / "config.json").read_text())["config"]
+    if _comparable(saved) != _comparable(dataclasses.asdict(cell.config)):
+        return None
+    return read_metrics(folder)
+
+
+def _run_cell(cell: Cell, runs_dir: Path, results_dir: Path, progress: bool) -> None:
+    run_dir = runs_dir / cell.key
+    resume = (run_dir / "checkpoint.pt").exists()
+    if resume:
+        saved = json.loads((run_dir / "config.json").read_text())["config"]
+        if _comparable(saved) != _comparable(dataclasses.asdict(cell.config)):
+            shutil.rmtree(run_dir)  # a stale run of an older version of this cell
+            resume = False
+    train(None if resume else cell.config, run_dir, resume=resume, progress=progress)
+    target = results_dir / cell.key
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in ("config.json", "metrics.jsonl"):
+        shutil.copy2(run_dir / name, staging / name)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+
+
+def select(exp: Experiment, results_dir: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Pick the tuned values per group from finished search cells.
+
+    Returns ``(chosen, search)``: the values for every group whose search is complete, and the
+    whole search (every point's validation accuracy) for the report.
+    """
+    if not exp.tune:
+        return {}, {}
+    by = list(exp.tune.get("by", []))
+    axes = list(exp.tune_axes)
+    metric = exp.tune.get("metric", "final")
+    groups: dict[str, list[tuple[dict[str, Any], float | None]]] = {}
+    for cell in exp.tuning_cells():
+        group = _group_key(cell.labels["method"], {k: cell.labels[k] for k in by})
+        history = cell_results(results_dir, cell)
+        score = None
+        if history is not None:
+            s = summarize(history)
+            score = s["best_acc"] if metric == "best" else s["final_acc"]
+        groups.setdefault(group, []).append(({k: cell.labels[k] for k in axes}, score))
+    chosen, search = {}, {}
+    for group, points in groups.items():
+        search[group] = [{**p, "val_acc": s} for p, s in points]
+        if all(s is not None for _, s in points):
+            best = max(points, key=lambda ps: ps[1])  # ties: the first listed value wins
+            chosen[group] = best[0]
+    return chosen, search
+
+
+def run_experiment(
+    exp: Experiment,
+    *,
+    runs_root: str | Path = "runs/experiments",
+    results_root: str | Path = "experiments/results",
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every unfinished cell (search first, then the measured cells whose search is done),
+    then aggregate. Returns the summary (also written to ``results_root/NAME/summary.json``)."""
+    runs_dir = Path(runs_root) / exp.name
+    results_dir = Path(results_root) / exp.name
+    index, count = shard
+
+    def pending(cells: Iterable[Cell]) -> list[Cell]:
+        mine = [c for i, c in enumerate(cells) if i % count == index]
+        return [c for c in mine if cell_results(results_dir, c) is None]
+
+    todo = pending(exp.tuning_cells())
+    for n, cell in enumerate(todo, 1):
+        log(f"[{exp.name}] search {n}/{len(todo)}: {cell.key}")
+        _run_cell(cell, runs_dir, results_dir, progress)
+    chosen, _ = select(exp, results_dir)
+    todo = pending(exp.cells(chosen))
+    for n, cell in enumerate(todo, 1):
+        log(f"[{exp.name}] cell {n}/{len(todo)}: {cell.key}")
+        _run_cell(cell, runs_dir, results_dir, progress)
+    summary = aggregate(exp, results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(exp: Experiment, results_dir: str | Path) -> dict[str, Any]:
+    """Mean and standard deviation over seeds of each (method, grid point without seed)."""
+    results_dir = Path(results_dir)
+    chosen, search = select(exp, results_dir)
+    rows: dict[str, dict[str, Any]] = {}
+    machines = set()
+    missing = 0
+    for cell in exp.cells(chosen or None):
+        history = cell_results(results_dir, cell)
+        group = {k: v for k, v in cell.labels.items() if k != "seed"}
+        key = json.dumps(group, sort_keys=True)
+        row = rows.setdefault(key, {**group, "runs": []})
+        if history is None:
+            missing += 1
+            continue
+        env = json.loads((results_dir / cell.key / "config.json").read_text())["environment"]
+        machines.add(
+            f"{env.get('processor')} / {env.get('platform')} / {env.get('threads')} threads"
+        )
+        row["runs"].append({"seed": cell.labels.get("seed"), **summarize(history)})
+    table = []
+    for row in rows.values():
+        runs = row.pop("runs")
+        finals = [r["final_acc"] for r in runs if r["final_acc"] is not None]
+        bests = [r["best_acc"] for r in runs if r["best_acc"] is not None]
+        final_mean, final_std = _mean_std(finals)
+        best_mean, best_std = _mean_std(bests)
+        spe = _mean_std([r["seconds_per_epoch"] for r in runs])[0]
+        table.append(
+            {
+                **row,
+                "seeds": len(runs),
+                "final_acc_mean": final_mean,
+                "final_acc_std": final_std,
+                "best_acc_mean": best_mean,
+                "best_acc_std": best_std,
+                "seconds_per_epoch": spe,
+                "runs": runs,
+            }
+        )
+    return {
+        "name": exp.name,
+        "file": str(exp.path),
+        "description": exp.description,
+        "machines": sorted(machines),
+        "cells_missing": missing,
+        "chosen": chosen,
+        "search": search,
+        "rows": table,
+    }
+
+
+def format_value(value: Any) -> str:
+    """Short text for a table cell."""
+    if isinstance(value, float):
+        return f"{value:g}" if not math.isnan(value) else "nan"
+    return str(value)
