@@ -2,19 +2,19 @@
 
     python benchmarks/step_time.py [--rounds 7] [--batch-size 128] [--models ...] [--out FILE]
 
-Every rule of a model is timed in the same run, interleaved round by round (bp, dfa, ..., bp, dfa,
-...) so that drift of a shared machine hits all alike; warm-up steps are excluded. Reported: the
-median milliseconds per step, each rule's ratio to ``bp`` (the median over rounds of the per-round
-ratio), the floor that counting multiply-adds gives for that ratio (forward + weight gradients +
-input gradients where computed + projections, over BP's forward + weight + input gradients), the
-gap between the two, and the bytes of feedback each rule stores.
+Conv nets are timed in both memory layouts (contiguous NCHW and channels-last), each layout with
+its own BP baseline. Every rule of a model is timed in the same run, interleaved round by round
+(bp, dfa, ..., bp, dfa, ...) so that drift of a shared machine hits all alike; warm-up steps are
+excluded. Reported: the median milliseconds per step, each rule's ratio to ``bp`` (the median over
+rounds of the per-round ratio), the floor that counting multiply-adds gives for that ratio
+(forward + weight gradients + input gradients where computed + projections, over BP's forward +
+weight + input gradients), the gap between the two, and the bytes of feedback each rule stores.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import dfatorch
 from dfatorch.models import build_model, layer_costs, model_stats, training_macs
+from dfatorch.train import environment
 
 MODELS = {
     "mlp_3x800": dict(name="mlp_3x800", options={"activation": "tanh"}),
@@ -47,6 +48,8 @@ def make_step(model_key: str, rule: dict[str, Any], x: torch.Tensor, y: torch.Te
     torch.manual_seed(0)
     spec = MODELS[model_key]
     model = build_model(spec["name"], INPUT_SHAPE, NUM_CLASSES, **spec["options"]).to(x.device)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        model = model.to(memory_format=torch.channels_last)
     engine = dfatorch.attach(model, example_input=x[:2], **rule)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
@@ -58,9 +61,13 @@ def make_step(model_key: str, rule: dict[str, Any], x: torch.Tensor, y: torch.Te
     return model, engine, step
 
 
-def measure(model_key: str, rounds: int, warmup: int, batch: int) -> dict[str, Any]:
+def measure(
+    model_key: str, rounds: int, warmup: int, batch: int, channels_last: bool
+) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *INPUT_SHAPE, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
     built = {key: make_step(model_key, rule, x, y) for key, rule in RULES.items()}
     for _, _, step in built.values():
@@ -77,7 +84,11 @@ def measure(model_key: str, rounds: int, warmup: int, batch: int) -> dict[str, A
     costs = layer_costs(model, INPUT_SHAPE)
     bp_macs = training_macs(costs, [False] * len(costs), NUM_CLASSES)["total"]
     float_bytes = None
-    result: dict[str, Any] = {"params": stats.params, "forward_macs_per_sample": stats.macs}
+    result: dict[str, Any] = {
+        "memory_format": "channels_last" if channels_last else "contiguous",
+        "params": stats.params,
+        "forward_macs_per_sample": stats.macs,
+    }
     rules: dict[str, Any] = {}
     for key, (_, engine, _) in built.items():
         cut = [False] + [prev.rule.is_feedback for prev in engine.layers[:-1]]
@@ -117,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--contiguous-only", action="store_true", help="skip channels-last")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -125,18 +137,18 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "step_time",
         "command": " ".join(["python", "benchmarks/step_time.py", *(argv or sys.argv[1:])]),
         "config": vars(args),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "dfatorch": dfatorch.__version__,
-        },
+        "machine": environment(),
         "models": {},
     }
     for key in args.models:
-        print(f"timing {key} ...", file=sys.stderr, flush=True)
-        report["models"][key] = measure(key, args.rounds, args.warmup, args.batch_size)
+        # conv nets in both layouts: channels-last is the faster one on CPU, for BP and DFA alike
+        layouts = [False, True] if key != "mlp_3x800" and not args.contiguous_only else [False]
+        for channels_last in layouts:
+            name = f"{key}/{'channels_last' if channels_last else 'contiguous'}"
+            print(f"timing {name} ...", file=sys.stderr, flush=True)
+            report["models"][name] = measure(
+                key, args.rounds, args.warmup, args.batch_size, channels_last
+            )
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -13,11 +13,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dfatorch
 from dfatorch import FeedbackInit, Storage
 
-torch.set_default_dtype(torch.float64)  # exact comparisons; restored below
-
 
 @pytest.fixture(autouse=True, scope="module")
 def _float64():
+    """Exact comparisons in float64 for this module's tests; restored afterwards."""
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(torch.float32)

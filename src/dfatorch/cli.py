@@ -25,12 +25,14 @@ TRAIN_HELP = {
     "batch_norm": "batch normalisation after every hidden layer",
     "dropout": "dropout probability in the fully connected head",
     "width": "multiply every hidden width by this",
+    "trainable_units": "MLPs: train only this many units of the middle hidden layer",
     "method": "bp, dfa or bdfa (binary feedback)",
     "scope": "all (every hidden layer) or fc (Han & Yoo's hybrid: conv layers by BP)",
     "conv_error": "hybrid only: backprop (W^T delta of the first DFA layer) or project",
     "init": "feedback init: uniform, gaussian, orthogonal, balanced, norm_matched",
     "storage": "feedback storage: dense, packed (1 bit a weight, bdfa) or seeded (0 bytes)",
     "gain": "multiply every feedback scale by this",
+    "normalize_feedback": "scale feedback entries by 1/sqrt(layer width)",
     "epochs": "number of epochs",
     "batch_size": "mini-batch size",
     "optimizer": "sgd or adam",
@@ -158,7 +160,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .plots import plot_curves
+    from .plots import plot_alignment, plot_curves
     from .train import read_metrics
 
     runs = {Path(d).name or str(d): read_metrics(d) for d in args.run_dirs}
@@ -167,6 +169,29 @@ def cmd_plot(args: argparse.Namespace) -> int:
         print(f"error: no metrics.jsonl records in {empty}", file=sys.stderr)
         return 2
     print(f"plot: {plot_curves(runs, args.out)}")
+    out = Path(args.out)
+    aligned = plot_alignment(runs, out.with_name(out.stem + "-alignment" + out.suffix))
+    if aligned is not None:
+        print(f"alignment plot: {aligned}")
+    return 0
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    from .alignment import gradient_alignment
+    from .train import probe_batch
+
+    engine, x, y, loss_fn = probe_batch(args.run_dir, batch_size=args.batch_size, split=args.split)
+    report = gradient_alignment(engine, x, y, loss_fn)
+    rows = [("layer", "rule", "cos mean", "cos std", "samples", "W_out angle")]
+    for a in report:
+        angle = "-" if a.weight_angle is None else f"{a.weight_angle:.1f} deg"
+        rows.append((a.name, a.rule, f"{a.mean:.4f}", f"{a.std:.4f}", str(a.samples), angle))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    out = Path(args.run_dir) / "alignment.json"
+    out.write_text(json.dumps([a.as_dict() for a in report], indent=1) + "\n")
+    print(f"wrote {out}")
     return 0
 
 
@@ -244,6 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", default="curves.png", help="PNG file to write (default: curves.png)")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser(
+        "align",
+        help="gradient alignment per layer of a saved run, on one probe batch",
+        description="Cosine between the engine's signal and the true gradient, per hidden layer.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--batch-size", type=int, default=256, help="probe batch size")
+    p.add_argument("--split", choices=["train", "test"], default="train")
+    p.set_defaults(func=cmd_align)
 
     p = sub.add_parser(
         "experiment",

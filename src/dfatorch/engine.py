@@ -43,7 +43,9 @@ __all__ = [
     "Rule",
     "Scope",
     "attach",
+    "get_rng_states",
     "preserved_state",
+    "set_rng_states",
 ]
 
 #: Modules that carry a rule: the weight layers of the model.
@@ -140,6 +142,7 @@ class DFAEngine(nn.Module):
         storage: Storage,
         seed: int,
         gain: float,
+        normalize: bool = True,
     ) -> None:
         super().__init__()
         object.__setattr__(self, "model", model)  # not a submodule: keep the model's state apart
@@ -149,15 +152,13 @@ class DFAEngine(nn.Module):
         self.storage = storage
         self.seed = seed
         self.gain = gain
+        self.normalize = normalize
         self.feedback = None
         self.calibrated = False
         self._enabled = True
         self._next = 0
         self._stash: list[Tensor] = []
-        self._stash_from: list[int] = []
         self._checked = False
-        self.recorded_signals: list[Tensor] | None = None
-        self.record_signals = False
         self._handles: list[RemovableHandle] = []
         for index, info in enumerate(layers):
             self._handles.append(info.module.register_forward_pre_hook(self._pre_hook(index)))
@@ -186,7 +187,7 @@ class DFAEngine(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._stash, self._stash_from = [], []
+        self._stash = []
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -215,28 +216,49 @@ class DFAEngine(nn.Module):
             raise RuntimeError("the example forward pass did not reach the output layer")
         return self
 
+    @property
+    def hidden_layers(self) -> list[str]:
+        """Names of the hidden layers (every layer but the output layer), in order."""
+        return [info.name for info in self.layers[:-1]]
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[list[Tensor]]:
+        """Within: every hidden layer's output (the next layer's input) is collected, in order,
+        as the forward pass runs (the list restarts when the first layer runs again)."""
+        self._capture = []
+        try:
+            yield self._capture
+        finally:
+            self._capture = None
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[Tensor | None]]:
+        """Within: the gradient each hidden layer's output receives in backward is recorded (one
+        slot per hidden layer: ``e @ B_l`` at a DFA layer, the back-propagated gradient at a BP
+        layer). Forward and backward must both run inside."""
+        slots: list[Tensor | None] = [None] * (len(self.layers) - 1)
+        self._recording = slots
+        try:
+            yield slots
+        finally:
+            self._recording = None
+
     def true_signals(
         self,
         inputs: Any,
         targets: Any,
         loss_fn: Callable[[Tensor, Any], Tensor],
     ) -> tuple[Tensor, list[Tensor]]:
-        """Back-propagation's answer at every feedback point, for comparison with DFA's.
+        """Back-propagation's gradient at every hidden layer's output, for comparison with DFA's.
 
         Runs one plain BP forward/backward (no cuts) on ``inputs`` and returns ``(e, grads)``: the
-        output error ``dL/dy`` and ``dL/dh_l`` at each feedback point, flattened to ``(N, d_l)``.
-        Parameter ``.grad``, buffers and RNG states are left as they were.
+        output error ``dL/dy`` and ``dL/dh_l`` at each hidden layer's output, flattened to
+        ``(N, d_l)``. Parameter ``.grad``, buffers and RNG states are left as they were.
         """
         args = inputs if isinstance(inputs, tuple) else (inputs,)
         with preserved_state(self.model), torch.enable_grad():
-            self._capture = True
-            try:
-                with self.disabled():
-                    y = self.model(*args)
-                points = self._captured
-            finally:
-                self._capture = False
-                self._captured = []
+            with self.capturing() as points, self.disabled():
+                y = self.model(*args)
             loss = loss_fn(y, targets)
             _check_scalar_loss(loss)
             grads = torch.autograd.grad(loss, [y, *points], allow_unused=True)
@@ -258,6 +280,7 @@ class DFAEngine(nn.Module):
         self.materialize(inputs)
         error, true = self.true_signals(inputs, targets, loss_fn)
         assert self.feedback is not None
+        true = [t for info, t in zip(self.layers, true) if info.rule.is_feedback]
         delivered = self.feedback.project(error)
         for i, (d, t) in enumerate(zip(delivered, true)):
             dn, tn = d.norm(), t.norm()
@@ -268,16 +291,16 @@ class DFAEngine(nn.Module):
 
     # -- hooks -------------------------------------------------------------------------------
 
-    _capture = False
-    _captured: list[Tensor] = []  # noqa: RUF012 - replaced per instance before use
+    _capture: list[Tensor] | None = None
+    _recording: list[Tensor | None] | None = None
 
     def _pre_hook(self, index: int) -> Callable[[nn.Module, tuple[Any, ...]], Any]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> Any:
             if index == 0:
                 self._next = 0
-                self._stash, self._stash_from = [], []
-                if self._capture:
-                    self._captured = []
+                self._stash = []
+                if self._capture is not None:
+                    self._capture.clear()
             if index != self._next:
                 expected = self.layers[self._next].name if self._next < len(self.layers) else None
                 raise RuntimeError(
@@ -287,17 +310,20 @@ class DFAEngine(nn.Module):
                     "is not the output layer)"
                 )
             self._next = index + 1
-            if index == 0 or not self.layers[index - 1].rule.is_feedback:
+            if index == 0:
                 return None
-            if not args or not isinstance(args[0], Tensor):
+            point = args[0] if args else None
+            if not isinstance(point, Tensor):
                 raise TypeError(f"layer {self.layers[index].name!r} got a non-tensor input")
-            point = args[0]
-            if self._capture:
-                self._captured.append(point)
-            if not (self._enabled and torch.is_grad_enabled()):
+            if self._capture is not None:
+                self._capture.append(point)
+            recording = self._recording
+            if recording is not None and point.requires_grad:
+                point.register_hook(lambda g, i=index - 1: recording.__setitem__(i, g.detach()))
+            cut = self.layers[index - 1].rule.is_feedback
+            if not (cut and self._enabled and torch.is_grad_enabled()):
                 return None
             self._stash.append(point)
-            self._stash_from.append(index - 1)
             return (point.detach(), *args[1:])
 
         return hook
@@ -307,7 +333,7 @@ class DFAEngine(nn.Module):
             raise RuntimeError("the output layer ran before every layer had run")
         if not (self._enabled and torch.is_grad_enabled()):
             return None
-        points, self._stash, self._stash_from = self._stash, [], []
+        points, self._stash = self._stash, []
         if not isinstance(y, Tensor) or y.dim() != 2:
             shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
             raise ValueError(
@@ -346,6 +372,7 @@ class DFAEngine(nn.Module):
             storage=self.storage,
             seed=self.seed,
             gain=self.gain,
+            normalize=self.normalize,
             names=[info.name for info in infos],
         ).to(y.device)
 
@@ -367,10 +394,7 @@ class DFAEngine(nn.Module):
             )
         if self.feedback.scales.device != error.device:
             self.feedback.to(error.device)
-        signals = self.feedback.project(error, like)
-        if self.record_signals:
-            self.recorded_signals = [s.detach() for s in signals]
-        return signals
+        return self.feedback.project(error, like)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
@@ -408,6 +432,7 @@ class DFAEngine(nn.Module):
                 storage=layout["storage"],
                 seed=layout["seed"],
                 gain=self.gain,
+                normalize=layout.get("normalize", True),
                 names=layout["names"],
             )
             self.num_classes = layout["num_classes"]
@@ -563,6 +588,7 @@ def attach(
     init: FeedbackInit | str = FeedbackInit.UNIFORM,
     storage: Storage | str = Storage.DENSE,
     gain: float = 1.0,
+    normalize: bool = True,
     seed: int = 0,
     output: str | None = None,
     example_input: Any = None,
@@ -583,6 +609,8 @@ def attach(
         storage: ``"dense"``, ``"packed"`` (binary only, 1 bit a weight) or ``"seeded"`` (nothing
             stored, regenerated each step); all give the same updates.
         gain: a factor on every feedback scale.
+        normalize: width-normalised feedback (entries scaled by ``1/sqrt(d)``); ``False`` for
+            entries of order 1.
         seed: seeds the feedback patterns.
         output: the name of the output layer, when it is not the last registered layer.
         example_input: if given, the feedback is built now from one forward pass on it;
@@ -626,7 +654,14 @@ def attach(
     out = found[-1][1]
     num_classes = out.out_features if isinstance(out, nn.Linear) else None
     engine = DFAEngine(
-        model, layers, num_classes=num_classes, init=init, storage=storage, seed=seed, gain=gain
+        model,
+        layers,
+        num_classes=num_classes,
+        init=init,
+        storage=storage,
+        seed=seed,
+        gain=gain,
+        normalize=normalize,
     )
     _ENGINES[model] = engine
     if example_input is not None:
@@ -640,6 +675,21 @@ def _enum(kind: type[Enum], value: Any, what: str) -> Any:
     except ValueError:
         options = ", ".join(repr(m.value) for m in kind)  # type: ignore[attr-defined]
         raise ValueError(f"{what}={value!r} is not one of {options}") from None
+
+
+def get_rng_states() -> dict[str, Any]:
+    """The CPU and (if present) CUDA RNG states, for :func:`set_rng_states`."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_states(state: dict[str, Any]) -> None:
+    """Restore states from :func:`get_rng_states`."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @contextlib.contextmanager

@@ -92,6 +92,14 @@ class Experiment:
             k: v for k, v in (self.tune or {}).items() if k not in _TUNE_KEYS and not _is_list(v)
         }
 
+    @property
+    def axes(self) -> list[str]:
+        """Every key the grid varies, in order of first appearance."""
+        keys: list[str] = []
+        for block in self.grid:
+            keys += [k for k in block if k not in keys]
+        return keys
+
     def _grid_points(self) -> list[dict[str, Any]]:
         points = []
         for block in self.grid or [{}]:
@@ -152,7 +160,9 @@ class Experiment:
                     picked = chosen[group]
                 config = self._config(overrides, picked, point)
                 key = "/".join([method["label"], *(f"{k}={v}" for k, v in point.items())])
-                cells.append(Cell(key, config, {"method": method["label"], **point}))
+                # labels give every axis its effective value, also where a block left it out
+                labels = {a: getattr(config, a) for a in self.axes}
+                cells.append(Cell(key, config, {"method": method["label"], **labels}))
         return cells
 
 

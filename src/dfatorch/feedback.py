@@ -187,6 +187,9 @@ class FeedbackMatrix(nn.Module):
         gain: a factor on every scale. The default scale is ``gain`` for float patterns (their
             magnitude is the init's own) and ``gain * RMS`` of the init's float entries for binary
             patterns, so that BDFA projects signals of the same size as DFA.
+        normalize: the inits scale entries by ``1/sqrt(d)`` (width normalisation, so that a wide
+            layer does not receive a larger error than a narrow one); ``False`` undoes that
+            factor (entries of order 1, as in unnormalised DFA).
         names: a label per feedback point (for messages and ``repr``).
 
     The matrix is held in registered buffers (``pattern`` or ``bits``, and ``scales``), so it
@@ -204,6 +207,7 @@ class FeedbackMatrix(nn.Module):
         storage: Storage | str = Storage.DENSE,
         seed: int = 0,
         gain: float = 1.0,
+        normalize: bool = True,
         names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
@@ -226,8 +230,11 @@ class FeedbackMatrix(nn.Module):
                 "packed storage holds 1 bit a weight and needs binary feedback (bdfa) at every "
                 f"feedback point; float points: {floats}"
             )
+        self.normalize = bool(normalize)
         scales = [
-            gain * (_entry_rms(self.init, self.num_classes, d) if b else 1.0)
+            gain
+            * (_entry_rms(self.init, self.num_classes, d) if b else 1.0)
+            * (1.0 if normalize else math.sqrt(d))
             for d, b in zip(self.sizes, self.binary)
         ]
         self.register_buffer("scales", torch.tensor(scales, dtype=torch.float32))
@@ -336,6 +343,7 @@ class FeedbackMatrix(nn.Module):
             "init": self.init.value,
             "storage": self.storage.value,
             "seed": self.seed,
+            "normalize": self.normalize,
             "names": list(self.names),
         }
 
@@ -345,6 +353,7 @@ class FeedbackMatrix(nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         mine = self.layout()
         # Names are labels; everything else decides the matrix and must agree.
+        state = {"normalize": True, **state}  # saved before the option existed
         diff = {k: (state.get(k), v) for k, v in mine.items() if k != "names" and state.get(k) != v}
         if diff:
             detail = ", ".join(f"{k}: saved {s!r}, here {h!r}" for k, (s, h) in diff.items())

@@ -94,10 +94,15 @@ def mlp(
     batch_norm: bool = False,
     dropout: float = 0.0,
     width: float = 1.0,
+    trainable_units: int | None = None,
 ) -> nn.Sequential:
-    """A fully connected network on flattened inputs."""
+    """A fully connected network on flattened inputs.
+
+    ``trainable_units=b`` trains only the first ``b`` units of the middle hidden layer (the
+    others keep their initial weights): the bottleneck of Launay et al. (2019), 3072-800-[b]-800-10.
+    """
     hidden = [_scaled(h, width) for h in hidden]
-    return nn.Sequential(
+    model = nn.Sequential(
         nn.Flatten(),
         *_fc_stack(
             math.prod(input_shape),
@@ -108,6 +113,22 @@ def mlp(
             dropout=dropout,
         ),
     )
+    if trainable_units is not None:
+        middle = [m for m in model if isinstance(m, nn.Linear)][len(hidden) // 2]
+        if not 0 <= trainable_units <= middle.out_features:
+            raise ValueError(f"trainable_units must be in 0..{middle.out_features}")
+        for param in (middle.weight, middle.bias):
+            param.register_hook(_freeze_rows_from(trainable_units))
+    return model
+
+
+def _freeze_rows_from(first: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[first:] = 0  # frozen units: no update from any optimiser without weight decay
+        return grad
+
+    return hook
 
 
 def cnn(

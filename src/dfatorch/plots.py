@@ -9,7 +9,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_curves", "save_figure"]
+__all__ = ["alignment_series", "plot_alignment", "plot_curves", "save_figure"]
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
@@ -74,6 +74,53 @@ def plot_curves(
     for ax in (acc_ax, loss_ax):
         ax.grid(alpha=0.3)
     acc_ax.legend(fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def alignment_series(
+    history: Sequence[Mapping[str, Any]],
+) -> dict[str, tuple[list[int], list[float], list[float]]]:
+    """Per layer, the (steps, means, stds) of the alignment probes logged in a run's history."""
+    series: dict[str, tuple[list[int], list[float], list[float]]] = {}
+    for record in history:
+        for probe in record.get("alignment") or []:
+            for name, value in probe["layers"].items():
+                steps, means, stds = series.setdefault(name, ([], [], []))
+                if value["mean"] is None or value["mean"] != value["mean"]:  # NaN: no samples
+                    continue
+                steps.append(probe["step"])
+                means.append(value["mean"])
+                stds.append(value["std"])
+    return series
+
+
+def plot_alignment(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, *, title: str | None = None
+) -> Path | None:
+    """Gradient alignment (cosine with the true gradient) of every hidden layer over training,
+    one panel per run, one line per layer with a +- std band. None if no run logged probes."""
+    found = {k: alignment_series(h) for k, h in runs.items()}
+    found = {k: v for k, v in found.items() if v}
+    if not found:
+        return None
+    fig = Figure(figsize=(5.5 * len(found), 4.0))
+    axes = fig.subplots(1, len(found), squeeze=False)[0]
+    for ax, (label, series) in zip(axes, found.items()):
+        for i, (layer, (steps, means, stds)) in enumerate(series.items()):
+            color = f"C{i % 10}"
+            ax.plot(steps, means, color=color, label=f"layer {layer}")
+            lo = [m - s for m, s in zip(means, stds)]
+            hi = [m + s for m, s in zip(means, stds)]
+            ax.fill_between(steps, lo, hi, color=color, alpha=0.15, linewidth=0)
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_ylim(-0.2, 1.02)
+        ax.set_xlabel("step")
+        ax.set_ylabel("cos(delivered, BP gradient)")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)

@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 
 from .experiment import Experiment, aggregate, cell_results, format_value, load_experiment, select
 from .plots import plot_curves, save_figure
+from .train import summarize
 
 __all__ = ["write_report"]
 
@@ -33,10 +34,7 @@ def _pm(mean: float | None, std: float | None, scale: float = 100.0) -> str:
 
 
 def _axes(exp: Experiment) -> list[str]:
-    keys: list[str] = []
-    for block in exp.grid:
-        keys += [k for k in block if k != "seed" and k not in keys]
-    return keys
+    return [a for a in exp.axes if a != "seed"]
 
 
 def _table(summary: dict[str, Any], axes: list[str]) -> list[str]:
@@ -87,7 +85,9 @@ def _curves(exp: Experiment, results_dir: Path, figures: Path, axes: list[str]) 
             continue
         point = ", ".join(f"{a}={format_value(cell.labels.get(a))}" for a in axes) or "all"
         groups[point].setdefault(cell.labels["method"], []).append(history)
-    paths = []
+    paths: list[Path] = []
+    if len(groups) > 6:  # a long axis: its own plot summarises it better than a dozen panels
+        return paths
     for point, runs in sorted(groups.items()):
         slug = point.replace(", ", "_").replace("=", "") or "all"
         path = figures / f"{exp.name}-curves-{slug}.png"
@@ -119,6 +119,91 @@ def _fraction_plot(summary: dict[str, Any], path: Path) -> Path | None:
     ax.legend(fontsize=8)
     ax.set_title(summary["name"])
     return save_figure(fig, path)
+
+
+def _final_alignment(history: list[dict[str, Any]]) -> dict[str, float]:
+    """Per layer, the mean gradient alignment over the probes of the last epoch that has some."""
+    for record in reversed(history):
+        probes = record.get("alignment") or []
+        if probes:
+            layers: dict[str, list[float]] = defaultdict(list)
+            for p in probes:
+                for name, v in p["layers"].items():
+                    if v["mean"] is not None and v["mean"] == v["mean"]:
+                        layers[name].append(v["mean"])
+            return {k: sum(v) / len(v) for k, v in layers.items() if v}
+    return {}
+
+
+def _axis_plot(exp: Experiment, results_dir: Path, axis: str, path: Path) -> Path | None:
+    """Final test accuracy (and, where probed, final alignment per layer) against a numeric axis
+    with at least three values, one line per method (mean over seeds)."""
+    chosen, _ = select(exp, results_dir)
+    acc: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    align: dict[str, dict[str, dict[float, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    for cell in exp.cells(chosen or None):
+        value = cell.labels.get(axis)
+        history = cell_results(results_dir, cell)
+        if history is None or not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        final = summarize(history)["final_acc"]
+        if final is not None:
+            acc[cell.labels["method"]][value].append(final)
+        for layer, a in _final_alignment(history).items():
+            align[cell.labels["method"]][layer][value].append(a)
+    values = {v for per in acc.values() for v in per}
+    if len(values) < 3:
+        return None
+    panels = 1 + sum(1 for m in align if align[m])
+    fig = Figure(figsize=(5.2 * panels, 4.0))
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    spread = max(values) / max(min(values), 1e-12) > 20
+    for i, (method, per) in enumerate(acc.items()):
+        xs = sorted(per)
+        axes[0].plot(xs, [100 * sum(per[x]) / len(per[x]) for x in xs], "o-", color=f"C{i}",
+                     label=method)  # fmt: skip
+    axes[0].set_ylabel("final test accuracy (%)")
+    for ax, (method, layers) in zip(axes[1:], ((m, v) for m, v in align.items() if v)):
+        for j, (layer, per) in enumerate(sorted(layers.items())):
+            xs = sorted(per)
+            ax.plot(xs, [sum(per[x]) / len(per[x]) for x in xs], "o-", color=f"C{j}",
+                    label=f"layer {layer}")  # fmt: skip
+        ax.set_ylabel(f"{method}: final gradient alignment")
+        ax.axhline(0, color="grey", linewidth=0.8)
+    for ax in axes:
+        ax.set_xlabel(axis)
+        if spread:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(exp.name)
+    return save_figure(fig, path)
+
+
+def _alignment_table(exp: Experiment, results_dir: Path, axes: list[str]) -> list[str]:
+    """Final gradient alignment per layer (mean over seeds of the last epoch's probes)."""
+    chosen, _ = select(exp, results_dir)
+    rows: dict[tuple[Any, ...], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    layers: list[str] = []
+    for cell in exp.cells(chosen or None):
+        history = cell_results(results_dir, cell)
+        if history is None:
+            continue
+        key = (cell.labels["method"], *(cell.labels.get(a) for a in axes))
+        for layer, a in _final_alignment(history).items():
+            rows[key][layer].append(a)
+            if layer not in layers:
+                layers.append(layer)
+    if not rows:
+        return []
+    header = ["method", *axes, *(f"layer {name}" for name in layers)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key, per in rows.items():
+        values = [f"{sum(per[n]) / len(per[n]):.3f}" if per.get(n) else "-" for n in layers]
+        lines.append("| " + " | ".join([*map(format_value, key), *values]) + " |")
+    return lines
 
 
 def write_report(
@@ -171,6 +256,16 @@ def write_report(
         if fraction_png is not None:
             link = fraction_png.relative_to(out.parent)
             lines += [f"![accuracy against training-set fraction]({link})", ""]
+        aligned = _alignment_table(exp, results_dir, axes)
+        if aligned:
+            title = "Final gradient alignment (cosine with the BP gradient, last epoch's probes):"
+            lines += [title, "", *aligned, ""]
+        for axis in axes:
+            if axis == "fraction":
+                continue
+            png = _axis_plot(exp, results_dir, axis, figures / f"{exp.name}-{axis}.png")
+            if png is not None:
+                lines += [f"![{png.stem}]({png.relative_to(out.parent)})", ""]
         for png in _curves(exp, results_dir, figures, axes):
             lines += [f"![{png.stem}]({png.relative_to(out.parent)})", ""]
     out.parent.mkdir(parents=True, exist_ok=True)

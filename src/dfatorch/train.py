@@ -37,8 +37,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
+from .alignment import gradient_alignment
 from .data import BatchLoader, DatasetSplits, load_dataset, stratified_subset, train_val_split
-from .engine import DFAEngine, attach
+from .engine import DFAEngine, attach, get_rng_states, set_rng_states
 from .models import build_model, model_stats
 
 __all__ = [
@@ -79,12 +80,14 @@ class TrainConfig:
     batch_norm: bool = False
     dropout: float = 0.0
     width: float = 1.0
+    trainable_units: int | None = None
     method: str = "bdfa"
     scope: str = "fc"
     conv_error: str = "backprop"
     init: str = "uniform"
     storage: str = "dense"
     gain: float = 1.0
+    normalize_feedback: bool = True
     epochs: int = 20
     batch_size: int = 64
     optimizer: str = "adam"
@@ -196,6 +199,8 @@ def _build(config: TrainConfig) -> _Run:
     }
     if config.activation is not None:
         options["activation"] = config.activation
+    if config.trainable_units is not None:
+        options["trainable_units"] = config.trainable_units
     model = build_model(config.model, splits.input_shape, splits.num_classes, **options).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -207,6 +212,7 @@ def _build(config: TrainConfig) -> _Run:
         init=config.init,
         storage=config.storage,
         gain=config.gain,
+        normalize=config.normalize_feedback,
         seed=config.seed,
     )
     params = model.parameters()
@@ -291,7 +297,8 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _environment() -> dict[str, Any]:
+def environment() -> dict[str, Any]:
+    """Versions, machine, threads and git commit, recorded with every run and benchmark."""
     return {
         "dfatorch": __version__,
         "torch": torch.__version__,
@@ -317,19 +324,6 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _save(run_dir: Path, run: _Run, config: TrainConfig, position: dict[str, Any]) -> None:
     state = {
         "format": 1,
@@ -337,7 +331,7 @@ def _save(run_dir: Path, run: _Run, config: TrainConfig, position: dict[str, Any
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "engine": run.engine.state_dict(),
-        "rng": _rng_state(),
+        "rng": get_rng_states(),
         **position,
     }
     _atomic_write(run_dir / CHECKPOINT, lambda fh: torch.save(state, fh))
@@ -378,7 +372,11 @@ def _graceful_interrupt() -> Iterator[_StopRequest]:
 
 def _fresh() -> dict[str, Any]:
     """Running sums of the epoch in progress."""
-    return {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+    return {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0, "alignment": []}
+
+
+def _compact(layers: list[Any]) -> dict[str, dict[str, float | None]]:
+    return {a.name: {"mean": a.mean, "std": a.std, "weight_angle": a.weight_angle} for a in layers}
 
 
 def _position(
@@ -456,13 +454,13 @@ def train(
         run.model.load_state_dict(checkpoint["model"])
         run.engine.load_state_dict(checkpoint["engine"])
         run.optimizer.load_state_dict(checkpoint["optimizer"])
-        _set_rng_state(checkpoint["rng"])
+        set_rng_states(checkpoint["rng"])
         history = list(checkpoint["history"])
         start_epoch, start_batch = checkpoint["epoch"], checkpoint["batch"]
-        partial = dict(checkpoint["partial"])
+        partial = {**_fresh(), **checkpoint["partial"]}
     meta = {
         "config": asdict(config),
-        "environment": _environment(),
+        "environment": environment(),
         "model": {"params": stats.params, "macs_per_sample": stats.macs},
         "engine": {
             "rules": {k: v.value for k, v in run.engine.rules.items()},
@@ -500,17 +498,27 @@ def train(
                     for group in optimizer.param_groups:
                         group["lr"] = _learning_rate(config, step / total_steps)
                     optimizer.zero_grad(set_to_none=True)
-                    logits = model(x)
-                    loss = F.cross_entropy(logits, y)
-                    value = loss.item()
-                    if not math.isfinite(value):
-                        kept = f"{ckpt_path} (epoch {len(history)})"
-                        raise NonFiniteLossError(
-                            f"the loss became {value} at epoch {epoch + 1}, batch "
-                            f"{batch_index + 1}; stopped. The last good checkpoint is kept: "
-                            f"{kept}; try a lower learning rate or a smaller feedback gain."
-                        )
-                    loss.backward()
+                    probe = config.align_every > 0 and step % config.align_every == 0
+                    before = get_rng_states() if probe else None
+                    recorder = run.engine.recording() if probe else contextlib.nullcontext()
+                    with recorder as delivered:
+                        logits = model(x)
+                        loss = F.cross_entropy(logits, y)
+                        value = loss.item()
+                        if not math.isfinite(value):
+                            kept = f"{ckpt_path} (epoch {len(history)})"
+                            raise NonFiniteLossError(
+                                f"the loss became {value} at epoch {epoch + 1}, batch "
+                                f"{batch_index + 1}; stopped. The last good checkpoint is kept: "
+                                f"{kept}; try a lower learning rate or a smaller feedback gain."
+                            )
+                        loss.backward()
+                    if probe:  # same weights, batch and dropout masks: before the update
+                        layers = gradient_alignment(
+                            run.engine, x, y, F.cross_entropy, delivered=delivered,
+                            rng_state=before,
+                        )  # fmt: skip
+                        partial["alignment"].append({"step": step, "layers": _compact(layers)})
                     optimizer.step()
                     partial["loss_sum"] += value * len(y)
                     partial["correct"] += int((logits.detach().argmax(1) == y).sum())
@@ -547,6 +555,8 @@ def train(
                     )
                 elif loader is not None or split == "test":
                     record[f"{split}_loss"] = record[f"{split}_acc"] = None
+            if config.align_every > 0:
+                record["alignment"] = partial["alignment"]
             record.update(
                 epoch_seconds=seconds,
                 images_per_second=partial["seen"] / max(seconds, 1e-9),
@@ -561,6 +571,24 @@ def train(
                 interrupted = epoch + 1 < config.epochs
                 break
     return RunResult(run_dir, config, history, interrupted=interrupted)
+
+
+def probe_batch(
+    run_dir: str | Path, *, batch_size: int = 256, split: str = "train"
+) -> tuple[DFAEngine, torch.Tensor, torch.Tensor, Callable[..., torch.Tensor]]:
+    """The model and engine of a saved run, restored from its checkpoint, with one batch of its
+    data (the first of a seeded shuffle, not augmented) and its loss: what alignment probes need."""
+    run_dir = Path(run_dir)
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT)
+    config = TrainConfig.from_dict(checkpoint["config"])
+    run = _build(config)
+    run.model.load_state_dict(checkpoint["model"])
+    run.engine.load_state_dict(checkpoint["engine"])
+    dataset = run.train_loader.dataset if split == "train" else run.splits.test
+    loader = BatchLoader(dataset, batch_size, shuffle=True, augment=False, mean=run.splits.mean,
+                         std=run.splits.std, seed=config.seed, device=run.device)  # fmt: skip
+    x, y = next(iter(loader))
+    return run.engine, _inputs(x, config.channels_last), y, F.cross_entropy
 
 
 def is_finished(run_dir: str | Path) -> bool:

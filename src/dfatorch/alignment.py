@@ -1,0 +1,124 @@
+"""Alignment diagnostics (Launay, Poli & Krzakala 2019): does DFA's signal agree with BP's?
+
+*Gradient alignment* of a hidden layer: for each sample, the cosine between the gradient the engine
+delivers at the layer's output (``e @ B_l`` at a DFA layer; whatever back-propagation through the
+layers above brings at a BP layer) and the true back-propagated gradient ``dL/dh_l`` for the same
+weights, the same batch and the same randomness (dropout masks); reported as the mean and standard
+deviation over the batch. BP layers under plain BP score 1; a DFA layer scores near 0 before its
+forward weights have aligned with its feedback.
+
+*Weight alignment*: the angle between the output layer's weights ``W_out`` (``C x d``) and the
+feedback ``B_l`` of the hidden layer just below it, which has the same shape; for deeper layers the
+forward path is not one matrix (nonlinearities in between), and no angle is reported.
+
+One probe costs one extra forward and backward pass (plain BP, no cuts) on the probe batch; model
+parameters, gradients, buffers and RNG states are left exactly as they were. Without probes the
+engine does no extra work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .engine import DFAEngine, get_rng_states, preserved_state, set_rng_states
+
+__all__ = ["LayerAlignment", "gradient_alignment", "weight_alignment"]
+
+
+@dataclass(frozen=True)
+class LayerAlignment:
+    """The alignment of one hidden layer on one probe batch."""
+
+    name: str
+    rule: str
+    mean: float  #: mean over samples of cos(delivered, true)
+    std: float
+    samples: int  #: samples where both gradients are non-zero
+    weight_angle: float | None = None  #: degrees between W_out and B_l (last hidden layer only)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _cosines(delivered: Tensor, true: Tensor) -> Tensor:
+    a = delivered.reshape(delivered.shape[0], -1).double()
+    b = true.reshape(true.shape[0], -1).double()
+    na, nb = a.norm(dim=1), b.norm(dim=1)
+    keep = (na > 0) & (nb > 0)
+    return (a[keep] * b[keep]).sum(1) / (na[keep] * nb[keep])
+
+
+def weight_alignment(engine: DFAEngine) -> dict[str, float]:
+    """Degrees between the output layer's weights and the feedback of the hidden layer feeding
+    it, when that layer has feedback and the shapes match (see the module docstring)."""
+    out = engine.layers[-1].module
+    if engine.feedback is None or not isinstance(out, nn.Linear):
+        return {}
+    blocks = dict(zip(engine.feedback.names, engine.feedback.blocks()))
+    last = engine.layers[-2].name
+    b = blocks.get(last)
+    if b is None or b.shape != out.weight.shape:
+        return {}
+    w = out.weight.detach().to(b.dtype)
+    cos = (w * b).sum() / (w.norm() * b.norm()).clamp_min(1e-30)
+    return {last: math.degrees(math.acos(max(-1.0, min(1.0, cos.item()))))}
+
+
+def gradient_alignment(
+    engine: DFAEngine,
+    inputs: Any,
+    targets: Any,
+    loss_fn: Callable[[Tensor, Any], Tensor],
+    *,
+    delivered: list[Tensor | None] | None = None,
+    rng_state: dict[str, Any] | None = None,
+) -> list[LayerAlignment]:
+    """Gradient alignment of every hidden layer of ``engine``'s model on one batch.
+
+    Args:
+        delivered: the gradients the engine delivered during a training step on this same batch,
+            as recorded by ``engine.recording()``; if None, a DFA pass is run here first (one more
+            forward/backward, state preserved).
+        rng_state: :func:`dfatorch.engine.get_rng_states` from before that step's forward pass,
+            so that the BP pass draws the same dropout masks. Required with ``delivered``.
+    """
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    if delivered is None:
+        rng_state = get_rng_states()
+        with preserved_state(engine.model), torch.enable_grad():
+            with engine.capturing() as points:
+                y = engine.model(*args)
+            points = list(points)
+            loss = loss_fn(y, targets)
+            grads = torch.autograd.grad(loss, points, allow_unused=True)
+        delivered = [None if g is None else g.detach() for g in grads]
+    elif rng_state is None:
+        raise ValueError("gradient_alignment(delivered=...) needs the rng_state of that step")
+    current = get_rng_states()
+    set_rng_states(rng_state)  # the BP pass draws the step's dropout masks again
+    try:
+        _, true = engine.true_signals(args, targets, loss_fn)
+    finally:
+        set_rng_states(current)
+    angles = weight_alignment(engine)
+    report = []
+    for info, d, t in zip(engine.layers[:-1], delivered, true):
+        cos = torch.zeros(0, dtype=torch.float64) if d is None else _cosines(d, t)
+        n = cos.numel()
+        report.append(
+            LayerAlignment(
+                name=info.name,
+                rule=info.rule.value,
+                mean=cos.mean().item() if n else float("nan"),
+                std=cos.std(unbiased=False).item() if n else float("nan"),
+                samples=n,
+                weight_angle=angles.get(info.name),
+            )
+        )
+    return report

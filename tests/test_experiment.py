@@ -1,0 +1,138 @@
+"""The experiment runner (search, resumable cells, aggregation) and the generated report."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from dfatorch.cli import main
+from dfatorch.experiment import aggregate, load_experiment, run_experiment, select
+from dfatorch.train import read_metrics
+
+SPEC = """
+name = "tiny"
+description = "a test sweep"
+
+[base]
+dataset = "digits"
+model = "mlp"
+width = 0.05
+epochs = 2
+batch_size = 64
+
+[[methods]]
+label = "bp"
+method = "bp"
+
+[[methods]]
+label = "bdfa"
+method = "bdfa"
+storage = "packed"
+
+[[grid]]
+fraction = [0.5]
+seed = [0, 1]
+
+[tune]
+lr = [1e-4, 3e-3]
+by = ["fraction"]
+"""
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """The tiny sweep, run once through the command line: (file, runs root, results root)."""
+    root = tmp_path_factory.mktemp("sweep")
+    path = root / "tiny.toml"
+    path.write_text(SPEC)
+    runs, results = root / "runs", root / "results"
+    roots = ["--runs-root", str(runs), "--results-root", str(results)]
+    assert main(["experiment", str(path), *roots, "--no-progress"]) == 0
+    return path, runs, results
+
+
+def test_sweep_search_resume_and_aggregate(swept):
+    exp_file, runs, results = swept
+    exp = load_experiment(exp_file)
+    assert [c.key for c in exp.tuning_cells()] == [
+        "tune/bp/fraction=0.5/lr=0.0001",
+        "tune/bp/fraction=0.5/lr=0.003",
+        "tune/bdfa/fraction=0.5/lr=0.0001",
+        "tune/bdfa/fraction=0.5/lr=0.003",
+    ]
+    assert all(c.config.val_fraction == 0.1 and not c.config.eval_test for c in exp.tuning_cells())
+    assert exp.cells({}) == []  # nothing measured before the search is done
+    quiet = dict(runs_root=runs, results_root=results, progress=False, log=lambda _: None)
+    summary = run_experiment(exp, **quiet)  # all done by the fixture: aggregates only
+
+    chosen, search = select(exp, results / "tiny")
+    for group, points in search.items():
+        best = max(points, key=lambda p: p["val_acc"])
+        assert chosen[group] == {"lr": best["lr"]}
+    cells = exp.cells(chosen)
+    assert len(cells) == 4 and all(c.config.lr == chosen[f"{c.labels['method']}/fraction=0.5"]["lr"]
+                                   for c in cells)  # fmt: skip
+    # the aggregate is the mean and population std of the cells' own final accuracies
+    for row in summary["rows"]:
+        finals = [
+            read_metrics(results / "tiny" / f"{row['method']}/fraction=0.5/seed={s}")[-1][
+                "test_acc"
+            ]
+            for s in (0, 1)
+        ]
+        assert row["final_acc_mean"] == pytest.approx(statistics.fmean(finals))
+        assert row["final_acc_std"] == pytest.approx(statistics.pstdev(finals))
+        assert row["seeds"] == 2
+    assert summary["cells_missing"] == 0
+
+    # finished cells are never run again; a lost cell is the only one rerun
+    stamp = {c.key: (results / "tiny" / c.key / "metrics.jsonl").stat().st_mtime_ns for c in cells}
+    lost = cells[1].key
+    (results / "tiny" / lost / "metrics.jsonl").unlink()
+    run_experiment(exp, **quiet)
+    for c in cells:
+        changed = (results / "tiny" / c.key / "metrics.jsonl").stat().st_mtime_ns != stamp[c.key]
+        assert changed == (c.key == lost)
+    assert aggregate(exp, results / "tiny")["rows"] == summary["rows"]
+
+    # a changed configuration invalidates a cell's old result
+    exp.base["epochs"] = 3
+    chosen, _ = select(exp, results / "tiny")
+    assert chosen == {}  # the search must be redone with the new budget
+
+
+def test_cli_experiment_report_and_align(swept, tmp_path, capsys):
+    exp_file, runs, results = swept
+    roots = ["--runs-root", str(runs), "--results-root", str(results)]
+    assert main(["experiment", str(exp_file), "--list", *roots]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert "bdfa/fraction=0.5/seed=1" in listed and "tune/bp/fraction=0.5/lr=0.003" in listed
+    out = tmp_path / "docs" / "RESULTS.md"
+    assert main(["report", str(exp_file), "--results-root", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "## tiny" in text and "| bdfa | 0.5 | 2 |" in text and "**(chosen)**" in text
+    for link in [
+        line[line.index("(") + 1 : -1] for line in text.splitlines() if line.startswith("![")
+    ]:
+        assert (out.parent / link).stat().st_size > 5_000
+    summary = json.loads((results / "tiny" / "summary.json").read_text())
+    assert {r["method"] for r in summary["rows"]} == {"bp", "bdfa"}
+
+    run_dir = runs / "tiny" / "bdfa" / "fraction=0.5" / "seed=0"
+    assert main(["align", str(run_dir), "--batch-size", "64"]) == 0
+    report = json.loads((run_dir / "alignment.json").read_text())
+    assert [a["name"] for a in report] == ["1", "3"] and report[0]["rule"] == "bdfa"
+    assert -1 <= report[0]["mean"] <= 1 and report[0]["samples"] == 64
+
+
+def test_bad_experiment_files_fail_early(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\n[[methods]]\nlabel = "a"\nmethod = "bp"\n[base]\nepochz = 3\n')
+    with pytest.raises(ValueError, match="epochz"):
+        load_experiment(bad)
+    bad.write_text('name = "x"\n[[methods]]\nmethod = "bp"\n')
+    with pytest.raises(ValueError, match="label"):
+        load_experiment(bad)
