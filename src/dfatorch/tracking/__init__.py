@@ -1,4 +1,5 @@
-"""Object tracking on the OTB benchmark: data reader, metrics and OPE experiment runner."""
+"""Object tracking on the OTB benchmark: data reader, metrics, OPE experiment runner, and an
+MDNet-style tracker whose fully connected layers learn online by BP, DFA or BDFA."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from .evaluate import (
     run_sequence,
     tracker_name,
 )
+from .features import Backbone, FeatureExtractor, FeatureMap, load_backbone, roi_align
 from .metrics import (
     PRECISION_THRESHOLDS,
     SUCCESS_THRESHOLDS,
@@ -31,29 +33,46 @@ from .otb import (
     parse_groundtruth,
     write_boxes,
 )
+from .run import evaluate_updates, track_sequence
+from .sampling import SampleKind, clip_boxes, sample_boxes
+from .tracker import BoxRegressor, MDNetTracker, TrackerConfig, build_head
 
 __all__ = [
     "OTB_FRAME_RANGES",
     "PRECISION_THRESHOLDS",
     "SUCCESS_THRESHOLDS",
+    "Backbone",
+    "BoxRegressor",
     "Experiment",
+    "FeatureExtractor",
+    "FeatureMap",
+    "MDNetTracker",
+    "SampleKind",
     "Sequence",
     "SequenceResult",
     "Tracker",
+    "TrackerConfig",
+    "build_head",
     "center_error",
+    "clip_boxes",
     "draw_boxes",
+    "evaluate_updates",
     "frame_metrics",
     "iou",
     "list_sequences",
+    "load_backbone",
     "load_sequence",
     "load_sequences",
     "parse_groundtruth",
     "plot_report",
     "precision_at",
     "precision_curve",
+    "roi_align",
     "run_sequence",
+    "sample_boxes",
     "success_auc",
     "success_curve",
+    "track_sequence",
     "tracker_name",
     "write_boxes",
 ]

@@ -1,0 +1,144 @@
+"""Frames per second of the MDNet-style tracker per sequence and update rule; print JSON.
+
+    python benchmarks/tracking_speed.py [--backbone RUN/checkpoint.pt] [--rules bp dfa bdfa]
+        [--sequences Biker MotorRolling] [--frames N] [--repeats 1] [--threads T] [--out FILE]
+
+For every sequence (image size reported: OTB's 640x360 ones are the real-time target) and rule,
+the tracker runs the sequence as in OTB's one-pass evaluation; rules are interleaved so that drift
+of a shared machine hits all alike, and a short warm-up run comes first. Reported per cell (the
+median over ``--repeats``):
+
+- ``fps``: frames / (init + every update), online model updates included, image decoding not;
+- ``fps_tracking_only``: the same without the online update time (what the rest costs);
+- ``update_seconds`` (total), ``updates`` (count) and ``ms_per_update``: online updates only;
+- ``init_seconds``: the first frame (feature map of the whole image, first training, regressor);
+- ``success_auc``: so that a speed-up that breaks tracking shows.
+
+``torch.set_num_threads`` is only called with ``--threads``; the thread count used is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dfatorch.tracking import list_sequences, load_sequence, run_sequence
+from dfatorch.tracking.features import load_backbone
+from dfatorch.tracking.tracker import MDNetTracker, TrackerConfig
+
+DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "otb"
+
+
+def _cell(backbone, rule: str, seq, seed: int) -> dict[str, Any]:
+    tracker = MDNetTracker(backbone, update=rule, config=TrackerConfig(), seed=seed)
+    result = run_sequence(tracker, seq)
+    update = float(tracker.update_seconds)
+    return {
+        "fps": result.fps,
+        "fps_tracking_only": result.frames / max(result.track_seconds - update, 1e-12),
+        "update_seconds": update,
+        "updates": tracker.updates,
+        "ms_per_update": 1000 * update / tracker.updates if tracker.updates else None,
+        "init_seconds": result.init_seconds,
+        "track_seconds": result.track_seconds,
+        "success_auc": result.success_auc,
+    }
+
+
+def _median(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in cells[0]:
+        values = [c[key] for c in cells if c[key] is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="OTB sequences folder")
+    parser.add_argument("--sequences", nargs="*", default=None, help="default: all under root")
+    parser.add_argument("--rules", nargs="*", default=["bp", "dfa", "bdfa"])
+    parser.add_argument("--backbone", default=None, help="track_cnn checkpoint (default: random)")
+    parser.add_argument("--frames", type=int, default=0, help="first N frames only (0: all)")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(T)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    backbone = load_backbone(args.backbone, seed=0)
+    names = args.sequences or list_sequences(args.root)
+    sequences = []
+    for name in names:
+        seq = load_sequence(args.root / name)
+        if args.frames:
+            seq.frames, seq.boxes = seq.frames[: args.frames], seq.boxes[: args.frames]
+        sequences.append(seq)
+
+    warm = load_sequence(args.root / names[0])
+    warm.frames, warm.boxes = warm.frames[:12], warm.boxes[:12]
+    for rule in args.rules:  # warm-up: first-call costs (kernels, allocator) out of the timings
+        _cell(backbone, rule, warm, args.seed)
+
+    started = time.perf_counter()
+    results: dict[str, Any] = {}
+    for seq in sequences:
+        h, w = seq.load_frame(0).shape[:2]
+        runs: dict[str, list[dict[str, Any]]] = {rule: [] for rule in args.rules}
+        for _ in range(args.repeats):
+            for rule in args.rules:
+                runs[rule].append(_cell(backbone, rule, seq, args.seed))
+        results[seq.name] = {
+            "image_size": [w, h],
+            "frames": len(seq),
+            "target_size": [float(v) for v in seq.boxes[0, 2:]],
+            **{rule: _median(cells) for rule, cells in runs.items()},
+        }
+
+    wide = [n for n, r in results.items() if r["image_size"] == [640, 360]]
+    summary = {}
+    for rule in args.rules:
+        frames = sum(r["frames"] for r in results.values())
+        seconds = sum(r[rule]["track_seconds"] for r in results.values())
+        wide_frames = sum(results[n]["frames"] for n in wide)
+        wide_seconds = sum(results[n][rule]["track_seconds"] for n in wide)
+        summary[rule] = {
+            "fps_all": frames / seconds,
+            "fps_640x360": wide_frames / wide_seconds if wide else None,
+            "min_fps_640x360": min((results[n][rule]["fps"] for n in wide), default=None),
+        }
+    report = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "backbone": backbone.info,
+        "config": TrackerConfig().to_dict(),
+        "seconds": time.perf_counter() - started,
+        "summary": summary,
+        "sequences": results,
+    }
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

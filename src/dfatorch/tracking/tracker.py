@@ -1,0 +1,477 @@
+"""An MDNet-style online tracker whose fully connected layers learn online by BP, DFA or BDFA.
+
+MDNet (Nam & Han 2016) scores candidate boxes with a CNN as target or background, and fine-tunes
+its fully connected layers online while the video plays. Han & Yoo (2019) train those layers with
+binary direct feedback alignment (BDFA) instead of back-propagation. Here:
+
+- **Features**: the conv backbone (:class:`~dfatorch.tracking.features.Backbone`) runs once per
+  frame on a search region around the previous box, resized so that the target is about
+  ``target_size`` pixels; every box's features are pooled from that map by RoIAlign (as in
+  RT-MDNet), and training samples are stored as features, never as images.
+- **Head**: ``fc4 -> relu -> dropout -> fc5 -> relu -> dropout -> fc6`` (2-way: background,
+  target). :func:`dfatorch.attach` puts the update rule on it: ``fc4``/``fc5`` get ``bp``, ``dfa``
+  or ``bdfa``, ``fc6`` its true gradient. Nothing else depends on the rule.
+- **First frame**: positives (IoU >= 0.7), negatives (IoU <= 0.3, half near the target, half
+  anywhere in the image), ``maxiter_init`` iterations; a ridge bounding-box regressor.
+- **Each frame**: Gaussian candidates around the previous box, the mean of the ``top_k`` best is
+  the new box; its score (log-odds of "target") decides success. On success new samples are
+  stored; on failure a short-term update (last ``n_frames_short`` frames); every
+  ``long_interval`` frames a long-term one (positives of the last ``n_frames_long`` frames), both
+  with hard negative mining.
+
+Everything is seeded by the tracker's ``seed``: the same seed gives the same boxes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..engine import DFAEngine, Rule, attach
+from .features import Backbone, FeatureExtractor, FeatureMap
+from .metrics import iou
+from .sampling import SampleKind, sample_boxes
+
+__all__ = ["BoxRegressor", "MDNetTracker", "TrackerConfig", "build_head"]
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    """MDNet's hyper-parameters (names as in py-MDNet's ``options.yaml``) and the feature layout.
+
+    The defaults follow MDNet except where a CPU's speed or the missing offline pre-training of
+    fc4/fc5 asks otherwise (each such field says so); :meth:`mdnet` restores MDNet's network and
+    update sizes. Distances (``trans*``) are in units of ``mean(w, h)`` of the
+    reference box; ``scale*`` are factor ranges ``scale ** [-1, 1]``.
+    """
+
+    # -- features --------------------------------------------------------------------------
+    #: the target's size ``sqrt(w h)`` after resizing the search region, in pixels
+    target_size: float = 32.0
+    #: search region: the previous box grown by ``search_pad * mean(w, h)`` on every side
+    search_pad: float = 2.0
+    roi_size: int = 3  #: RoIAlign output, ``roi_size x roi_size`` bins
+    roi_sampling: int = 2  #: RoIAlign samples per bin and axis
+    roi_max_pool: int = 1  #: max-pooling after RoIAlign (features: ``C (roi_size/this)^2``)
+    #: start fc4 from the backbone checkpoint's pre-trained first FC layer where shapes allow,
+    #: i.e. with ``roi_size=8, roi_sampling=1, roi_max_pool=2`` (MDNet's fc4/fc5 are pre-trained
+    #: offline; this is the closest this library has). Off: on the shared OTB sequences it
+    #: helped on some and made Couple (two similar people) fail on most seeds.
+    fc4_from_backbone: bool = False
+    # -- network ---------------------------------------------------------------------------
+    fc_sizes: tuple[int, ...] = (256, 256)  #: widths of fc4, fc5 (MDNet: 512, 512)
+    dropout: float = 0.5
+    # -- candidates ------------------------------------------------------------------------
+    n_samples: int = 256
+    trans: float = 0.6
+    scale: float = 1.05
+    trans_limit: float = 1.5  #: on failure ``trans`` grows by 10 % a frame up to this
+    top_k: int = 5
+    success_threshold: float = 0.0  #: on the mean top-k log-odds of "target"
+    # -- training samples ------------------------------------------------------------------
+    trans_pos: float = 0.1
+    scale_pos: float = 1.3
+    trans_neg_init: float = 1.0
+    scale_neg_init: float = 1.6
+    trans_neg: float = 2.0
+    scale_neg: float = 1.3
+    overlap_pos: tuple[float, float] = (0.7, 1.0)
+    overlap_neg: tuple[float, float] = (0.0, 0.3)
+    n_pos_init: int = 500
+    n_neg_init: int = 5000
+    n_pos_update: int = 50
+    n_neg_update: int = 200
+    min_size: float = 10.0  #: smallest sampled width/height in pixels
+    # -- training --------------------------------------------------------------------------
+    maxiter_init: int = 30
+    #: MDNet: 5e-4 (fc4/fc5 pre-trained offline); 10x for layers that start from scratch
+    lr_init: float = 5e-3
+    maxiter_update: int = 10  #: MDNet: 15
+    lr_update: float = 1e-2  #: MDNet: 1e-3
+    lr_mult_last: float = 10.0  #: learning-rate factor of fc6
+    batch_pos: int = 32
+    batch_neg: int = 96
+    #: hard negative mining: the best ``batch_neg`` of these (MDNet: 1024)
+    batch_neg_cand: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    grad_clip: float = 10.0
+    long_interval: int = 10
+    n_frames_long: int = 100
+    n_frames_short: int = 20
+    # -- bounding-box regression -----------------------------------------------------------
+    bbreg: bool = True
+    n_bbreg: int = 1000
+    overlap_bbreg: tuple[float, float] = (0.6, 1.0)
+    trans_bbreg: float = 0.3
+    scale_bbreg: float = 1.6
+    aspect_bbreg: float = 1.1
+    bbreg_alpha: float = 1000.0
+    # -- feedback (dfa, bdfa) --------------------------------------------------------------
+    feedback_init: str = "uniform"
+    feedback_gain: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.batch_neg > self.batch_neg_cand:
+            raise ValueError("batch_neg must not exceed batch_neg_cand")
+        if not self.fc_sizes:
+            raise ValueError("fc_sizes needs at least one hidden layer (fc4)")
+        for name in ("overlap_pos", "overlap_neg", "overlap_bbreg"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi <= 1:
+                raise ValueError(f"{name} must be a range within [0, 1], got {(lo, hi)}")
+
+    @classmethod
+    def mdnet(cls, **overrides: Any) -> TrackerConfig:
+        """MDNet's own network width, hard-negative pool and update iterations (Nam & Han 2016;
+        py-MDNet), about 5x the online-update cost of the defaults. Learning rates stay ours:
+        MDNet fine-tunes fc4/fc5 pre-trained offline on videos, here they start from scratch."""
+        mdnet = {"fc_sizes": (512, 512), "batch_neg_cand": 1024, "maxiter_update": 15}
+        return replace(cls(), **{**mdnet, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def build_head(
+    in_features: int, hidden: tuple[int, ...] = (512, 512), dropout: float = 0.5
+) -> nn.Sequential:
+    """MDNet's fully connected head: ``fc4 -> relu -> dropout -> fc5 -> ... -> fc6`` (2 logits:
+    background, target). Layer names follow MDNet (``fc4``, ``fc5``, ..., last ``fc6``)."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    width = in_features
+    for i, out in enumerate(hidden):
+        layers[f"fc{4 + i}"] = nn.Linear(width, out)
+        layers[f"relu{4 + i}"] = nn.ReLU()
+        if dropout > 0:
+            layers[f"drop{4 + i}"] = nn.Dropout(dropout)
+        width = out
+    layers[f"fc{4 + len(hidden)}"] = nn.Linear(width, 2)
+    return nn.Sequential(layers)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Torch's global RNG seeded with ``seed`` inside, restored outside (dropout, init)."""
+    devices = [device] if device.type != "cpu" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        torch.manual_seed(seed)
+        yield
+
+
+def _cycled(rng: np.random.Generator, n: int, total: int) -> np.ndarray:
+    """``total`` indices into ``n`` items: concatenated random permutations (MDNet's batches)."""
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    reps = math.ceil(total / n)
+    return np.concatenate([rng.permutation(n) for _ in range(reps)])[:total]
+
+
+def _box_deltas(boxes: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """R-CNN regression targets from ``boxes`` to ``target``: centre offsets / size, log sizes."""
+    c = boxes[:, :2] + boxes[:, 2:] / 2
+    ct = target[:2] + target[2:] / 2
+    return np.concatenate([(ct - c) / boxes[:, 2:], np.log(target[2:] / boxes[:, 2:])], axis=1)
+
+
+class BoxRegressor:
+    """MDNet's bounding-box regression: ridge regression from box features to R-CNN deltas.
+
+    Trained once on the first frame; :meth:`predict` keeps an input box where the regressed one
+    overlaps it less than ``min_overlap`` (a wild prediction).
+    """
+
+    def __init__(self, alpha: float = 1000.0, min_overlap: float = 0.6) -> None:
+        self.alpha = alpha
+        self.min_overlap = min_overlap
+        self.weight: Tensor | None = None
+        self.bias: Tensor | None = None
+
+    def fit(self, features: Tensor, boxes: np.ndarray, target: np.ndarray) -> BoxRegressor:
+        """Fit on the features ``(n, d)`` of ``boxes`` ``(n, 4)`` around the true ``target``."""
+        x = features.double()
+        y = torch.as_tensor(_box_deltas(boxes, np.asarray(target, dtype=np.float64))).to(x)
+        x_mean, y_mean = x.mean(0), y.mean(0)
+        xc = x - x_mean
+        eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+        self.weight = torch.linalg.solve(xc.T @ xc + self.alpha * eye, xc.T @ (y - y_mean))
+        self.bias = y_mean - x_mean @ self.weight
+        return self
+
+    def predict(self, features: Tensor, boxes: np.ndarray) -> np.ndarray:
+        """Regressed boxes ``(n, 4)`` for ``boxes`` with ``features``."""
+        if self.weight is None or self.bias is None:
+            raise RuntimeError("BoxRegressor.predict before fit")
+        d = (features.double() @ self.weight + self.bias).cpu().numpy()
+        size = boxes[:, 2:] * np.exp(np.clip(d[:, 2:], -1, 1))
+        centre = boxes[:, :2] + boxes[:, 2:] / 2 + d[:, :2] * boxes[:, 2:]
+        out = np.concatenate([centre - size / 2, size], axis=1)
+        wild = iou(out, boxes) < self.min_overlap
+        out[wild] = boxes[wild]
+        return out
+
+
+class MDNetTracker:
+    """MDNet-style tracker with online updates by ``bp``, ``dfa`` or ``bdfa`` (GOT-10k interface).
+
+    Args:
+        backbone: the conv feature extractor (:func:`~dfatorch.tracking.features.load_backbone`);
+            it stays frozen. Its device is the tracker's device.
+        update: the rule of the hidden FC layers for every update, first frame included.
+        config: hyper-parameters (default :class:`TrackerConfig`).
+        seed: seeds sampling, minibatches, dropout, the head's weights and the feedback matrices.
+        name: the tracker's name (default ``"mdnet-<update>"``).
+
+    Attributes:
+        name: for result tables.
+        update_seconds: seconds spent in online updates (training after the first frame) since
+            the last :meth:`init`.
+        engine: the :class:`~dfatorch.engine.DFAEngine` on :attr:`head` (after :meth:`init`).
+        last_score: the mean top-k log-odds of the last frame.
+        updates: the number of online updates since the last :meth:`init`.
+        fc4_pretrained: whether fc4 started from the backbone's classifier layer.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone | nn.Module,
+        *,
+        update: Rule | str = Rule.BDFA,
+        config: TrackerConfig | None = None,
+        seed: int = 0,
+        name: str | None = None,
+    ) -> None:
+        self.rule = Rule(update)
+        self.config = config or TrackerConfig()
+        self.seed = int(seed)
+        self.extractor = FeatureExtractor(
+            backbone,
+            roi_size=self.config.roi_size,
+            sampling_ratio=self.config.roi_sampling,
+            max_pool=self.config.roi_max_pool,
+        )
+        self.device = self.extractor.device
+        self.name = name or f"mdnet-{self.rule.value}"
+        self.update_seconds = 0.0
+        self.updates = 0
+        self.last_score = math.nan
+        self.fc4_pretrained = False
+        self.head: nn.Sequential | None = None
+        self.engine: DFAEngine | None = None
+        # torch.optim imports torch._dynamo on first use (seconds): pay it here, not in init()
+        torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0)
+
+    # -- GOT-10k interface -----------------------------------------------------------------
+
+    def init(self, image: np.ndarray, box: Box) -> None:
+        """Learn the target in ``box`` ``(x, y, w, h)`` of the first ``image`` (uint8 H x W x 3)."""
+        cfg = self.config
+        self.update_seconds, self.updates, self._frame = 0.0, 0, 0
+        self._rng = np.random.default_rng(self.seed)
+        self._box = np.asarray(box, dtype=np.float64).reshape(4)
+        self._trans = cfg.trans
+        h, w = image.shape[:2]
+        self._new_head()
+
+        # the whole image at the target's scale: whole-image negatives need all of it
+        fmap = self.extractor.extract(image, (0, 0, w, h), self._scale(self._box))
+        bounds = (0.0, 0.0, float(w), float(h))
+        pos_boxes = self._sample("pos", cfg.n_pos_init, bounds)
+        half = cfg.n_neg_init // 2
+        neg_boxes = np.concatenate(
+            [
+                self._sample("neg_init", half, bounds),
+                self._sample("whole", cfg.n_neg_init - half, bounds),
+            ]
+        )
+        raw = self.extractor.pool(fmap, pos_boxes)
+        # one scalar per sequence, so that learning rates do not depend on the backbone's scale;
+        # a pre-trained fc4 expects the features as they are
+        self._feature_scale = (
+            torch.ones((), device=raw.device, dtype=raw.dtype)
+            if self.fc4_pretrained
+            else 1.0 / raw.pow(2).mean().sqrt().clamp_min(1e-12)
+        )
+        pos = raw * self._feature_scale
+        neg = self._features(fmap, neg_boxes)
+        self._train(pos, neg, cfg.maxiter_init, self._opt_init)
+
+        self._regressor: BoxRegressor | None = None
+        if cfg.bbreg:
+            reg_boxes = self._sample("bbreg", cfg.n_bbreg, bounds)
+            self._regressor = BoxRegressor(cfg.bbreg_alpha, cfg.overlap_bbreg[0]).fit(
+                self._features(fmap, reg_boxes), reg_boxes, self._box
+            )
+        self._pos_store: deque[Tensor] = deque([pos], maxlen=cfg.n_frames_long)
+        neg_update = self._features(fmap, self._sample("neg", cfg.n_neg_update, bounds))
+        self._neg_store: deque[Tensor] = deque([neg_update], maxlen=cfg.n_frames_short)
+
+    def update(self, image: np.ndarray) -> Box:
+        """Locate the target in the next ``image``; returns ``(x, y, w, h)``."""
+        cfg = self.config
+        self._frame += 1
+        box = self._box
+        pad = cfg.search_pad * box[2:].mean()
+        region = (box[0] - pad, box[1] - pad, box[0] + box[2] + pad, box[1] + box[3] + pad)
+        fmap = self.extractor.extract(image, region, self._scale(box))
+        bounds = tuple(float(v) for v in fmap.region)
+
+        candidates = sample_boxes(
+            self._rng,
+            box,
+            cfg.n_samples,
+            kind=SampleKind.GAUSSIAN,
+            trans=self._trans,
+            scale=cfg.scale,
+            bounds=bounds,  # type: ignore[arg-type]
+            min_size=cfg.min_size,
+        )
+        features = self._features(fmap, candidates)
+        scores = self._score(features)
+        top = scores.topk(min(cfg.top_k, len(scores))).indices
+        self.last_score = float(scores[top].mean())
+        success = self.last_score > cfg.success_threshold
+        top_np = top.cpu().numpy()
+        self._box = candidates[top_np].mean(0)
+        self._trans = cfg.trans if success else min(self._trans * 1.1, cfg.trans_limit)
+        result = self._box
+        if success and self._regressor is not None:
+            result = self._regressor.predict(features[top], candidates[top_np]).mean(0)
+
+        if success:  # collect samples around the new box from this frame's feature map
+            self._pos_store.append(
+                self._features(fmap, self._sample("pos", cfg.n_pos_update, bounds))
+            )
+            self._neg_store.append(
+                self._features(fmap, self._sample("neg", cfg.n_neg_update, bounds))
+            )
+        if not success:  # short-term update
+            self._timed_update(list(self._pos_store)[-cfg.n_frames_short :])
+        elif self._frame % cfg.long_interval == 0:  # long-term update
+            self._timed_update(list(self._pos_store))
+        return tuple(float(v) for v in result)  # type: ignore[return-value]
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _new_head(self) -> None:
+        cfg = self.config
+        dim = self.extractor.feature_dim
+        with _seeded(self.seed, self.device):  # same weights for every rule
+            head = build_head(dim, tuple(cfg.fc_sizes), cfg.dropout)
+        fc = self.extractor.backbone.fc
+        fc4 = head[0]
+        self.fc4_pretrained = bool(
+            cfg.fc4_from_backbone and fc is not None and fc["weight"].shape == fc4.weight.shape
+        )
+        if self.fc4_pretrained:
+            assert fc is not None
+            with torch.no_grad():
+                fc4.weight.copy_(fc["weight"])
+                fc4.bias.copy_(fc["bias"])
+        self.head = head.to(device=self.device, dtype=self.extractor.dtype)
+        self.engine = attach(
+            self.head,
+            self.rule,
+            init=cfg.feedback_init,
+            gain=cfg.feedback_gain,
+            seed=self.seed,
+            example_input=torch.zeros(2, dim, device=self.device, dtype=self.extractor.dtype),
+        )
+        layers = [m for m in self.head if isinstance(m, nn.Linear)]
+        hidden = [p for m in layers[:-1] for p in m.parameters()]
+        last = list(layers[-1].parameters())
+
+        def optimizer(lr: float) -> torch.optim.Optimizer:
+            groups = [{"params": hidden, "lr": lr}, {"params": last, "lr": lr * cfg.lr_mult_last}]
+            return torch.optim.SGD(
+                groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
+
+        self._opt_init, self._opt_update = optimizer(cfg.lr_init), optimizer(cfg.lr_update)
+
+    def _scale(self, box: np.ndarray) -> float:
+        return self.config.target_size / math.sqrt(max(box[2] * box[3], 1.0))
+
+    def _sample(self, what: str, n: int, bounds: tuple[float, ...]) -> np.ndarray:
+        """Training boxes around the current box: ``pos``, ``neg``, ``neg_init``, ``whole``,
+        ``bbreg``: one sampler, MDNet's parameters for each kind of sample."""
+        cfg = self.config
+        spec: dict[str, dict[str, Any]] = {
+            "pos": dict(kind="gaussian", trans=cfg.trans_pos, scale=cfg.scale_pos,
+                        iou_range=cfg.overlap_pos),
+            "neg": dict(kind="uniform", trans=cfg.trans_neg, scale=cfg.scale_neg,
+                        iou_range=cfg.overlap_neg),
+            "neg_init": dict(kind="uniform", trans=cfg.trans_neg_init, scale=cfg.scale_neg_init,
+                             iou_range=cfg.overlap_neg),
+            "whole": dict(kind="whole", scale=cfg.scale_neg_init, iou_range=cfg.overlap_neg),
+            "bbreg": dict(kind="uniform", trans=cfg.trans_bbreg, scale=cfg.scale_bbreg,
+                          aspect=cfg.aspect_bbreg, iou_range=cfg.overlap_bbreg),
+        }  # fmt: skip
+        return sample_boxes(
+            self._rng, self._box, n, bounds=bounds, min_size=cfg.min_size, **spec[what]
+        )
+
+    def _features(self, fmap: FeatureMap, boxes: np.ndarray) -> Tensor:
+        return self.extractor.pool(fmap, boxes) * self._feature_scale
+
+    @torch.no_grad()
+    def _score(self, features: Tensor) -> Tensor:
+        """Log-odds of "target" for each feature row (eval mode: no dropout)."""
+        assert self.head is not None
+        self.head.eval()
+        logits = self.head(features)
+        return logits[:, 1] - logits[:, 0]
+
+    def _timed_update(self, pos: list[Tensor]) -> None:
+        start = time.perf_counter()
+        self._train(torch.cat(pos), torch.cat(list(self._neg_store)), self.config.maxiter_update,
+                    self._opt_update)  # fmt: skip
+        self.update_seconds += time.perf_counter() - start
+        self.updates += 1
+
+    def _train(self, pos: Tensor, neg: Tensor, iters: int, opt: torch.optim.Optimizer) -> None:
+        """MDNet's ``train``: ``iters`` SGD steps on ``batch_pos`` positives and the
+        ``batch_neg`` highest-scoring of ``batch_neg_cand`` negatives (hard negative mining)."""
+        cfg = self.config
+        assert self.head is not None
+        pos_idx = torch.from_numpy(_cycled(self._rng, len(pos), iters * cfg.batch_pos))
+        neg_idx = torch.from_numpy(_cycled(self._rng, len(neg), iters * cfg.batch_neg_cand))
+        labels = torch.cat(
+            [
+                torch.ones(cfg.batch_pos, dtype=torch.long, device=self.device),
+                torch.zeros(cfg.batch_neg, dtype=torch.long, device=self.device),
+            ]
+        )
+        params = [p for p in self.head.parameters()]
+        dropout_seed = int(self._rng.integers(2**62))
+        with _seeded(dropout_seed, self.device):
+            for it in range(iters):
+                batch_pos = pos[
+                    pos_idx[it * cfg.batch_pos : (it + 1) * cfg.batch_pos].to(pos.device)
+                ]
+                cand = neg[
+                    neg_idx[it * cfg.batch_neg_cand : (it + 1) * cfg.batch_neg_cand].to(neg.device)
+                ]
+                if cfg.batch_neg_cand > cfg.batch_neg:
+                    cand = cand[self._score(cand).topk(cfg.batch_neg).indices]
+                self.head.train()
+                loss = F.cross_entropy(self.head(torch.cat([batch_pos, cand])), labels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+        self.head.eval()

@@ -1,0 +1,386 @@
+"""Tests of the MDNet-style tracker: samplers, RoI features, rules, determinism, real data."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dfatorch.models import build_model, conv_features
+from dfatorch.tracking import iou, load_sequence, run_sequence
+from dfatorch.tracking.features import FeatureExtractor, FeatureMap, load_backbone, roi_align
+from dfatorch.tracking.run import evaluate_updates, track_sequence
+from dfatorch.tracking.sampling import clip_boxes, sample_boxes
+from dfatorch.tracking.tracker import MDNetTracker, TrackerConfig
+
+OTB_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "otb"
+
+#: a small, fast configuration for synthetic sequences
+SMALL = TrackerConfig(
+    fc_sizes=(64, 64),
+    n_pos_init=100,
+    n_neg_init=400,
+    maxiter_init=10,
+    n_pos_update=20,
+    n_neg_update=60,
+    maxiter_update=3,
+    batch_neg_cand=192,
+    n_samples=64,
+    n_bbreg=200,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread: these tests run many tiny ops, which a busy machine's thread
+    contention slows down tenfold at two threads. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_backbone(None, seed=0)
+
+
+def _scene(t: int, size: tuple[int, int] = (120, 160)) -> tuple[np.ndarray, tuple]:
+    """Frame ``t`` of a synthetic video: a checkered square moving right over smooth noise."""
+    h, w = size
+    g = np.random.default_rng(123)
+    background = g.integers(60, 120, (h // 8 + 1, w // 8 + 1, 3)).repeat(8, 0).repeat(8, 1)
+    image = background[:h, :w].astype(np.uint8).copy()
+    x, y, s = 30 + 3 * t, 40, 28
+    yy, xx = np.mgrid[0:s, 0:s]
+    checker = ((yy // 7 + xx // 7) % 2).astype(bool)
+    patch = np.where(checker[..., None], [250, 40, 40], [20, 20, 230]).astype(np.uint8)
+    image[y : y + s, x : x + s] = patch
+    return image, (float(x), float(y), float(s), float(s))
+
+
+# -- samplers --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "trans", "scale", "iou_range"),
+    [
+        ("gaussian", 0.1, 1.3, (0.7, 1.0)),
+        ("uniform", 2.0, 1.3, (0.0, 0.3)),
+        ("uniform", 1.0, 1.6, (0.0, 0.3)),
+        ("whole", 0.0, 1.6, (0.0, 0.3)),
+        ("uniform", 0.3, 1.6, (0.6, 1.0)),
+    ],
+)
+def test_sampler_respects_iou_range_and_bounds(kind, trans, scale, iou_range):
+    box = np.array([100.0, 60.0, 40.0, 50.0])
+    bounds = (0.0, 0.0, 320.0, 240.0)
+    boxes = sample_boxes(
+        np.random.default_rng(0),
+        box,
+        500,
+        kind=kind,
+        trans=trans,
+        scale=scale,
+        bounds=bounds,
+        iou_range=iou_range,
+    )
+    assert boxes.shape == (500, 4)
+    overlap = iou(boxes, box)
+    assert overlap.min() >= iou_range[0] and overlap.max() <= iou_range[1]
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
+    assert (boxes[:, 0] + boxes[:, 2] <= 320 + 1e-9).all()
+    assert (boxes[:, 1] + boxes[:, 3] <= 240 + 1e-9).all()
+    assert (boxes[:, 2:] >= 10).all()
+    assert len(np.unique(boxes, axis=0)) > 400  # a spread, not one box repeated
+
+
+def test_sampler_spread_follows_trans_and_scale():
+    box = np.array([200.0, 200.0, 40.0, 40.0])
+    bounds = (0.0, 0.0, 1000.0, 1000.0)
+    boxes = sample_boxes(
+        np.random.default_rng(1), box, 4000, kind="uniform", trans=1.0, scale=1.5, bounds=bounds
+    )
+    centre = boxes[:, :2] + boxes[:, 2:] / 2
+    offset = (centre - 220.0) / 40.0  # in units of mean(w, h)
+    assert np.abs(offset).max() <= 1.0 + 1e-9 and np.abs(offset).max() > 0.95
+    ratio = np.log(boxes[:, 2] / 40.0) / np.log(1.5)
+    assert np.abs(ratio).max() <= 1 + 1e-9 and np.abs(ratio).max() > 0.95
+    np.testing.assert_allclose(boxes[:, 2], boxes[:, 3])  # aspect 1: shape kept
+
+
+def test_clip_boxes_keeps_size_and_shifts_inside():
+    boxes = np.array([[-5.0, -5.0, 20.0, 10.0], [90.0, 45.0, 20.0, 10.0], [0, 0, 500, 30]])
+    out = clip_boxes(boxes, (0.0, 0.0, 100.0, 50.0))
+    np.testing.assert_allclose(out, [[0, 0, 20, 10], [80, 40, 20, 10], [0, 0, 100, 30]])
+
+
+def test_sampler_is_deterministic_in_its_generator():
+    box = (50.0, 50.0, 30.0, 30.0)
+    kw = dict(kind="gaussian", trans=0.6, scale=1.05, bounds=(0.0, 0.0, 200.0, 200.0))
+    a = sample_boxes(np.random.default_rng(7), box, 64, **kw)
+    b = sample_boxes(np.random.default_rng(7), box, 64, **kw)
+    c = sample_boxes(np.random.default_rng(8), box, 64, **kw)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+# -- RoI features ----------------------------------------------------------------------------
+
+
+def test_roi_align_matches_crop_and_resize_for_an_axis_aligned_box():
+    g = torch.Generator().manual_seed(0)
+    fmap = torch.randn(1, 5, 20, 24, generator=g)
+    # box covering cells x 4..10, y 3..9 (6 x 6 cells)
+    box = torch.tensor([[4.0, 3.0, 10.0, 9.0]])
+    crop = fmap[:, :, 3:9, 4:10]
+    # one sample per bin at the bin centre = bilinear resize of the crop
+    torch.testing.assert_close(
+        roi_align(fmap, box, 3, sampling_ratio=1),
+        F.interpolate(crop, size=(3, 3), mode="bilinear", align_corners=False),
+    )
+    # 2 x 2 samples per bin land on cell centres: average pooling of the crop
+    torch.testing.assert_close(roi_align(fmap, box, 3, sampling_ratio=2), F.avg_pool2d(crop, 2))
+    # output as fine as the cells: the crop itself
+    torch.testing.assert_close(roi_align(fmap, box, 6, sampling_ratio=1), crop)
+    # many boxes at once give the same as one at a time
+    boxes = torch.tensor([[4.0, 3.0, 10.0, 9.0], [0.5, 1.25, 7.5, 13.0], [10, 2, 23, 19]])
+    together = roi_align(fmap, boxes, 3, 2)
+    for i in range(3):
+        torch.testing.assert_close(together[i : i + 1], roi_align(fmap, boxes[i : i + 1], 3, 2))
+
+
+def test_box_features_do_not_depend_on_the_extracted_region(backbone):
+    """One conv pass per region: a box far from the region's borders gets the same features
+    from a small search region as from the whole image (same scale, cell-aligned offsets)."""
+    image, _ = _scene(0, size=(200, 240))
+    ex = FeatureExtractor(backbone, roi_size=3, sampling_ratio=2)
+    whole = ex.extract(image, (0, 0, 240, 200), 1.0)
+    part = ex.extract(image, (40, 32, 200, 180), 1.0)
+    box = np.array([[100.0, 90.0, 30.0, 26.0]])
+    torch.testing.assert_close(ex.pool(whole, box), ex.pool(part, box), atol=1e-4, rtol=1e-4)
+    assert whole.features.shape[-2:] == (50, 60)  # stride 4
+
+
+# -- update rules ----------------------------------------------------------------------------
+
+
+def test_the_rules_differ_only_in_the_rule(backbone):
+    image, box = _scene(0)
+    cfg = dataclasses.replace(SMALL, maxiter_init=0)
+    trackers = {
+        r: MDNetTracker(backbone, update=r, config=cfg, seed=3) for r in ("bp", "dfa", "bdfa")
+    }
+    for tracker in trackers.values():
+        tracker.init(image, box)
+    assert trackers["bp"].engine.feedback_layers == []
+    assert trackers["bp"].engine.feedback is None
+    for rule in ("dfa", "bdfa"):
+        engine = trackers[rule].engine
+        assert engine.feedback_layers == ["fc4", "fc5"]
+        assert engine.rules == {"fc4": rule, "fc5": rule, "fc6": "bp"}
+        assert engine.feedback.binary == [rule == "bdfa"] * 2
+    # same initial head and same first-frame samples for every rule (no training: maxiter 0)
+    states = [t.head.state_dict() for t in trackers.values()]
+    for other in states[1:]:
+        for k, v in states[0].items():
+            torch.testing.assert_close(other[k], v)
+    stores = [t._pos_store[0] for t in trackers.values()]
+    torch.testing.assert_close(stores[0], stores[1])
+    # one loss, three rules: fc6 gets its true gradient under every rule, fc4 and fc5 differ
+    x = stores[0][:16]
+    y = torch.arange(16) % 2
+    grads = {}
+    for rule, t in trackers.items():
+        t.head.eval()  # no dropout: the same forward pass
+        t.head.zero_grad()
+        F.cross_entropy(t.head(x), y).backward()
+        grads[rule] = {n: p.grad.clone() for n, p in t.head.named_parameters()}
+    for rule in ("dfa", "bdfa"):
+        torch.testing.assert_close(grads[rule]["fc6.weight"], grads["bp"]["fc6.weight"])
+        assert not torch.allclose(grads[rule]["fc4.weight"], grads["bp"]["fc4.weight"])
+    assert not torch.allclose(grads["dfa"]["fc5.weight"], grads["bdfa"]["fc5.weight"])
+
+
+def _synthetic_run(backbone, seed: int, rule: str = "bdfa", frames: int = 10) -> np.ndarray:
+    tracker = MDNetTracker(backbone, update=rule, config=SMALL, seed=seed)
+    image, box = _scene(0)
+    tracker.init(image, box)
+    return np.array([box] + [tracker.update(_scene(t)[0]) for t in range(1, frames)])
+
+
+def test_same_seed_same_boxes_and_the_target_is_followed(backbone):
+    a = _synthetic_run(backbone, seed=0)
+    b = _synthetic_run(backbone, seed=0)
+    c = _synthetic_run(backbone, seed=1)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    truth = np.array([_scene(t)[1] for t in range(10)])
+    assert iou(a, truth).mean() > 0.6
+
+
+def test_tracker_leaves_the_global_rng_alone(backbone):
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    _synthetic_run(backbone, seed=0, frames=3)
+    assert torch.equal(before, torch.get_rng_state())
+
+
+# -- backbones -------------------------------------------------------------------------------
+
+
+def test_load_backbone_accepts_trainer_checkpoints_and_bare_state_dicts(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("track_cnn", (3, 32, 32), 10)
+    torch.save({"model": model.state_dict(), "config": {"dataset": "cifar10"}}, tmp_path / "a.pt")
+    torch.save(conv_features(model).state_dict(), tmp_path / "b.pt")
+    narrow = build_model("track_cnn", (3, 32, 32), 10, width=0.5)
+    torch.save(narrow.state_dict(), tmp_path / "c.pt")
+    expected = conv_features(model).state_dict()
+    for name in ("a.pt", "b.pt"):
+        bb = load_backbone(tmp_path / name)
+        assert bb.info["kind"] == "checkpoint" and not bb.is_random
+        for k, v in bb.module.state_dict().items():
+            torch.testing.assert_close(v, expected[k])
+    # the whole classifier's first FC layer comes along (a ready-made fc4); a conv part has none
+    torch.testing.assert_close(load_backbone(tmp_path / "a.pt").fc["weight"], model[10].weight)
+    assert load_backbone(tmp_path / "b.pt").fc is None
+    assert load_backbone(tmp_path / "c.pt").module[0].out_channels == 16
+    torch.save({"model": {"weight": torch.zeros(3, 3)}}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="conv"):
+        load_backbone(tmp_path / "bad.pt")
+    random = load_backbone(None, seed=4)
+    assert random.is_random and "NOT pre-trained" in random.describe()
+    same = load_backbone(None, seed=4)
+    torch.testing.assert_close(random.module[0].weight, same.module[0].weight)
+
+
+# -- library entry points ----------------------------------------------------------------------
+
+
+def _write_otb(root: Path, frames: int = 6) -> Path:
+    seq = root / "Synth"
+    (seq / "img").mkdir(parents=True)
+    lines = []
+    for t in range(frames):
+        image, (x, y, w, h) = _scene(t)
+        Image.fromarray(image).save(seq / "img" / f"{t + 1:04d}.png")
+        lines.append(f"{x + 1:g},{y + 1:g},{w:g},{h:g}")
+    (seq / "groundtruth_rect.txt").write_text("\n".join(lines) + "\n")
+    return seq
+
+
+def test_track_sequence_and_evaluate_updates_write_results(tmp_path, backbone):
+    seq_dir = _write_otb(tmp_path / "otb")
+    out = tmp_path / "one"
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        result = track_sequence(
+            seq_dir, update="dfa", out_dir=out, config=SMALL, frames_to_draw=(0, 5), progress=False
+        )
+    assert result.frames == 6 and result.tracker == "mdnet-dfa"
+    assert len((out / "Synth.txt").read_text().splitlines()) == 6
+    record = json.loads((out / "Synth.json").read_text())
+    assert record["backbone"]["kind"] == "random" and record["update"] == "dfa"
+    assert sorted(p.name for p in (out / "frames").iterdir()) == [
+        "Synth_0001.png",
+        "Synth_0006.png",
+    ]
+
+    report = evaluate_updates(
+        tmp_path / "otb",
+        updates=("bp", "bdfa"),
+        seeds=(0,),
+        out_dir=tmp_path / "cmp",
+        backbone=backbone,
+        config=SMALL,
+        progress=False,
+    )
+    assert set(report) == {"mdnet-bp", "mdnet-bdfa"}
+    assert report["mdnet-bdfa"]["backbone"] == {"kind": "random", "seed": 0}
+    assert 0 <= report["mdnet-bdfa"]["overall"]["success_score"] <= 1
+    for name in ("report.md", "report.json", "success_precision.png"):
+        assert (tmp_path / "cmp" / name).is_file()
+    assert "random track_cnn" in (tmp_path / "cmp" / "report.md").read_text()
+    # the same folder with another backbone would mix results: refused
+    with pytest.raises(ValueError, match="another backbone"):
+        evaluate_updates(
+            tmp_path / "otb",
+            updates=("bp",),
+            seeds=(0,),
+            out_dir=tmp_path / "cmp",
+            backbone=load_backbone(None, seed=9),
+            config=SMALL,
+            progress=False,
+        )
+
+
+# -- real data -------------------------------------------------------------------------------
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_bdfa_tracker_keeps_the_target_on_a_real_sequence(backbone):
+    if not OTB_ROOT.is_dir():
+        pytest.skip(f"{OTB_ROOT} not found")
+    seq = load_sequence(OTB_ROOT / "Couple")
+    seq.frames, seq.boxes = seq.frames[:30], seq.boxes[:30]
+    result = run_sequence(MDNetTracker(backbone, update="bdfa", seed=0), seq)
+    assert np.nanmean(result.ious) > 0.3
+
+
+def test_fc4_starts_from_the_pretrained_classifier_layer(tmp_path):
+    """With the target at 32 pixels, RoIAlign to 8 x 8 cells and a 2 x 2 max-pool give the same
+    4 x 4 x 96 input as track_cnn's classifier sees on a 32 x 32 image: its FC layer is fc4."""
+    torch.manual_seed(0)
+    model = build_model("track_cnn", (3, 32, 32), 10)
+    torch.save({"model": model.state_dict()}, tmp_path / "ckpt.pt")
+    bb = load_backbone(tmp_path / "ckpt.pt")
+    cfg = dataclasses.replace(
+        SMALL,
+        maxiter_init=0,
+        fc_sizes=(256, 64),
+        roi_size=8,
+        roi_sampling=1,
+        roi_max_pool=2,
+        fc4_from_backbone=True,
+    )
+    tracker = MDNetTracker(bb, update="bdfa", config=cfg)
+    assert tracker.extractor.feature_dim == 96 * 4 * 4
+    image, box = _scene(0)
+    tracker.init(image, box)
+    assert tracker.fc4_pretrained
+    torch.testing.assert_close(tracker.head.fc4.weight, model[10].weight)
+    # a 32 x 32 image seen as a box: the tracker's fc4 input is the classifier's
+    x = torch.rand(1, 3, 32, 32)
+    ex = tracker.extractor
+    fmap = ex.module(x)
+    pooled = ex.pool(FeatureMap(fmap, (0, 0, 32, 32), (1.0, 1.0), 4), np.array([[0, 0, 32, 32]]))
+    with torch.no_grad():
+        torch.testing.assert_close(pooled, model[:10](x))
+    # without a pre-trained layer of that shape, fc4 keeps its own (seeded) initialisation
+    other = MDNetTracker(load_backbone(None), update="bdfa", config=cfg)
+    other.init(image, box)
+    assert not other.fc4_pretrained
+
+
+def test_track_commands(tmp_path, capsys):
+    from dfatorch.cli import main
+
+    _write_otb(tmp_path / "otb", frames=4)
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        code = main(["track", str(tmp_path / "otb" / "Synth"), "--update", "bdfa",
+                     "--out", str(tmp_path / "t"), "--no-progress"])  # fmt: skip
+    assert code == 0 and "success" in capsys.readouterr().out
+    assert len((tmp_path / "t" / "Synth.txt").read_text().splitlines()) == 4
+    assert (tmp_path / "t" / "frames" / "Synth_0001.png").is_file()
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        code = main(["track-eval", str(tmp_path / "otb"), "--update", "bp,bdfa", "--seeds", "0",
+                     "--out", str(tmp_path / "e"), "--no-progress"])  # fmt: skip
+    assert code == 0 and "| sequence | bp | bdfa |" in capsys.readouterr().out
+    assert (tmp_path / "e" / "success_precision.png").is_file()
