@@ -237,6 +237,47 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 0,1,2, got {text!r}") from None
+
+
+def cmd_track(args: argparse.Namespace) -> int:
+    from .tracking import track_sequence
+
+    result = track_sequence(
+        args.seq_dir,
+        update=args.update,
+        out_dir=args.out,
+        backbone=args.backbone,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{result.name}: success {result.success_auc:.3f}, precision@20 {result.precision20:.3f}, "
+        f"{result.fps:.1f} fps ({result.update_seconds:.2f} s in online updates); wrote {args.out}"
+    )
+    return 0
+
+
+def cmd_track_eval(args: argparse.Namespace) -> int:
+    from .tracking import evaluate_updates
+
+    updates = [u.strip() for u in args.update.split(",") if u.strip()]
+    evaluate_updates(
+        args.root,
+        updates=updates,
+        seeds=args.seeds,
+        out_dir=args.out,
+        backbone=args.backbone,
+        progress=not args.no_progress,
+    )
+    print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dfatorch",
@@ -279,6 +320,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="probe batch size")
     p.add_argument("--split", choices=["train", "test"], default="train")
     p.set_defaults(func=cmd_align)
+
+    backbone_help = (
+        "conv backbone: a checkpoint of `dfatorch train --model track_cnn ...` (or a state dict); "
+        "default: random conv layers (a baseline, warned about)"
+    )
+    p = sub.add_parser(
+        "track",
+        help="track one OTB sequence with the MDNet-style tracker (online FC updates by a rule)",
+        description="Track SEQ_DIR (OTB layout); write boxes (OTB format) and annotated frames.",
+    )
+    p.add_argument("seq_dir", metavar="SEQ_DIR")
+    p.add_argument("--update", default="bdfa", choices=["bp", "dfa", "bdfa"])
+    p.add_argument("--out", default="runs/track", help="output folder (default: runs/track)")
+    p.add_argument("--backbone", help=backbone_help)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_track)
+
+    p = sub.add_parser(
+        "track-eval",
+        help="OTB one-pass evaluation of update rules over every sequence under ROOT",
+        description="Run every sequence under ROOT with each rule and seed; tables and plots.",
+    )
+    p.add_argument("root", metavar="ROOT")
+    p.add_argument("--update", default="bp,dfa,bdfa", help="rules to compare (default: all)")
+    p.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="default: 0,1,2")
+    p.add_argument("--out", default="runs/track-eval", help="output folder (resumable)")
+    p.add_argument("--backbone", help=backbone_help)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_track_eval)
 
     p = sub.add_parser(
         "experiment",
