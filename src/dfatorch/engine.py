@@ -110,7 +110,7 @@ class _DeliverFeedback(torch.autograd.Function):
     def forward(ctx: Any, engine: DFAEngine, y: Tensor, *points: Tensor) -> Tensor:  # type: ignore[override]
         ctx.engine = engine
         # shape and strides of each point, to hand back its gradient in the same layout
-        ctx.layouts = [torch.empty_strided(p.shape, p.stride(), device="meta") for p in points]
+        ctx.layouts = [(p.shape, p.stride()) for p in points]
         return y.clone()
 
     @staticmethod
@@ -120,6 +120,20 @@ class _DeliverFeedback(torch.autograd.Function):
             return (None, grad_y, *([None] * len(needs)))
         signals = ctx.engine._project(grad_y, ctx.layouts)  # views of one (N, D) product
         return (None, grad_y, *(s if n else None for s, n in zip(signals, needs)))
+
+
+class _PassState:
+    """What the hooks track during one forward pass (and the switches they read)."""
+
+    __slots__ = ("capture", "checked", "enabled", "next", "recording", "stash")
+
+    def __init__(self) -> None:
+        self.next = 0  # index of the layer expected to run next
+        self.stash: list[Tensor] = []  # feedback points of the pass in progress
+        self.enabled = True
+        self.checked = False  # the chain check ran (first pass only)
+        self.capture: list[Tensor] | None = None
+        self.recording: list[Tensor | None] | None = None
 
 
 class DFAEngine(nn.Module):
@@ -155,10 +169,8 @@ class DFAEngine(nn.Module):
         self.normalize = normalize
         self.feedback = None
         self.calibrated = False
-        self._enabled = True
-        self._next = 0
-        self._stash: list[Tensor] = []
-        self._checked = False
+        # mutable per-pass state lives in a plain object: nn.Module.__setattr__ is slow (hot path)
+        self._pass = _PassState()
         self._handles: list[RemovableHandle] = []
         for index, info in enumerate(layers):
             self._handles.append(info.module.register_forward_pre_hook(self._pre_hook(index)))
@@ -187,16 +199,17 @@ class DFAEngine(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._stash = []
+        self._pass.stash = []
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
         """Within this context, forward passes are plain back-propagation (no cuts)."""
-        previous, self._enabled = self._enabled, False
+        state = self._pass
+        previous, state.enabled = state.enabled, False
         try:
             yield
         finally:
-            self._enabled = previous
+            state.enabled = previous
 
     def storage_bytes(self) -> dict[str, int]:
         """Bytes of feedback held: ``{"pattern": ..., "scales": ...}`` (0 before the first pass)."""
@@ -225,11 +238,12 @@ class DFAEngine(nn.Module):
     def capturing(self) -> Iterator[list[Tensor]]:
         """Within: every hidden layer's output (the next layer's input) is collected, in order,
         as the forward pass runs (the list restarts when the first layer runs again)."""
-        self._capture = []
+        captured: list[Tensor] = []
+        self._pass.capture = captured
         try:
-            yield self._capture
+            yield captured
         finally:
-            self._capture = None
+            self._pass.capture = None
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[list[Tensor | None]]:
@@ -237,11 +251,11 @@ class DFAEngine(nn.Module):
         slot per hidden layer: ``e @ B_l`` at a DFA layer, the back-propagated gradient at a BP
         layer). Forward and backward must both run inside."""
         slots: list[Tensor | None] = [None] * (len(self.layers) - 1)
-        self._recording = slots
+        self._pass.recording = slots
         try:
             yield slots
         finally:
-            self._recording = None
+            self._pass.recording = None
 
     def true_signals(
         self,
@@ -291,49 +305,51 @@ class DFAEngine(nn.Module):
 
     # -- hooks -------------------------------------------------------------------------------
 
-    _capture: list[Tensor] | None = None
-    _recording: list[Tensor | None] | None = None
-
     def _pre_hook(self, index: int) -> Callable[[nn.Module, tuple[Any, ...]], Any]:
+        state = self._pass
+        cut = index > 0 and self.layers[index - 1].rule.is_feedback
+        name = self.layers[index].name
+
         def hook(module: nn.Module, args: tuple[Any, ...]) -> Any:
             if index == 0:
-                self._next = 0
-                self._stash = []
-                if self._capture is not None:
-                    self._capture.clear()
-            if index != self._next:
-                expected = self.layers[self._next].name if self._next < len(self.layers) else None
+                state.next = 0
+                state.stash = []
+                if state.capture is not None:
+                    state.capture.clear()
+            if index != state.next:
+                after = state.next
+                expected = self.layers[after].name if after < len(self.layers) else None
                 raise RuntimeError(
-                    f"layer {self.layers[index].name!r} ran where {expected!r} was expected: the "
+                    f"layer {name!r} ran where {expected!r} was expected: the "
                     "engine needs the layers to run once each, in registration order, starting "
                     "from the first (pass output=... to attach() if the last registered layer "
                     "is not the output layer)"
                 )
-            self._next = index + 1
+            state.next = index + 1
             if index == 0:
                 return None
             point = args[0] if args else None
             if not isinstance(point, Tensor):
-                raise TypeError(f"layer {self.layers[index].name!r} got a non-tensor input")
-            if self._capture is not None:
-                self._capture.append(point)
-            recording = self._recording
+                raise TypeError(f"layer {name!r} got a non-tensor input")
+            if state.capture is not None:
+                state.capture.append(point)
+            recording = state.recording
             if recording is not None and point.requires_grad:
                 point.register_hook(lambda g, i=index - 1: recording.__setitem__(i, g.detach()))
-            cut = self.layers[index - 1].rule.is_feedback
-            if not (cut and self._enabled and torch.is_grad_enabled()):
+            if not (cut and state.enabled and torch.is_grad_enabled()):
                 return None
-            self._stash.append(point)
+            state.stash.append(point)
             return (point.detach(), *args[1:])
 
         return hook
 
     def _output_hook(self, module: nn.Module, args: tuple[Any, ...], y: Any) -> Any:
-        if self._next != len(self.layers):  # pragma: no cover - the pre-hooks catch this first
+        state = self._pass
+        if state.next != len(self.layers):  # pragma: no cover - the pre-hooks catch this first
             raise RuntimeError("the output layer ran before every layer had run")
-        if not (self._enabled and torch.is_grad_enabled()):
+        if not (state.enabled and torch.is_grad_enabled()):
             return None
-        points, self._stash = self._stash, []
+        points, state.stash = state.stash, []
         if not isinstance(y, Tensor) or y.dim() != 2:
             shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
             raise ValueError(
@@ -350,9 +366,9 @@ class DFAEngine(nn.Module):
             self._build_feedback(y, points)
         else:
             self._check_sizes(points)
-        if not self._checked:
+        if not state.checked:
             _check_chain(y, points)
-            self._checked = True
+            state.checked = True
         return _DeliverFeedback.apply(self, y, *points)
 
     # -- internals ---------------------------------------------------------------------------
@@ -379,13 +395,16 @@ class DFAEngine(nn.Module):
     def _check_sizes(self, points: list[Tensor]) -> None:
         assert self.feedback is not None
         for point, size, name in zip(points, self.feedback.sizes, self.feedback.names):
-            if point[0].numel() != size:
+            units = point.numel() // max(point.shape[0], 1)
+            if units != size:
                 raise ValueError(
-                    f"the output of layer {name!r} has {point[0].numel()} units per sample, but "
+                    f"the output of layer {name!r} has {units} units per sample, but "
                     f"its feedback was built for {size} (input size changed?)"
                 )
 
-    def _project(self, error: Tensor, like: list[Tensor]) -> list[Tensor]:
+    def _project(
+        self, error: Tensor, like: list[tuple[torch.Size, tuple[int, ...]]]
+    ) -> list[Tensor]:
         assert self.feedback is not None
         if self.init is FeedbackInit.NORM_MATCHED and not self.calibrated:
             raise RuntimeError(

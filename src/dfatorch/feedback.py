@@ -146,10 +146,18 @@ def sample_pattern(
     raise ValueError(f"unknown feedback init {init!r}")  # pragma: no cover - enum exhausts it
 
 
-def _memory_order(t: Tensor) -> tuple[int, ...] | None:
-    """The non-batch dims of ``t`` from outermost to innermost in memory; ``None`` if logical."""
-    dims = tuple(sorted(range(1, t.dim()), key=lambda d: -t.stride(d)))
-    return None if dims == tuple(range(1, t.dim())) else dims
+Layout = tuple[Sequence[int], Sequence[int]]  # (shape, strides) of a feedback point
+
+
+def _layout(t: Tensor | Layout) -> Layout:
+    return (t.shape, t.stride()) if isinstance(t, Tensor) else t
+
+
+def _memory_order(layout: Layout) -> tuple[int, ...] | None:
+    """The non-batch dims from outermost to innermost in memory; ``None`` if in logical order."""
+    shape, stride = layout
+    dims = tuple(sorted(range(1, len(shape)), key=lambda d: -stride[d]))
+    return None if dims == tuple(range(1, len(shape))) else dims
 
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
@@ -272,26 +280,58 @@ class FeedbackMatrix(nn.Module):
             return unpack_signs(self.bits, self.total_size, dtype)
         return self._generate().to(device=self.scales.device, dtype=dtype)
 
+    def _cached(self, key: tuple[Any, ...], build: Any) -> Tensor:
+        # Keys hold the buffers' data pointers and versions: .to(), load_state_dict() and in-place
+        # changes such as calibration all invalidate them.
+        cache: dict[tuple[Any, ...], Tensor] = self.__dict__.setdefault("_matrix_cache", {})
+        value = cache.get(key)
+        if value is None:
+            if len(cache) > 8:
+                cache.clear()
+            value = cache[key] = build()
+        return value
+
+    def _key(self, dtype: torch.dtype, *extra: Any) -> tuple[Any, ...]:
+        key: tuple[Any, ...] = (dtype, self.scales.data_ptr(), self.scales._version, *extra)
+        if self.storage is Storage.DENSE:
+            key += (self.pattern.data_ptr(), self.pattern._version)
+        return key
+
     def column_scales(self, dtype: torch.dtype | None = None) -> Tensor:
         """The scale of every column of ``B``, ``(D,)``."""
-        sizes = torch.tensor(self.sizes, device=self.scales.device)
-        return self.scales.to(dtype or self.scales.dtype).repeat_interleave(sizes)
+        dtype = dtype or self.scales.dtype
+
+        def build() -> Tensor:
+            sizes = torch.tensor(self.sizes, device=self.scales.device)
+            return self.scales.to(dtype).repeat_interleave(sizes)
+
+        return self._cached(("columns", *self._key(dtype)), build)
 
     def matrix(self, dtype: torch.dtype | None = None) -> Tensor:
-        """``B = pattern * scales``, ``(C, D)``, built by the same operations for every storage."""
+        """``B = pattern * scales``, ``(C, D)``, built by the same operations for every storage.
+
+        Dense storage keeps the product cached (read it, do not modify it); packed and seeded
+        storage rebuild it at every call, which is the memory they save.
+        """
         dtype = dtype or self.scales.dtype
-        return self.full_pattern(dtype) * self.column_scales(dtype)
+
+        def build() -> Tensor:
+            return self.full_pattern(dtype) * self.column_scales(dtype)
+
+        if self.storage is not Storage.DENSE:
+            return build()
+        return self._cached(("matrix", *self._key(dtype)), build)
 
     def blocks(self, dtype: torch.dtype | None = None) -> list[Tensor]:
         """``[B_1, ..., B_L]``, views into :meth:`matrix`."""
         return list(self.matrix(dtype).split(self.sizes, 1))
 
-    def project(self, error: Tensor, like: Sequence[Tensor] | None = None) -> list[Tensor]:
+    def project(self, error: Tensor, like: Sequence[Tensor | Layout] | None = None) -> list[Tensor]:
         """``[e @ B_1, ..., e @ B_L]`` for an error ``e`` of shape ``(N, C)``, by one matmul.
 
         The results are slices of one ``(N, D)`` product: views, no copies. Without ``like`` they
-        are ``(N, d_l)``; with ``like`` (one tensor per point, e.g. the feedback points themselves)
-        each takes that tensor's shape *and memory layout*: for a channels-last map the columns of
+        are ``(N, d_l)``; with ``like`` (per point, a tensor or its ``(shape, strides)``) each
+        takes that point's shape *and memory layout*: for a channels-last map the columns of
         ``B_l`` are reordered (a ``C x d_l`` copy) so that the ``N x d_l`` result needs none.
         """
         if error.dim() != 2 or error.shape[1] != self.num_classes:
@@ -299,27 +339,40 @@ class FeedbackMatrix(nn.Module):
                 f"the output error has shape {tuple(error.shape)}, but the feedback was built for "
                 f"(batch, {self.num_classes})"
             )
+        layouts = None if like is None else [_layout(t) for t in like]
+        orders = (
+            [None] * len(self.sizes) if layouts is None else [_memory_order(t) for t in layouts]
+        )
         matrix = self.matrix(error.dtype)
-        orders = [None] * len(self.sizes) if like is None else [_memory_order(t) for t in like]
         if any(o is not None for o in orders):
-            blocks = matrix.split(self.sizes, 1)
-            matrix = torch.cat(
-                [
-                    b if o is None else b.view(-1, *t.shape[1:]).permute(0, *o).reshape(len(b), -1)
-                    for b, o, t in zip(blocks, orders, like or [])
-                ],
-                1,
-            )
+            assert layouts is not None
+
+            def reordered() -> Tensor:
+                blocks = matrix.split(self.sizes, 1)
+                return torch.cat(
+                    [
+                        b
+                        if o is None
+                        else b.view(-1, *shape[1:]).permute(0, *o).reshape(len(b), -1)
+                        for b, o, (shape, _) in zip(blocks, orders, layouts)
+                    ],
+                    1,
+                )
+
+            if self.storage is Storage.DENSE:
+                matrix = self._cached(("order", tuple(orders), *self._key(error.dtype)), reordered)
+            else:
+                matrix = reordered()
         signals = list((error @ matrix).split(self.sizes, 1))
-        if like is None:
+        if layouts is None:
             return signals
         out = []
-        for signal, order, t in zip(signals, orders, like):
+        for signal, order, (shape, _) in zip(signals, orders, layouts):
             if order is None:
-                out.append(signal.view(t.shape))
+                out.append(signal.view(shape))
             else:  # view in memory order, then permute back to the logical order
-                stored = signal.view(t.shape[0], *(t.shape[d] for d in order))
-                out.append(stored.permute(0, *(1 + order.index(d) for d in range(1, t.dim()))))
+                stored = signal.view(shape[0], *(shape[d] for d in order))
+                out.append(stored.permute(0, *(1 + order.index(d) for d in range(1, len(shape)))))
         return out
 
     # -- bookkeeping ---------------------------------------------------------------------------
