@@ -110,9 +110,20 @@ def test_cli_experiment_report_and_align(swept, tmp_path, capsys):
     assert main(["experiment", str(exp_file), "--list", *roots]) == 0
     listed = capsys.readouterr().out.splitlines()
     assert "bdfa/fraction=0.5/seed=1" in listed and "tune/bp/fraction=0.5/lr=0.003" in listed
+    # a tracker comparison written by track-eval is included with its backbone record
+    tracking = results / "tracking"
+    (tracking / "backbone").mkdir(parents=True, exist_ok=True)
+    (tracking / "report.md").write_text(
+        "# Trackers\n\n| update | success |\n|---|---|\n| bdfa | 0.4 |\n"
+    )
+    run0 = results / "tiny" / "bp" / "fraction=0.5" / "seed=0"
+    for name in ("config.json", "metrics.jsonl"):
+        (tracking / "backbone" / name).write_text((run0 / name).read_text())
     out = tmp_path / "docs" / "RESULTS.md"
     assert main(["report", str(exp_file), "--results-root", str(results), "--out", str(out)]) == 0
     text = out.read_text()
+    assert "## Online tracking: `tracking`" in text and "### Trackers" in text
+    assert "Backbone: `track_cnn` pre-trained by `bp` on `digits` for 2 epochs" in text
     assert "## tiny" in text and "| bdfa | 0.5 | 2 |" in text and "**(chosen)**" in text
     for link in [
         line[line.index("(") + 1 : -1] for line in text.splitlines() if line.startswith("![")

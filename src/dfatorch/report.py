@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 
 from .experiment import Experiment, aggregate, cell_results, format_value, load_experiment, select
 from .plots import plot_curves, save_figure
-from .train import summarize
+from .train import read_metrics, summarize
 
 __all__ = ["write_report"]
 
@@ -268,6 +268,42 @@ def write_report(
                 lines += [f"![{png.stem}]({png.relative_to(out.parent)})", ""]
         for png in _curves(exp, results_dir, figures, axes):
             lines += [f"![{png.stem}]({png.relative_to(out.parent)})", ""]
+    for folder in sorted(Path(results_root).glob("tracking*")):
+        lines += _tracking_section(folder, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     return out
+
+
+def _tracking_section(folder: Path, out: Path) -> list[str]:
+    """The tracker comparison written by ``dfatorch track-eval`` (its report.md), with the
+    backbone's pre-training record and the success/precision plot."""
+    report = folder / "report.md"
+    if not report.exists():
+        return []
+    lines = [
+        f"## Online tracking: `{folder.name}`",
+        "",
+        "MDNet-style tracker whose fully connected layers (fc4, fc5) learn online by BP, DFA or "
+        "BDFA while the video plays; OTB one-pass evaluation on the four sequences in "
+        "`../shared/datasets/otb`. Rerun: `experiments/tracking.sh` (resumable).",
+        "",
+    ]
+    backbone = read_metrics(folder / "backbone")
+    if backbone:
+        config = json.loads((folder / "backbone" / "config.json").read_text())["config"]
+        lines += [
+            f"Backbone: `track_cnn` pre-trained by `{config['method']}` on `{config['dataset']}` "
+            f"for {len(backbone)} epochs, final test accuracy "
+            f"{100 * backbone[-1]['test_acc']:.2f}% (record in `{folder / 'backbone'}`).",
+            "",
+        ]
+    body = report.read_text().splitlines()
+    lines += [line.replace("# ", "### ", 1) if line.startswith("# ") else line for line in body]
+    png = folder / "success_precision.png"
+    if png.exists():
+        figure = out.parent / "figures" / f"{folder.name}-success_precision.png"
+        figure.parent.mkdir(parents=True, exist_ok=True)
+        figure.write_bytes(png.read_bytes())
+        lines += ["", f"![success and precision plots]({figure.relative_to(out.parent)})", ""]
+    return lines
