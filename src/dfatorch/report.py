@@ -211,6 +211,7 @@ def write_report(
     *,
     results_root: str | Path = "experiments/results",
     out: str | Path = "docs/RESULTS.md",
+    benchmarks: str | Path = "docs/benchmarks",
     preamble: str = "",
 ) -> Path:
     """Aggregate every experiment's results and write the Markdown report with its plots."""
@@ -270,9 +271,64 @@ def write_report(
             lines += [f"![{png.stem}]({png.relative_to(out.parent)})", ""]
     for folder in sorted(Path(results_root).glob("tracking*")):
         lines += _tracking_section(folder, out)
+    lines += _speed_section(Path(benchmarks))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     return out
+
+
+def _speed_section(folder: Path) -> list[str]:
+    """Tables of the benchmark JSON files (``step_time.json``, ``tracking_speed.json``)."""
+    lines: list[str] = []
+    step = folder / "step_time.json"
+    if step.exists():
+        data = json.loads(step.read_text())
+        machine = data["machine"]
+        lines += [
+            "## Speed: one training step",
+            "",
+            f"`{data['command']}` (batch {data['config']['batch_size']}, "
+            f"{data['config']['rounds']} interleaved rounds, medians; {machine['processor']}, "
+            f"{machine['threads']} threads, torch {machine['torch']}). Ratio: the rule's step time "
+            "over BP's in the same run; floor: the same ratio counted in multiply-adds (forward, "
+            "weight gradients, the input gradients still computed, projections); gap: ratio minus "
+            "floor, the part of the step (pooling, activations, memory traffic) that DFA cannot "
+            "skip. Feedback bytes: the stored pattern (scales add 4 bytes per feedback point).",
+            "",
+            "| model / layout | rule | ms/step | ratio to BP | floor | gap | feedback bytes |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for model, entry in data["models"].items():
+            for rule, r in entry["rules"].items():
+                share = r["bytes_vs_float32"]
+                size = f"{r['feedback_pattern_bytes']:,}" + (
+                    f" ({share:.5g} of float32)" if share not in (None, 1.0) else ""
+                )
+                lines.append(
+                    f"| {model} | {rule} | {r['ms_median']:.1f} | {r['ratio_to_bp']:.3f} | "
+                    f"{r['floor_from_macs']:.3f} | {r['gap']:+.3f} | {size} |"
+                )
+        lines.append("")
+    track = folder / "tracking_speed.json"
+    if track.exists():
+        data = json.loads(track.read_text())
+        m = data["machine"]
+        lines += [
+            "## Speed: tracking",
+            "",
+            f"`{data['command']}` ({m.get('processor')}, {m.get('torch_threads')} threads). "
+            "Frames per second with the online updates included (image decoding excluded).",
+            "",
+            "| rule | fps, all sequences | fps, 640x360 | slowest 640x360 sequence |",
+            "|---|---|---|---|",
+        ]
+        for rule, v in data["summary"].items():
+            lines.append(
+                f"| {rule} | {v['fps_all']:.1f} | {v['fps_640x360']:.1f} | "
+                f"{v['min_fps_640x360']:.1f} |"
+            )
+        lines.append("")
+    return lines
 
 
 def _tracking_section(folder: Path, out: Path) -> list[str]:
