@@ -84,7 +84,7 @@ def test_sweep_search_resume_and_aggregate(swept):
             for s in (0, 1)
         ]
         assert row["final_acc_mean"] == pytest.approx(statistics.fmean(finals))
-        assert row["final_acc_std"] == pytest.approx(statistics.pstdev(finals))
+        assert row["final_acc_std"] == pytest.approx(statistics.stdev(finals))
         assert row["seeds"] == 2
     assert summary["cells_missing"] == 0
 

@@ -318,7 +318,7 @@ def run_experiment(
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
-    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def aggregate(exp: Experiment, results_dir: str | Path) -> dict[str, Any]:

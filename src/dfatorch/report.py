@@ -57,6 +57,38 @@ def _table(summary: dict[str, Any], axes: list[str]) -> list[str]:
     return lines
 
 
+def _versus_table(summary: dict[str, Any], axes: list[str], reference: str = "bp") -> list[str]:
+    """Each method's accuracy minus the reference method's at the same grid point (points), with
+    the standard error of that difference (sample standard deviations over seeds)."""
+    rows = summary["rows"]
+    ref = {tuple(r.get(a) for a in axes): r for r in rows if r["method"] == reference}
+    if not ref:
+        return []
+    lines = [
+        f"| method | {' | '.join(axes)} | final acc − {reference} | best acc − {reference} |",
+        "|---|" + "---|" * (len(axes) + 2),
+    ]
+    for r in rows:
+        base = ref.get(tuple(r.get(a) for a in axes))
+        if r["method"] == reference or base is None or r["final_acc_mean"] is None:
+            continue
+        cells = []
+        for key in ("final", "best"):
+            diff = 100 * (r[f"{key}_acc_mean"] - base[f"{key}_acc_mean"])
+            se = (
+                100
+                * (
+                    (r[f"{key}_acc_std"] ** 2 / max(r["seeds"], 1))
+                    + (base[f"{key}_acc_std"] ** 2 / max(base["seeds"], 1))
+                )
+                ** 0.5
+            )
+            cells.append(f"{diff:+.2f} ± {se:.2f}")
+        values = " | ".join(format_value(r.get(a)) for a in axes)
+        lines.append(f"| {r['method']} | {values} | {cells[0]} | {cells[1]} |")
+    return lines if len(lines) > 2 else []
+
+
 def _search_table(summary: dict[str, Any]) -> list[str]:
     search, chosen = summary["search"], summary["chosen"]
     if not search:
@@ -250,6 +282,10 @@ def write_report(
         if summary["cells_missing"]:
             lines += [f"**{summary['cells_missing']} cells have not run yet.**", ""]
         lines += [*_table(summary, axes), ""]
+        versus = _versus_table(summary, axes)
+        if versus:
+            lines += ["Difference to BP (percentage points; ± the standard error over seeds):", ""]
+            lines += [*versus, ""]
         search = _search_table(summary)
         if search:
             lines += ["Search on the validation split (one seed):", "", *search, ""]
