@@ -15,3 +15,9 @@ fi
 mkdir -p "$record" && cp "$backbone/config.json" "$backbone/metrics.jsonl" "$record/"
 .venv/bin/dfatorch track-eval ../shared/datasets/otb --update bp,dfa,bdfa --seeds 0,1,2 \
   --backbone "$backbone/checkpoint.pt" --out experiments/results/tracking --no-progress
+# 3. The same with fc4 starting from the backbone's pre-trained classifier layer (MDNet's fc4/fc5
+#    are pre-trained offline; this is the closest this library has).
+.venv/bin/dfatorch track-eval ../shared/datasets/otb --update bp,dfa,bdfa --seeds 0,1,2 \
+  --backbone "$backbone/checkpoint.pt" --out experiments/results/tracking-fc4-pretrained \
+  --tracker-option fc4_from_backbone=true --tracker-option roi_size=8 \
+  --tracker-option roi_sampling=1 --tracker-option roi_max_pool=2 --no-progress

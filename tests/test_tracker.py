@@ -384,3 +384,12 @@ def test_track_commands(tmp_path, capsys):
                      "--out", str(tmp_path / "e"), "--no-progress"])  # fmt: skip
     assert code == 0 and "| sequence | bp | bdfa |" in capsys.readouterr().out
     assert (tmp_path / "e" / "success_precision.png").is_file()
+
+
+def test_tracker_options_from_the_command_line():
+    from dfatorch.cli import tracker_config
+
+    cfg = tracker_config(["fc4_from_backbone=true", "fc_sizes=[128, 64]", "lr_update=0.02"])
+    assert cfg.fc4_from_backbone is True and cfg.fc_sizes == (128, 64) and cfg.lr_update == 0.02
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        tracker_config(["no_such_field=1"])

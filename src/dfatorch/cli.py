@@ -244,6 +244,26 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected integers like 0,1,2, got {text!r}") from None
 
 
+def tracker_config(options: Sequence[str]) -> Any:
+    """A TrackerConfig from ``KEY=VALUE`` strings (values parsed as JSON where they can be)."""
+    from .tracking import TrackerConfig
+
+    fields = {f.name for f in dataclasses.fields(TrackerConfig)}
+    values: dict[str, Any] = {}
+    for option in options:
+        key, sep, text = option.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(
+                f"--tracker-option {option!r}: want KEY=VALUE with KEY one of {sorted(fields)}"
+            )
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        values[key] = tuple(value) if isinstance(value, list) else value
+    return TrackerConfig(**values)
+
+
 def cmd_track(args: argparse.Namespace) -> int:
     from .tracking import track_sequence
 
@@ -254,6 +274,7 @@ def cmd_track(args: argparse.Namespace) -> int:
         backbone=args.backbone,
         seed=args.seed,
         progress=not args.no_progress,
+        config=tracker_config(args.tracker_option),
     )
     print(
         f"{result.name}: success {result.success_auc:.3f}, precision@20 {result.precision20:.3f}, "
@@ -273,6 +294,7 @@ def cmd_track_eval(args: argparse.Namespace) -> int:
         out_dir=args.out,
         backbone=args.backbone,
         progress=not args.no_progress,
+        config=tracker_config(args.tracker_option),
     )
     print((Path(args.out) / "report.md").read_text())
     return 0
@@ -325,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         "conv backbone: a checkpoint of `dfatorch train --model track_cnn ...` (or a state dict); "
         "default: random conv layers (a baseline, warned about)"
     )
+    option_help = "a TrackerConfig field, e.g. fc4_from_backbone=true (repeatable)"
     p = sub.add_parser(
         "track",
         help="track one OTB sequence with the MDNet-style tracker (online FC updates by a rule)",
@@ -335,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/track", help="output folder (default: runs/track)")
     p.add_argument("--backbone", help=backbone_help)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tracker-option", action="append", default=[], metavar="KEY=VALUE",
+                   help=option_help)  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_track)
 
@@ -348,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="default: 0,1,2")
     p.add_argument("--out", default="runs/track-eval", help="output folder (resumable)")
     p.add_argument("--backbone", help=backbone_help)
+    p.add_argument("--tracker-option", action="append", default=[], metavar="KEY=VALUE",
+                   help=option_help)  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_track_eval)
 
