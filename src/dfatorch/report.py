@@ -256,7 +256,9 @@ def write_report(
         "edit by hand. Each section names its experiment file and the command that reruns it "
         "(finished cells are skipped, so the command resumes an interrupted sweep). Accuracies are "
         "mean ± sample standard deviation over seeds; *final* is after the last epoch, *best* the "
-        "best evaluated epoch (selected on the test set, so optimistic: read it as a ceiling).",
+        "best evaluated epoch (selected on the test set, so optimistic: read it as a ceiling). "
+        "*s/epoch* is wall time on a shared 2-core machine where sweeps ran side by side (one "
+        "thread each): for speed, read the benchmark sections at the end.",
         "",
     ]
     if preamble:
