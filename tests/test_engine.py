@@ -587,3 +587,33 @@ def test_project_like_returns_views_in_the_points_layout():
     assert shaped[0].untyped_storage().data_ptr() == shaped[1].untyped_storage().data_ptr()
     torch.testing.assert_close(shaped[0], plain[0].view(6, 2, 4, 5))
     torch.testing.assert_close(shaped[1], plain[1])
+
+
+def test_per_layer_rules_mix_float_binary_and_bp():
+    """rules= overrides the preset layer by layer: a binary layer, a float layer and a BP layer in
+    one model, each getting exactly its formula."""
+    x, t = batch()
+    model = make_mlp()
+    engine = dfatorch.attach(model, "dfa", rules={"0": "bdfa", "4": "bp"}, seed=2)
+    assert {k: v.value for k, v in engine.rules.items()} == {
+        "0": "bdfa",
+        "2": "dfa",
+        "4": "bp",
+        "6": "bp",
+    }
+    got = step(model, x, t)
+    assert engine.feedback.binary == [True, False] and engine.feedback.sizes == [16, 14]
+    b1, b2 = engine.feedback.blocks(torch.float64)
+    assert set(b1.abs().unique().tolist()) == {engine.feedback.scales[0].item()}
+    lin = [m for m in model if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        h1 = torch.tanh(lin[0](x))
+        h2 = torch.tanh(lin[1](h1))
+        h3 = torch.tanh(lin[2](h2))
+        e = output_error(lin[3](h3), t)
+        d3 = (e @ lin[3].weight) * (1 - h3**2)  # layer "4" is BP: W^T delta from the output
+        d2 = (e @ b2) * (1 - h2**2)  # layer "2": its float projection, not d3 back-propagated
+        d1 = (e @ b1) * (1 - h1**2)
+    torch.testing.assert_close(got["4.weight"], d3.T @ h2)
+    torch.testing.assert_close(got["2.weight"], d2.T @ h1)
+    torch.testing.assert_close(got["0.weight"], d1.T @ x)
