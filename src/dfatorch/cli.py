@@ -300,6 +300,22 @@ def cmd_track_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tracker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backbone",
+        help="conv backbone: a checkpoint of `dfatorch train --model track_cnn ...` (or a state "
+        "dict); default: random conv layers (a baseline, warned about)",
+    )
+    parser.add_argument(
+        "--tracker-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a TrackerConfig field, e.g. fc4_from_backbone=true (repeatable)",
+    )
+    parser.add_argument("--no-progress", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dfatorch",
@@ -343,11 +359,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "test"], default="train")
     p.set_defaults(func=cmd_align)
 
-    backbone_help = (
-        "conv backbone: a checkpoint of `dfatorch train --model track_cnn ...` (or a state dict); "
-        "default: random conv layers (a baseline, warned about)"
-    )
-    option_help = "a TrackerConfig field, e.g. fc4_from_backbone=true (repeatable)"
     p = sub.add_parser(
         "track",
         help="track one OTB sequence with the MDNet-style tracker (online FC updates by a rule)",
@@ -356,11 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("seq_dir", metavar="SEQ_DIR")
     p.add_argument("--update", default="bdfa", choices=["bp", "dfa", "bdfa"])
     p.add_argument("--out", default="runs/track", help="output folder (default: runs/track)")
-    p.add_argument("--backbone", help=backbone_help)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tracker-option", action="append", default=[], metavar="KEY=VALUE",
-                   help=option_help)  # fmt: skip
-    p.add_argument("--no-progress", action="store_true")
+    _add_tracker_arguments(p)
     p.set_defaults(func=cmd_track)
 
     p = sub.add_parser(
@@ -372,10 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update", default="bp,dfa,bdfa", help="rules to compare (default: all)")
     p.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="default: 0,1,2")
     p.add_argument("--out", default="runs/track-eval", help="output folder (resumable)")
-    p.add_argument("--backbone", help=backbone_help)
-    p.add_argument("--tracker-option", action="append", default=[], metavar="KEY=VALUE",
-                   help=option_help)  # fmt: skip
-    p.add_argument("--no-progress", action="store_true")
+    _add_tracker_arguments(p)
     p.set_defaults(func=cmd_track_eval)
 
     p = sub.add_parser(
