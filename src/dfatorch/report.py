@@ -385,6 +385,20 @@ def _tracking_section(folder: Path, out: Path) -> list[str]:
         "`../shared/datasets/otb`. Rerun: `experiments/tracking.sh` (resumable).",
         "",
     ]
+    provenance = folder / "provenance.json"
+    if provenance.exists():
+        cfg = json.loads(provenance.read_text())["config"]
+        start = (
+            "starts from the backbone's pre-trained classifier layer"
+            if cfg.get("fc4_from_backbone")
+            else "starts from scratch"
+        )
+        lines += [
+            f"Tracker: fc4 {start}; RoI features {cfg['roi_size']}x{cfg['roi_size']} bins "
+            f"(max-pooled by {cfg['roi_max_pool']}), fc widths {cfg['fc_sizes']}; the full "
+            f"configuration is in `{provenance}`.",
+            "",
+        ]
     backbone = read_metrics(folder / "backbone")
     if backbone:
         config = json.loads((folder / "backbone" / "config.json").read_text())["config"]

@@ -62,14 +62,15 @@ class TrackerConfig:
     target_size: float = 32.0
     #: search region: the previous box grown by ``search_pad * mean(w, h)`` on every side
     search_pad: float = 2.0
-    roi_size: int = 3  #: RoIAlign output, ``roi_size x roi_size`` bins
-    roi_sampling: int = 2  #: RoIAlign samples per bin and axis
-    roi_max_pool: int = 1  #: max-pooling after RoIAlign (features: ``C (roi_size/this)^2``)
-    #: start fc4 from the backbone checkpoint's pre-trained first FC layer where shapes allow,
-    #: i.e. with ``roi_size=8, roi_sampling=1, roi_max_pool=2`` (MDNet's fc4/fc5 are pre-trained
-    #: offline; this is the closest this library has). Off: on the shared OTB sequences it
-    #: helped on some and made Couple (two similar people) fail on most seeds.
-    fc4_from_backbone: bool = False
+    roi_size: int = 8  #: RoIAlign output, ``roi_size x roi_size`` bins
+    roi_sampling: int = 1  #: RoIAlign samples per bin and axis
+    roi_max_pool: int = 2  #: max-pooling after RoIAlign (features: ``C (roi_size/this)^2``)
+    #: start fc4 from the backbone checkpoint's pre-trained first FC layer where shapes allow (with
+    #: the RoI layout above, a box's features are exactly that layer's input, as for a 32x32
+    #: image). MDNet's fc4/fc5 are pre-trained offline; this is the closest this library has. A
+    #: random backbone has no such layer and fc4 starts from scratch. The shared-sequence results
+    #: with and without it are in docs/RESULTS.md.
+    fc4_from_backbone: bool = True
     # -- network ---------------------------------------------------------------------------
     fc_sizes: tuple[int, ...] = (256, 256)  #: widths of fc4, fc5 (MDNet: 512, 512)
     dropout: float = 0.5
@@ -137,7 +138,8 @@ class TrackerConfig:
     def mdnet(cls, **overrides: Any) -> TrackerConfig:
         """MDNet's own network width, hard-negative pool and update iterations (Nam & Han 2016;
         py-MDNet), about 5x the online-update cost of the defaults. Learning rates stay ours:
-        MDNet fine-tunes fc4/fc5 pre-trained offline on videos, here they start from scratch."""
+        MDNet fine-tunes fc4/fc5 pre-trained offline on videos; at width 512 they start from
+        scratch here (the backbone's classifier layer, which can seed fc4, has 256 units)."""
         mdnet = {"fc_sizes": (512, 512), "batch_neg_cand": 1024, "maxiter_update": 15}
         return replace(cls(), **{**mdnet, **overrides})
 
