@@ -5,6 +5,7 @@ hyper-parameter search on a validation split::
 
     name = "cifar10-small"
     description = "..."
+    order = 1                   # optional: position in the report
 
     [base]                      # TrainConfig fields shared by every cell
     dataset = "cifar10"
@@ -79,6 +80,7 @@ class Experiment:
     methods: list[dict[str, Any]] = field(default_factory=list)
     grid: list[dict[str, list[Any]]] = field(default_factory=list)
     tune: dict[str, Any] | None = None
+    order: int = 100  #: where the report puts it (lower first)
 
     @property
     def tune_axes(self) -> dict[str, list[Any]]:
@@ -182,7 +184,7 @@ def load_experiment(path: str | Path) -> Experiment:
     path = Path(path)
     with path.open("rb") as fh:
         data = tomllib.load(fh)
-    known = {"name", "description", "base", "methods", "grid", "tune"}
+    known = {"name", "description", "order", "base", "methods", "grid", "tune"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown} (known: {sorted(known)})")
@@ -199,6 +201,7 @@ def load_experiment(path: str | Path) -> Experiment:
         methods=data["methods"],
         grid=data.get("grid", []),
         tune=data.get("tune"),
+        order=int(data.get("order", 100)),
     )
     # build every cell once so that a typo fails now, not hours into the sweep
     for cell in exp.tuning_cells() + exp.cells({g: {} for g in _all_groups(exp)}):

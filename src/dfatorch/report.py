@@ -263,8 +263,8 @@ def write_report(
     ]
     if preamble:
         lines += [preamble, ""]
-    for file in experiment_files:
-        exp = load_experiment(file)
+    experiments = sorted((load_experiment(f) for f in experiment_files), key=lambda e: e.order)
+    for exp in experiments:
         results_dir = Path(results_root) / exp.name
         summary = aggregate(exp, results_dir)
         results_dir.mkdir(parents=True, exist_ok=True)
