@@ -52,6 +52,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from ._io import write_json
 from .train import TrainConfig, is_finished, read_metrics, summarize, train
 
 __all__ = ["Cell", "Experiment", "aggregate", "load_experiment", "run_experiment"]
@@ -314,7 +315,7 @@ def run_experiment(
         _run_cell(cell, runs_dir, results_dir, progress)
     summary = aggregate(exp, results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(results_dir / "summary.json", summary)
     return summary
 
 

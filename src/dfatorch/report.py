@@ -10,6 +10,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from ._io import write_json
 from .experiment import Experiment, aggregate, cell_results, format_value, load_experiment, select
 from .plots import plot_curves, save_figure
 from .train import read_metrics, summarize
@@ -268,7 +269,7 @@ def write_report(
         results_dir = Path(results_root) / exp.name
         summary = aggregate(exp, results_dir)
         results_dir.mkdir(parents=True, exist_ok=True)
-        (results_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_json(results_dir / "summary.json", summary)
         axes = _axes(exp)
         lines += [f"## {exp.name}", ""]
         if exp.description:

@@ -23,7 +23,6 @@ import platform
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
+from ._io import atomic_write
 from .alignment import gradient_alignment
 from .data import BatchLoader, DatasetSplits, load_dataset, stratified_subset, train_val_split
 from .engine import DFAEngine, attach, get_rng_states, set_rng_states
@@ -258,21 +258,6 @@ def evaluate(
 # -- files -------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write through a temporary file in the same folder, then rename: never a torn file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -334,12 +319,12 @@ def _save(run_dir: Path, run: _Run, config: TrainConfig, position: dict[str, Any
         "rng": get_rng_states(),
         **position,
     }
-    _atomic_write(run_dir / CHECKPOINT, lambda fh: torch.save(state, fh))
+    atomic_write(run_dir / CHECKPOINT, lambda fh: torch.save(state, fh))
 
 
 def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     text = "".join(json.dumps(h) + "\n" for h in history)
-    _atomic_write(run_dir / METRICS, lambda fh: fh.write(text), mode="w")
+    atomic_write(run_dir / METRICS, lambda fh: fh.write(text), mode="w")
 
 
 # -- the loop ----------------------------------------------------------------------------------
@@ -472,7 +457,7 @@ def train(
             "augment": run.train_loader.augment,
         },
     }
-    _atomic_write(run_dir / CONFIG, lambda fh: fh.write(json.dumps(meta, indent=2)), mode="w")
+    atomic_write(run_dir / CONFIG, lambda fh: fh.write(json.dumps(meta, indent=2)), mode="w")
     _write_metrics(run_dir, history)  # the checkpoint's history is the truth after a kill -9
 
     steps_per_epoch = len(run.train_loader)

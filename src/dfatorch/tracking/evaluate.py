@@ -11,7 +11,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -23,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from .._io import write_json
 from .metrics import (
     PRECISION_THRESHOLDS,
     SUCCESS_THRESHOLDS,
@@ -317,13 +317,6 @@ def _make_tracker(factory: Callable[..., Tracker], seed: int) -> Tracker:
     return factory()
 
 
-def _write_json(path: Path, data: Any) -> None:
-    # Write then rename: the JSON marks a finished cell, so it must never be half-written.
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def _mean_std(values: Iterable[float]) -> tuple[float, float]:
     v = np.asarray(list(values), dtype=np.float64)
     return float(np.mean(v)), float(np.std(v))  # population std: 0 for a single seed
@@ -394,7 +387,7 @@ class Experiment:
             result.seed = seed
             path.parent.mkdir(parents=True, exist_ok=True)
             write_boxes(path.with_suffix(".txt"), result.boxes)
-            _write_json(path, result.to_dict())
+            write_json(path, result.to_dict())
             results.append(result)
         return results
 

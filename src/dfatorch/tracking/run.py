@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .._io import write_json
 from ..engine import Rule
 from .evaluate import Experiment, SequenceResult, plot_report, run_sequence
 from .features import Backbone, load_backbone
@@ -48,13 +49,6 @@ def resolve_backbone(
             stacklevel=3,
         )
     return resolved
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def track_sequence(
@@ -102,7 +96,7 @@ def track_sequence(
         "backbone_description": bb.describe(),
         "config": tracker.config.to_dict(),
     }
-    _write_json(out / f"{seq.name}.json", record)
+    write_json(out / f"{seq.name}.json", record)
     return result
 
 
@@ -128,7 +122,7 @@ def _check_provenance(out_dir: Path, provenance: dict[str, Any]) -> None:
                 f"(see {path}); use another out_dir or delete it"
             )
     else:
-        _write_json(path, provenance)
+        write_json(path, provenance)
 
 
 def _markdown(report: dict[str, Any], backbone: Backbone, names: dict[str, str]) -> str:
@@ -222,7 +216,7 @@ def evaluate_updates(
         report[name]["backbone"] = bb.info
     plot_report(report, out / "success_precision.png")
     (out / "report.md").write_text(_markdown(report, bb, names))
-    _write_json(
+    write_json(
         out / "report.json",
         {
             "backbone": bb.info,
