@@ -75,7 +75,7 @@ def test_sweep_search_resume_and_aggregate(swept):
     cells = exp.cells(chosen)
     assert len(cells) == 4 and all(c.config.lr == chosen[f"{c.labels['method']}/fraction=0.5"]["lr"]
                                    for c in cells)  # fmt: skip
-    # the aggregate is the mean and population std of the cells' own final accuracies
+    # the aggregate is the mean and sample std of the cells' own final accuracies
     for row in summary["rows"]:
         finals = [
             read_metrics(results / "tiny" / f"{row['method']}/fraction=0.5/seed={s}")[-1][
@@ -147,3 +147,31 @@ def test_bad_experiment_files_fail_early(tmp_path):
     bad.write_text('name = "x"\n[[methods]]\nmethod = "bp"\n')
     with pytest.raises(ValueError, match="label"):
         load_experiment(bad)
+
+
+def test_one_seed_reports_no_spread():
+    """One seed has no standard deviation: shown without ±, and no standard error is invented for a
+    difference involving it; a reference with no finished run gives no difference at all."""
+    from dfatorch.experiment import _mean_std
+    from dfatorch.report import _pm, _versus_table
+
+    assert _mean_std([0.5]) == (0.5, None) and _mean_std([]) == (None, None)
+    assert _pm(0.5, None) == "50.00" and _pm(0.5, 0.01) == "50.00 ± 1.00"
+
+    def row(method, x, seeds, final, best, std):
+        return {"method": method, "x": x, "seeds": seeds, "final_acc_mean": final,
+                "final_acc_std": std, "best_acc_mean": best, "best_acc_std": std}  # fmt: skip
+
+    rows = [
+        row("bp", 1, 1, 0.5, 0.6, None),
+        row("dfa", 1, 3, 0.4, 0.45, 0.03),
+        row("bp", 2, 2, 0.5, 0.5, 0.02),
+        row("dfa", 2, 2, 0.55, 0.6, 0.02),
+        row("bp", 3, 0, None, None, None),
+        row("dfa", 3, 1, 0.3, 0.3, None),
+    ]
+    lines = _versus_table({"rows": rows}, ["x"])
+    assert lines[2:] == [
+        "| dfa | 1 | -10.00 | -15.00 |",
+        "| dfa | 2 | +5.00 ± 2.00 | +10.00 ± 2.00 |",
+    ]

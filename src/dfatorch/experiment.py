@@ -320,9 +320,10 @@ def run_experiment(
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation; the deviation is None (unknown, not 0) for one value."""
     if not values:
         return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def aggregate(exp: Experiment, results_dir: str | Path) -> dict[str, Any]:

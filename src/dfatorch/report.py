@@ -31,7 +31,9 @@ NOTES = {
 def _pm(mean: float | None, std: float | None, scale: float = 100.0) -> str:
     if mean is None:
         return "-"
-    return f"{scale * mean:.2f} ± {scale * (std or 0):.2f}"
+    if std is None:  # one seed: no spread to report
+        return f"{scale * mean:.2f}"
+    return f"{scale * mean:.2f} ± {scale * std:.2f}"
 
 
 def _axes(exp: Experiment) -> list[str]:
@@ -71,19 +73,18 @@ def _versus_table(summary: dict[str, Any], axes: list[str], reference: str = "bp
     ]
     for r in rows:
         base = ref.get(tuple(r.get(a) for a in axes))
-        if r["method"] == reference or base is None or r["final_acc_mean"] is None:
+        if r["method"] == reference or base is None:
+            continue
+        if r["final_acc_mean"] is None or base["final_acc_mean"] is None:
             continue
         cells = []
         for key in ("final", "best"):
             diff = 100 * (r[f"{key}_acc_mean"] - base[f"{key}_acc_mean"])
-            se = (
-                100
-                * (
-                    (r[f"{key}_acc_std"] ** 2 / max(r["seeds"], 1))
-                    + (base[f"{key}_acc_std"] ** 2 / max(base["seeds"], 1))
-                )
-                ** 0.5
-            )
+            stds = (r[f"{key}_acc_std"], base[f"{key}_acc_std"])
+            if None in stds:  # a single seed on either side: no standard error
+                cells.append(f"{diff:+.2f}")
+                continue
+            se = 100 * (stds[0] ** 2 / r["seeds"] + stds[1] ** 2 / base["seeds"]) ** 0.5
             cells.append(f"{diff:+.2f} ± {se:.2f}")
         values = " | ".join(format_value(r.get(a)) for a in axes)
         lines.append(f"| {r['method']} | {values} | {cells[0]} | {cells[1]} |")
