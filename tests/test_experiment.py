@@ -175,3 +175,24 @@ def test_one_seed_reports_no_spread():
         "| dfa | 1 | -10.00 | -15.00 |",
         "| dfa | 2 | +5.00 ± 2.00 | +10.00 ± 2.00 |",
     ]
+
+
+def test_report_tables_order_numbers_numerically_and_handle_no_axis():
+    from dfatorch.report import _table, _versus_table
+
+    def row(method, b, final):
+        return {"method": method, "b": b, "seeds": 1, "final_acc_mean": final,
+                "final_acc_std": None, "best_acc_mean": final, "best_acc_std": None,
+                "seconds_per_epoch": 1.0}  # fmt: skip
+
+    rows = [row(m, b, 0.5) for b in (10, 2, 100, 1) for m in ("dfa", "bp")]
+    body = _table({"rows": rows}, ["b"])[2:]
+    assert [line.split(" | ")[:2] for line in body] == [
+        [f"| {m}", str(b)] for b in (1, 2, 10, 100) for m in ("dfa", "bp")
+    ]
+    no_axis = [row("bp", None, 0.5), row("dfa", None, 0.4)]
+    assert _versus_table({"rows": no_axis}, []) == [
+        "| method | final acc − bp | best acc − bp |",
+        "|---|---|---|",
+        "| dfa | -10.00 | -10.00 |",
+    ]

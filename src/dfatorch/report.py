@@ -40,12 +40,19 @@ def _axes(exp: Experiment) -> list[str]:
     return [a for a in exp.axes if a != "seed"]
 
 
+def _axis_key(value: Any) -> tuple[int, float, str]:
+    """Numbers in numeric order (2 before 10), everything else by its text, after the numbers."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
+
+
 def _table(summary: dict[str, Any], axes: list[str]) -> list[str]:
     header = ["method", *axes, "seeds", "final acc (%)", "best acc (%)", "s/epoch"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in summary["rows"]))}
     rows = sorted(
-        summary["rows"], key=lambda r: (*(str(r.get(a)) for a in axes), order[r["method"]])
+        summary["rows"], key=lambda r: (*(_axis_key(r.get(a)) for a in axes), order[r["method"]])
     )
     for row in rows:
         cells = [
@@ -68,7 +75,9 @@ def _versus_table(summary: dict[str, Any], axes: list[str], reference: str = "bp
     if not ref:
         return []
     lines = [
-        f"| method | {' | '.join(axes)} | final acc − {reference} | best acc − {reference} |",
+        "| "
+        + " | ".join(["method", *axes, f"final acc − {reference}", f"best acc − {reference}"])
+        + " |",
         "|---|" + "---|" * (len(axes) + 2),
     ]
     for r in rows:
@@ -86,8 +95,8 @@ def _versus_table(summary: dict[str, Any], axes: list[str], reference: str = "bp
                 continue
             se = 100 * (stds[0] ** 2 / r["seeds"] + stds[1] ** 2 / base["seeds"]) ** 0.5
             cells.append(f"{diff:+.2f} ± {se:.2f}")
-        values = " | ".join(format_value(r.get(a)) for a in axes)
-        lines.append(f"| {r['method']} | {values} | {cells[0]} | {cells[1]} |")
+        values = [format_value(r.get(a)) for a in axes]
+        lines.append("| " + " | ".join([r["method"], *values, *cells]) + " |")
     return lines if len(lines) > 2 else []
 
 
