@@ -314,7 +314,6 @@ def run_experiment(
         log(f"[{exp.name}] cell {n}/{len(todo)}: {cell.key}")
         _run_cell(cell, runs_dir, results_dir, progress)
     summary = aggregate(exp, results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
     write_json(results_dir / "summary.json", summary)
     return summary
 

@@ -278,7 +278,6 @@ def write_report(
     for exp in experiments:
         results_dir = Path(results_root) / exp.name
         summary = aggregate(exp, results_dir)
-        results_dir.mkdir(parents=True, exist_ok=True)
         write_json(results_dir / "summary.json", summary)
         axes = _axes(exp)
         lines += [f"## {exp.name}", ""]
