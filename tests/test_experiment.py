@@ -152,10 +152,11 @@ def test_bad_experiment_files_fail_early(tmp_path):
 def test_one_seed_reports_no_spread():
     """One seed has no standard deviation: shown without ±, and no standard error is invented for a
     difference involving it; a reference with no finished run gives no difference at all."""
-    from dfatorch.experiment import _mean_std
+    from dfatorch._stats import mean_std
     from dfatorch.report import _pm, _versus_table
 
-    assert _mean_std([0.5]) == (0.5, None) and _mean_std([]) == (None, None)
+    assert mean_std([0.5]) == (0.5, None) and mean_std([]) == (None, None)
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)  # sample std (n - 1); population would be 0.816
     assert _pm(0.5, None) == "50.00" and _pm(0.5, 0.01) == "50.00 ± 1.00"
 
     def row(method, x, seeds, final, best, std):

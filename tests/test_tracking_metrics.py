@@ -384,6 +384,30 @@ def test_experiment_resume_report_and_plot(synthetic_root: Path, tmp_path: Path)
         exp.report(["nobody"])
 
 
+def test_report_spread_is_the_sample_std_over_seeds(synthetic_root: Path, tmp_path: Path) -> None:
+    exp = Experiment(synthetic_root, out_dir=tmp_path / "results")
+    # Seed 0 tracks exactly, seeds 1 and 2 stand still: three different per-seed scores.
+    exp.run(
+        "mixed",
+        lambda seed: ConstantTracker() if seed else OracleTracker(),
+        seeds=(0, 1, 2),
+        progress=False,
+    )
+    exp.run("single", ConstantTracker, seeds=(0,), progress=False)
+    report = exp.report(["mixed", "single"])
+    for seq in ("A", "B"):
+        aucs = [exp.load_result("mixed", seq, s).success_auc for s in (0, 1, 2)]
+        mean = sum(aucs) / 3
+        sample_std = (sum((a - mean) ** 2 for a in aucs) / 2) ** 0.5  # n - 1, as in experiments
+        got = report["mixed"]["sequences"][seq]
+        assert got["success_score"] == pytest.approx(mean)
+        assert got["success_score_std"] == pytest.approx(sample_std)
+        assert sample_std > 0
+    # One seed: the spread is unknown, not zero.
+    assert report["single"]["overall"]["success_score_std"] is None
+    assert report["single"]["sequences"]["A"]["precision20_std"] is None
+
+
 def test_tracker_factory_gets_the_seed_only_when_it_asks() -> None:
     from dfatorch.tracking.evaluate import _make_tracker
 

@@ -40,7 +40,6 @@ import itertools
 import json
 import math
 import shutil
-import statistics
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from ._io import write_json
+from ._stats import mean_std
 from .train import TrainConfig, is_finished, read_metrics, summarize, train
 
 __all__ = ["Cell", "Experiment", "aggregate", "load_experiment", "run_experiment"]
@@ -318,13 +318,6 @@ def run_experiment(
     return summary
 
 
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation; the deviation is None (unknown, not 0) for one value."""
-    if not values:
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
 def aggregate(exp: Experiment, results_dir: str | Path) -> dict[str, Any]:
     """Mean and standard deviation over seeds of each (method, grid point without seed)."""
     results_dir = Path(results_dir)
@@ -350,9 +343,9 @@ def aggregate(exp: Experiment, results_dir: str | Path) -> dict[str, Any]:
         runs = row.pop("runs")
         finals = [r["final_acc"] for r in runs if r["final_acc"] is not None]
         bests = [r["best_acc"] for r in runs if r["best_acc"] is not None]
-        final_mean, final_std = _mean_std(finals)
-        best_mean, best_std = _mean_std(bests)
-        spe = _mean_std([r["seconds_per_epoch"] for r in runs])[0]
+        final_mean, final_std = mean_std(finals)
+        best_mean, best_std = mean_std(bests)
+        spe = mean_std([r["seconds_per_epoch"] for r in runs])[0]
         table.append(
             {
                 **row,

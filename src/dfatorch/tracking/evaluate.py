@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from .._io import write_json
+from .._stats import mean_std
 from .metrics import (
     PRECISION_THRESHOLDS,
     SUCCESS_THRESHOLDS,
@@ -317,11 +318,6 @@ def _make_tracker(factory: Callable[..., Tracker], seed: int) -> Tracker:
     return factory()
 
 
-def _mean_std(values: Iterable[float]) -> tuple[float, float]:
-    v = np.asarray(list(values), dtype=np.float64)
-    return float(np.mean(v)), float(np.std(v))  # population std: 0 for a single seed
-
-
 class Experiment:
     """OTB one-pass evaluation (OPE) of trackers on a folder of OTB sequences.
 
@@ -414,7 +410,7 @@ class Experiment:
           weighing the same.
         * ``success_score_pooled`` / ``precision20_pooled``: all frames of all sequences
           pooled, long sequences weighing more.
-        * ``*_std``: population std over seeds (0 for one seed); ``fps``: total frames over
+        * ``*_std``: sample std over seeds (``None`` for one seed); ``fps``: total frames over
           total tracking seconds.
 
         Raises:
@@ -439,8 +435,8 @@ class Experiment:
         per_seq = {}
         for seq in self.sequences:
             rs = [cells[(seed, seq)] for seed in seeds]
-            succ, succ_std = _mean_std(r.success_auc for r in rs)
-            prec, prec_std = _mean_std(r.precision20 for r in rs)
+            succ, succ_std = mean_std(r.success_auc for r in rs)
+            prec, prec_std = mean_std(r.precision20 for r in rs)
             updates = [r.update_seconds for r in rs if r.update_seconds is not None]
             per_seq[seq] = {
                 "success_score": succ,
@@ -466,14 +462,14 @@ class Experiment:
         all_cells = list(cells.values())
         track = sum(r.track_seconds for r in all_cells)
         overall = {
-            "success_score": _mean_std(succ)[0],
-            "success_score_std": _mean_std(succ)[1],
-            "precision20": _mean_std(prec)[0],
-            "precision20_std": _mean_std(prec)[1],
-            "success_score_pooled": _mean_std(pooled_s)[0],
-            "success_score_pooled_std": _mean_std(pooled_s)[1],
-            "precision20_pooled": _mean_std(pooled_p)[0],
-            "precision20_pooled_std": _mean_std(pooled_p)[1],
+            "success_score": mean_std(succ)[0],
+            "success_score_std": mean_std(succ)[1],
+            "precision20": mean_std(prec)[0],
+            "precision20_std": mean_std(prec)[1],
+            "success_score_pooled": mean_std(pooled_s)[0],
+            "success_score_pooled_std": mean_std(pooled_s)[1],
+            "precision20_pooled": mean_std(pooled_p)[0],
+            "precision20_pooled_std": mean_std(pooled_p)[1],
             "fps": sum(r.frames for r in all_cells) / max(track, 1e-12),
             "sequences": len(self.sequences),
             "frames": sum(per_seq[s]["frames"] for s in self.sequences),

@@ -127,14 +127,15 @@ def _check_provenance(out_dir: Path, provenance: dict[str, Any]) -> None:
 
 def _markdown(report: dict[str, Any], backbone: Backbone, names: dict[str, str]) -> str:
     def pm(d: dict[str, Any], key: str) -> str:
-        return f"{d[key]:.3f} ± {d[key + '_std']:.3f}"
+        std = d[key + "_std"]
+        return f"{d[key]:.3f}" if std is None else f"{d[key]:.3f} ± {std:.3f}"
 
     lines = [
         "# MDNet-style tracker: online update rules",
         "",
         f"Backbone: {backbone.describe()}.",
         "",
-        "Overall (OTB OPE; mean ± std over seeds; each sequence weighs the same):",
+        "Overall (OTB OPE; mean ± sample std over seeds; each sequence weighs the same):",
         "",
         "| update | seeds | success (AUC) | precision@20 | fps | online update s / seq |",
         "|---|---|---|---|---|---|",
