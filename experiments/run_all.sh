@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run every experiment, in priority order, until all cells are done; resumable (finished cells are
-# skipped). Usage: experiments/run_all.sh [I/N]   (a shard: run every N-th cell starting at I)
+# skipped). Start it twice to use two workers: each takes the next cell the other does not hold.
+# Usage: experiments/run_all.sh [I/N]   (optional shard, to split cells between machines)
 set -u
 cd "$(dirname "$0")/.."
 shard=${1:-0/1}
@@ -8,7 +9,7 @@ files=(experiments/cifar10_small.toml experiments/bottleneck.toml experiments/be
        experiments/mnist_mlp.toml experiments/cifar10_full.toml
        experiments/cifar10_init_ablation.toml experiments/cifar10_hybrid_ablation.toml
        experiments/cifar100.toml)
-for pass in 1 2; do  # a second pass picks up cells whose search another shard finished
+for pass in 1 2; do  # a second pass picks up cells whose search another worker finished
   for f in "${files[@]}"; do
     .venv/bin/dfatorch experiment "$f" --shard "$shard" --no-progress || echo "failed: $f"
   done

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,6 +104,29 @@ def test_sweep_search_resume_and_aggregate(swept):
     exp.base["epochs"] = 3
     chosen, _ = select(exp, results / "tiny")
     assert chosen == {}  # the search must be redone with the new budget
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows")
+def test_parallel_workers_skip_a_cell_another_worker_holds(swept):
+    """A cell locked by another worker is left to it, never trained twice at once; once the lock
+    is released (as when that worker dies), the next run takes the cell."""
+    import fcntl
+
+    exp_file, runs, results = swept
+    exp = load_experiment(exp_file)
+    cell = exp.cells(select(exp, results / "tiny")[0])[2]
+    shutil.rmtree(results / "tiny" / cell.key)  # as if unfinished
+    lines: list[str] = []
+    quiet = dict(runs_root=runs, results_root=results, progress=False, log=lines.append)
+    with open(runs / "tiny" / f"{cell.key}.lock", "a") as other_worker:
+        fcntl.flock(other_worker, fcntl.LOCK_EX)
+        summary = run_experiment(exp, **quiet)
+        assert summary["cells_missing"] == 1
+        assert not (results / "tiny" / cell.key).exists()
+        assert lines == [f"[tiny] cell 1/1: {cell.key} (another worker's)"]
+    lines.clear()
+    assert run_experiment(exp, **quiet)["cells_missing"] == 0
+    assert lines == [f"[tiny] cell 1/1: {cell.key}"]
 
 
 def test_cli_experiment_report_and_align(swept, tmp_path, capsys):

@@ -391,7 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="FILE.toml")
     p.add_argument("--runs-root", default="runs/experiments", help="run folders (checkpoints)")
     p.add_argument("--results-root", default="experiments/results", help="results to commit")
-    p.add_argument("--shard", type=_shard, default=(0, 1), help="run every N-th cell from I: I/N")
+    p.add_argument(
+        "--shard",
+        type=_shard,
+        default=(0, 1),
+        help="only every N-th cell from I (I/N), to split cells between machines; workers "
+        "on one machine need no shards: they skip cells another worker holds",
+    )
     p.add_argument("--list", action="store_true", help="list the cells and exit")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_experiment)

@@ -30,7 +30,9 @@ hyper-parameter search on a validation split::
 Every cell is a run folder under ``runs_root``; when it finishes, its ``config.json`` and
 ``metrics.jsonl`` are copied under ``results_root`` (small text files, meant to be committed), and a
 cell with results there is never run again: an interrupted sweep resumes where it stopped, also on
-another machine. ``--shard i/n`` splits the cells between processes.
+another machine. Workers started side by side on one machine share the cells: each takes the next
+unfinished cell that no other worker holds (an OS lock per cell, released even when a worker is
+killed). ``--shard i/n`` splits the cells between machines that share no folder.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ import json
 import math
 import shutil
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,6 +240,32 @@ def cell_results(results_dir: Path, cell: Cell) -> list[dict[str, Any]] | None:
     return read_metrics(folder)
 
 
+@contextmanager
+def _cell_lock(path: Path) -> Iterator[bool]:
+    """Try to hold an exclusive lock on ``path``; yields whether this process got it.
+
+    ``flock`` locks belong to the open file, so the OS drops them when a worker dies: a killed
+    sweep leaves nothing stale behind. Where ``fcntl`` is missing (Windows) every worker gets the
+    lock, and parallel workers must be kept apart with ``--shard``.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _run_cell(cell: Cell, runs_dir: Path, results_dir: Path, progress: bool) -> None:
     run_dir = runs_dir / cell.key
     resume = (run_dir / "checkpoint.pt").exists()
@@ -300,19 +329,22 @@ def run_experiment(
     results_dir = Path(results_root) / exp.name
     index, count = shard
 
-    def pending(cells: Iterable[Cell]) -> list[Cell]:
+    def run(cells: Iterable[Cell], what: str) -> None:
         mine = [c for i, c in enumerate(cells) if i % count == index]
-        return [c for c in mine if cell_results(results_dir, c) is None]
+        todo = [c for c in mine if cell_results(results_dir, c) is None]
+        for n, cell in enumerate(todo, 1):
+            # Beside the run folder, not in it: a stale run folder is deleted with what is in it.
+            with _cell_lock(runs_dir / f"{cell.key}.lock") as held:
+                # Another worker may hold this cell, or have finished it since the list was made.
+                if not held or cell_results(results_dir, cell) is not None:
+                    log(f"[{exp.name}] {what} {n}/{len(todo)}: {cell.key} (another worker's)")
+                    continue
+                log(f"[{exp.name}] {what} {n}/{len(todo)}: {cell.key}")
+                _run_cell(cell, runs_dir, results_dir, progress)
 
-    todo = pending(exp.tuning_cells())
-    for n, cell in enumerate(todo, 1):
-        log(f"[{exp.name}] search {n}/{len(todo)}: {cell.key}")
-        _run_cell(cell, runs_dir, results_dir, progress)
+    run(exp.tuning_cells(), "search")
     chosen, _ = select(exp, results_dir)
-    todo = pending(exp.cells(chosen))
-    for n, cell in enumerate(todo, 1):
-        log(f"[{exp.name}] cell {n}/{len(todo)}: {cell.key}")
-        _run_cell(cell, runs_dir, results_dir, progress)
+    run(exp.cells(chosen), "cell")
     summary = aggregate(exp, results_dir)
     write_json(results_dir / "summary.json", summary)
     return summary
