@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 
 from ._io import write_json
 from .experiment import Experiment, aggregate, cell_results, format_value, load_experiment, select
@@ -156,7 +157,10 @@ def _fraction_plot(summary: dict[str, Any], path: Path) -> Path | None:
         es = [100 * (r["final_acc_std"] or 0) for r in rs]
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=f"C{i}", label=method)
     ax.set_xscale("log")
-    ax.set_xlabel("fraction of the training set")
+    # Ticks at the measured fractions, as percentages: "2%" reads better than "2x10^-2".
+    ax.set_xticks(fractions, [f"{100 * f:g}%" for f in fractions])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("share of the training set")
     ax.set_ylabel("final test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
