@@ -386,7 +386,7 @@ def test_experiment_resume_report_and_plot(synthetic_root: Path, tmp_path: Path)
 
 def test_report_spread_is_the_sample_std_over_seeds(synthetic_root: Path, tmp_path: Path) -> None:
     exp = Experiment(synthetic_root, out_dir=tmp_path / "results")
-    # Seed 0 tracks exactly, seeds 1 and 2 stand still: three different per-seed scores.
+    # Seed 0 tracks exactly, seeds 1 and 2 stand still: the per-seed scores differ.
     exp.run(
         "mixed",
         lambda seed: ConstantTracker() if seed else OracleTracker(),

@@ -461,15 +461,16 @@ class Experiment:
         prec = [float(c[20]) for c in prec_curves]  # thresholds are 0..50 px: index 20 is 20 px
         all_cells = list(cells.values())
         track = sum(r.track_seconds for r in all_cells)
-        overall = {
-            "success_score": mean_std(succ)[0],
-            "success_score_std": mean_std(succ)[1],
-            "precision20": mean_std(prec)[0],
-            "precision20_std": mean_std(prec)[1],
-            "success_score_pooled": mean_std(pooled_s)[0],
-            "success_score_pooled_std": mean_std(pooled_s)[1],
-            "precision20_pooled": mean_std(pooled_p)[0],
-            "precision20_pooled_std": mean_std(pooled_p)[1],
+        scores = {
+            "success_score": succ,
+            "precision20": prec,
+            "success_score_pooled": pooled_s,
+            "precision20_pooled": pooled_p,
+        }
+        overall: dict[str, Any] = {}
+        for key, values in scores.items():
+            overall[key], overall[key + "_std"] = mean_std(values)
+        overall |= {
             "fps": sum(r.frames for r in all_cells) / max(track, 1e-12),
             "sequences": len(self.sequences),
             "frames": sum(per_seq[s]["frames"] for s in self.sequences),
