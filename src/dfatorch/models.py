@@ -9,7 +9,7 @@ name                    architecture (for 3x32x32 inputs)
 ======================  ==========================================================================
 ``nokland_cnn``         Nøkland (2016): conv96-conv128-conv256 5x5, max-pool 3/2, FC2048-FC2048
 ``small_cnn``           conv32-conv64-conv64 3x3 with 2x2 max-pool (as in Launay et al. 2019),
-                        FC256-FC256
+                        FC256-FC256, tanh
 ``vgg_cnn``             VGG-style: 2x conv32, pool, 2x conv64, pool, 2x conv128, pool, FC512-FC512
 ``track_cnn``           conv32-pool-conv64-pool-conv96 3x3 (stride 4, the tracker's backbone; see
                         :func:`conv_features`), pool, FC256 for pre-training as a classifier
@@ -191,6 +191,9 @@ def _nokland_cnn(input_shape: Sequence[int], num_classes: int, **kw: Any) -> nn.
 
 
 def _small_cnn(input_shape: Sequence[int], num_classes: int, **kw: Any) -> nn.Sequential:
+    # tanh, not ReLU: under DFA (and the default hybrid) unbounded ReLU units grow without limit,
+    # because the projected error does not shrink as they grow (see docs/RESULTS.md, defaults)
+    kw.setdefault("activation", "tanh")
     return cnn(input_shape, num_classes, convs=(32, "M", 64, "M", 64, "M"), head=(256, 256), **kw)
 
 
