@@ -23,18 +23,25 @@ fine; one that bypasses a cut is detected on the first pass and refused.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
-import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
-from .feedback import FeedbackInit, FeedbackMatrix, Storage
+from .feedback import (
+    FeedbackInit,
+    FeedbackMatrix,
+    Pattern,
+    PatternStorage,
+    Storage,
+    make_pattern,
+    make_storage,
+)
 
 __all__ = [
     "ConvError",
@@ -42,6 +49,7 @@ __all__ = [
     "LayerInfo",
     "Rule",
     "Scope",
+    "Transform",
     "attach",
     "get_rng_states",
     "preserved_state",
@@ -60,9 +68,8 @@ SEGMENT_TYPES: tuple[type[nn.Module], ...] = (
     nn.PReLU,
 )
 
-
-#: The engine attached to each model, so that a second attach() is refused.
-_ENGINES: weakref.WeakKeyDictionary[nn.Module, DFAEngine] = weakref.WeakKeyDictionary()
+#: A transform of the output error ``(N, C)`` or of the projected signal ``(N, D)``.
+Transform = Callable[[Tensor], Tensor]
 
 
 class Rule(str, Enum):
@@ -135,6 +142,86 @@ class _PassState:
         self.capture: list[Tensor] | None = None
         self.recording: list[Tensor | None] | None = None
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> _PassState:
+        # a copied model starts with no pass in progress (the stash holds graph tensors)
+        fresh = _PassState()
+        fresh.enabled = self.enabled
+        return fresh
+
+
+class _PreHook:
+    """The forward pre-hook of layer ``index``: checks the order, stashes and cuts.
+
+    An object rather than a closure, so that ``copy.deepcopy`` of the model copies it together
+    with its engine: the copy trains with its own engine state.
+    """
+
+    __slots__ = ("cut", "engine", "index", "name")
+
+    def __init__(self, engine: DFAEngine, index: int) -> None:
+        self.engine = engine
+        self.index = index
+        self.cut = index > 0 and engine.layers[index - 1].rule.is_feedback
+        self.name = engine.layers[index].name
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> Any:
+        state, index = self.engine._pass, self.index
+        if index == 0:
+            state.next = 0
+            state.stash = []
+            if state.capture is not None:
+                state.capture.clear()
+        if index != state.next:
+            layers = self.engine.layers
+            expected = layers[state.next].name if state.next < len(layers) else None
+            raise RuntimeError(
+                f"layer {self.name!r} ran where {expected!r} was expected: the "
+                "engine needs the layers to run once each, in registration order, starting "
+                "from the first (pass output=... to attach() if the last registered layer "
+                "is not the output layer)"
+            )
+        state.next = index + 1
+        if index == 0:
+            return None
+        point = args[0] if args else None
+        if not isinstance(point, Tensor):
+            raise TypeError(f"layer {self.name!r} got a non-tensor input")
+        if state.capture is not None:
+            state.capture.append(point)
+        recording = state.recording
+        if recording is not None and point.requires_grad:
+            point.register_hook(lambda g, i=index - 1: recording.__setitem__(i, g.detach()))
+        if not (self.cut and state.enabled and torch.is_grad_enabled()):
+            return None
+        state.stash.append(point)
+        return (point.detach(), *args[1:])
+
+
+class _OutputHook:
+    """The forward hook of the output layer (see :meth:`DFAEngine._deliver`)."""
+
+    __slots__ = ("engine",)
+
+    def __init__(self, engine: DFAEngine) -> None:
+        self.engine = engine
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], y: Any) -> Any:
+        return self.engine._deliver(y)
+
+
+def _hook_dicts(module: nn.Module) -> tuple[dict[int, Any], ...]:
+    return (module._forward_pre_hooks, module._forward_hooks)
+
+
+def attached_engine(model: nn.Module) -> DFAEngine | None:
+    """The engine whose hooks are on ``model``, or ``None``."""
+    for module in model.modules():
+        for hooks in _hook_dicts(module):
+            for hook in hooks.values():
+                if isinstance(hook, (_PreHook, _OutputHook)):
+                    return hook.engine
+    return None
+
 
 class DFAEngine(nn.Module):
     """The hooks and feedback that train a model by DFA/BDFA/BP. Create it with :func:`attach`.
@@ -152,29 +239,40 @@ class DFAEngine(nn.Module):
         layers: list[LayerInfo],
         *,
         num_classes: int | None,
-        init: FeedbackInit,
-        storage: Storage,
+        init: Pattern,
+        storage: PatternStorage,
         seed: int,
         gain: float,
         normalize: bool = True,
+        error_transforms: Sequence[Transform] = (),
+        signal_transforms: Sequence[Transform] = (),
     ) -> None:
         super().__init__()
         object.__setattr__(self, "model", model)  # not a submodule: keep the model's state apart
         self.layers = layers
         self.num_classes = num_classes
-        self.init = init
-        self.storage = storage
+        self.structure = init
+        self.store = storage
         self.seed = seed
         self.gain = gain
         self.normalize = normalize
         self.feedback = None
         self.calibrated = False
+        self.error_transforms = list(error_transforms)
+        self.signal_transforms = list(signal_transforms)
+        # transforms that are modules keep their state (a generator, say) in this state_dict
+        self.transforms = nn.ModuleList(
+            [
+                t
+                for t in (*self.error_transforms, *self.signal_transforms)
+                if isinstance(t, nn.Module)
+            ]
+        )
         # mutable per-pass state lives in a plain object: nn.Module.__setattr__ is slow (hot path)
         self._pass = _PassState()
-        self._handles: list[RemovableHandle] = []
         for index, info in enumerate(layers):
-            self._handles.append(info.module.register_forward_pre_hook(self._pre_hook(index)))
-        self._handles.append(layers[-1].module.register_forward_hook(self._output_hook))
+            info.module.register_forward_pre_hook(_PreHook(self, index))
+        layers[-1].module.register_forward_hook(_OutputHook(self))
 
     # -- public API --------------------------------------------------------------------------
 
@@ -191,14 +289,30 @@ class DFAEngine(nn.Module):
         return [info.name for info in self.layers[:-1] if info.rule.is_feedback]
 
     @property
+    def init(self) -> str:
+        """The registry name of the feedback structure."""
+        return self.structure.name
+
+    @property
+    def storage(self) -> str:
+        """The registry name of the storage strategy."""
+        return self.store.name
+
+    def _own_hooks(self) -> Iterator[tuple[dict[int, Any], int]]:
+        for info in self.layers:
+            for hooks in _hook_dicts(info.module):
+                for key, hook in list(hooks.items()):
+                    if isinstance(hook, (_PreHook, _OutputHook)) and hook.engine is self:
+                        yield hooks, key
+
+    @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        return next(self._own_hooks(), None) is not None
 
     def remove(self) -> None:
         """Remove every hook: the model trains by plain back-propagation again."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        for hooks, key in list(self._own_hooks()):
+            del hooks[key]
         self._pass.stash = []
 
     @contextlib.contextmanager
@@ -295,7 +409,7 @@ class DFAEngine(nn.Module):
         error, true = self.true_signals(inputs, targets, loss_fn)
         assert self.feedback is not None
         true = [t for info, t in zip(self.layers, true) if info.rule.is_feedback]
-        delivered = self.feedback.project(error)
+        delivered = self._signals(error, None)
         for i, (d, t) in enumerate(zip(delivered, true)):
             dn, tn = d.norm(), t.norm()
             if dn > 0 and tn > 0:
@@ -305,45 +419,8 @@ class DFAEngine(nn.Module):
 
     # -- hooks -------------------------------------------------------------------------------
 
-    def _pre_hook(self, index: int) -> Callable[[nn.Module, tuple[Any, ...]], Any]:
-        state = self._pass
-        cut = index > 0 and self.layers[index - 1].rule.is_feedback
-        name = self.layers[index].name
-
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> Any:
-            if index == 0:
-                state.next = 0
-                state.stash = []
-                if state.capture is not None:
-                    state.capture.clear()
-            if index != state.next:
-                after = state.next
-                expected = self.layers[after].name if after < len(self.layers) else None
-                raise RuntimeError(
-                    f"layer {name!r} ran where {expected!r} was expected: the "
-                    "engine needs the layers to run once each, in registration order, starting "
-                    "from the first (pass output=... to attach() if the last registered layer "
-                    "is not the output layer)"
-                )
-            state.next = index + 1
-            if index == 0:
-                return None
-            point = args[0] if args else None
-            if not isinstance(point, Tensor):
-                raise TypeError(f"layer {name!r} got a non-tensor input")
-            if state.capture is not None:
-                state.capture.append(point)
-            recording = state.recording
-            if recording is not None and point.requires_grad:
-                point.register_hook(lambda g, i=index - 1: recording.__setitem__(i, g.detach()))
-            if not (cut and state.enabled and torch.is_grad_enabled()):
-                return None
-            state.stash.append(point)
-            return (point.detach(), *args[1:])
-
-        return hook
-
-    def _output_hook(self, module: nn.Module, args: tuple[Any, ...], y: Any) -> Any:
+    def _deliver(self, y: Any) -> Any:
+        """After the output layer: route ``y`` and the stashed points through the Function."""
         state = self._pass
         if state.next != len(self.layers):  # pragma: no cover - the pre-hooks catch this first
             raise RuntimeError("the output layer ran before every layer had run")
@@ -384,8 +461,8 @@ class DFAEngine(nn.Module):
             self.num_classes,
             [p[0].numel() for p in points],
             binary=[info.rule is Rule.BDFA for info in infos],
-            init=self.init,
-            storage=self.storage,
+            init=self.structure,
+            storage=copy.copy(self.store),
             seed=self.seed,
             gain=self.gain,
             normalize=self.normalize,
@@ -405,15 +482,27 @@ class DFAEngine(nn.Module):
     def _project(
         self, error: Tensor, like: list[tuple[torch.Size, tuple[int, ...]]]
     ) -> list[Tensor]:
-        assert self.feedback is not None
-        if self.init is FeedbackInit.NORM_MATCHED and not self.calibrated:
+        if self.structure.name == FeedbackInit.NORM_MATCHED.value and not self.calibrated:
             raise RuntimeError(
                 "init='norm_matched' needs engine.calibrate(inputs, targets, loss_fn) on a batch "
                 "before the first training step"
             )
+        return self._signals(error, like)
+
+    def _signals(
+        self, error: Tensor, like: list[tuple[torch.Size, tuple[int, ...]]] | None
+    ) -> list[Tensor]:
+        """The error transforms, one projection ``e @ B``, the signal transforms, then the split
+        into one view per feedback point: the whole feedback path."""
+        assert self.feedback is not None
         if self.feedback.scales.device != error.device:
             self.feedback.to(error.device)
-        return self.feedback.project(error, like)
+        for transform in self.error_transforms:
+            error = transform(error)
+        signal = self.feedback.signal(error, like)
+        for transform in self.signal_transforms:
+            signal = transform(signal)
+        return self.feedback.split(signal, like)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
@@ -443,17 +532,7 @@ class DFAEngine(nn.Module):
         extra = state_dict.get(prefix + "_extra_state")
         layout = extra.get("layout") if isinstance(extra, dict) else None
         if self.feedback is None and layout is not None:
-            self.feedback = FeedbackMatrix(
-                layout["num_classes"],
-                layout["sizes"],
-                binary=layout["binary"],
-                init=layout["init"],
-                storage=layout["storage"],
-                seed=layout["seed"],
-                gain=self.gain,
-                normalize=layout.get("normalize", True),
-                names=layout["names"],
-            )
+            self.feedback = FeedbackMatrix.from_layout(layout, gain=self.gain)
             self.num_classes = layout["num_classes"]
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -461,7 +540,7 @@ class DFAEngine(nn.Module):
 
     def extra_repr(self) -> str:
         rules = ", ".join(f"{i.name}={i.rule.value}" for i in self.layers[:-1])
-        return f"output={self.layers[-1].name!r}, rules=({rules}), init={self.init.value}"
+        return f"output={self.layers[-1].name!r}, rules=({rules}), init={self.init}"
 
 
 def _check_scalar_loss(loss: Any) -> None:
@@ -604,13 +683,15 @@ def attach(
     scope: Scope | str = Scope.ALL,
     conv_error: ConvError | str = ConvError.BACKPROP,
     rules: Mapping[str, Rule | str] | None = None,
-    init: FeedbackInit | str = FeedbackInit.UNIFORM,
-    storage: Storage | str = Storage.DENSE,
+    init: Pattern | FeedbackInit | str = FeedbackInit.UNIFORM,
+    storage: PatternStorage | Storage | str = Storage.DENSE,
     gain: float = 1.0,
     normalize: bool = True,
     seed: int = 0,
     output: str | None = None,
     example_input: Any = None,
+    error_transforms: Sequence[Transform] = (),
+    signal_transforms: Sequence[Transform] = (),
 ) -> DFAEngine:
     """Train ``model`` by DFA, binary DFA or the hybrid, through hooks; the training loop stays
     ``loss = criterion(model(x), y); loss.backward(); optimizer.step()``.
@@ -624,9 +705,12 @@ def attach(
         conv_error: in the hybrid, how the conv stack gets its error: ``"backprop"`` (from the first
             DFA layer's delta) or ``"project"`` (a projection of its own onto its output).
         rules: per-layer overrides, ``{name_or_glob: rule}``, applied after the preset.
-        init: the feedback pattern, see :class:`~dfatorch.feedback.FeedbackInit`.
+        init: the feedback structure: a registered name (the built-in ones are listed by
+            :class:`~dfatorch.feedback.FeedbackInit`) or a :class:`~dfatorch.feedback.Pattern`
+            instance (a structure with options).
         storage: ``"dense"``, ``"packed"`` (binary only, 1 bit a weight) or ``"seeded"`` (nothing
-            stored, regenerated each step); all give the same updates.
+            stored, regenerated each step), or another registered
+            :class:`~dfatorch.feedback.PatternStorage`; all give the same updates.
         gain: a factor on every feedback scale.
         normalize: width-normalised feedback (entries scaled by ``1/sqrt(d)``); ``False`` for
             entries of order 1.
@@ -634,6 +718,14 @@ def attach(
         output: the name of the output layer, when it is not the last registered layer.
         example_input: if given, the feedback is built now from one forward pass on it;
             otherwise on the first training forward pass.
+        error_transforms: callables applied in order to the output error ``e`` ``(N, C)`` before
+            the projection (for example per-example clipping).
+        signal_transforms: callables applied in order to the projected signal ``(N, D)`` of all
+            feedback points together (blocks of ``engine.feedback.sizes`` columns, each in its
+            point's memory order) before it is split per layer (for example added noise).
+            Transforms act on the feedback path only: the output layer keeps its true gradient.
+            Those that are ``nn.Module`` are saved in the engine's ``state_dict`` (see
+            :class:`dfatorch.transforms.RandomTransform` for random ones).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
@@ -644,11 +736,10 @@ def attach(
         raise TypeError(f"attach() needs an nn.Module, got {type(model).__name__}")
     method, scope = _enum(Rule, method, "method"), _enum(Scope, scope, "scope")
     conv_error = _enum(ConvError, conv_error, "conv_error")
-    init, storage = _enum(FeedbackInit, init, "init"), _enum(Storage, storage, "storage")
+    structure, store = make_pattern(init), make_storage(storage)
     for value in (rules or {}).values():
         _enum(Rule, value, "rules")
-    previous = _ENGINES.get(model)
-    if previous is not None and previous.attached:
+    if attached_engine(model) is not None:
         raise ValueError("an engine is already attached to this model: call engine.remove() first")
     found = _layer_list(model, output)
     if example_input is not None:
@@ -676,13 +767,14 @@ def attach(
         model,
         layers,
         num_classes=num_classes,
-        init=init,
-        storage=storage,
+        init=structure,
+        storage=store,
         seed=seed,
         gain=gain,
         normalize=normalize,
+        error_transforms=error_transforms,
+        signal_transforms=signal_transforms,
     )
-    _ENGINES[model] = engine
     if example_input is not None:
         engine.materialize(example_input)
     return engine

@@ -1,44 +1,58 @@
-"""Fixed random feedback matrices: initialisations, storage strategies and the projection.
+"""Fixed random feedback matrices: feedback structures, storage strategies and the projection.
 
 A :class:`FeedbackMatrix` holds the feedback of every feedback point of a model side by side, as
 one ``(num_classes, D)`` matrix ``B = [B_1 | B_2 | ...]`` with ``D = sum(d_l)``, so that a single
 matmul ``e @ B`` serves every layer (:meth:`FeedbackMatrix.project`). Each block is
-``pattern_l * scale_l``: a pattern drawn by a :class:`FeedbackInit` and one scale per feedback
-point. Binary feedback (BDFA) has a ``{-1, +1}`` pattern, so ``B_l`` takes the two values
-``-s_l`` and ``+s_l``.
+``pattern_l * scale_l``: a pattern drawn by a :class:`Pattern` (the *feedback structure*) and one
+scale per feedback point. Binary feedback (BDFA) has a ``{-1, +1}`` pattern, so ``B_l`` takes the
+two values ``-s_l`` and ``+s_l``.
 
-How the pattern is kept is a :class:`Storage` strategy; the projection does not know which:
+Both strategies are plug-ins, one small class and one registry entry each:
 
-- ``dense``: the pattern as a float buffer (4 bytes a weight in float32).
-- ``packed``: binary patterns only, 1 bit a weight in a ``uint8`` buffer, unpacked for the matmul.
-- ``seeded``: nothing stored; the pattern is regenerated from its seed at every projection.
+- a :class:`Pattern` draws the pattern of one point (``uniform``, ``gaussian``, ``orthogonal``,
+  ``balanced``, ``norm_matched``; :func:`register_pattern` adds more). Its parameters (for example
+  a density) are declared by the class, saved with the matrix and checked on load;
+- a :class:`PatternStorage` keeps it (:func:`register_storage` adds more):
 
-All three build ``B`` with the same operations from the same bits, so they give bit-identical
-gradients.
+  - ``dense``: the pattern as a float buffer (4 bytes a weight in float32).
+  - ``packed``: binary patterns only, 1 bit a weight in a ``uint8`` buffer, unpacked for the matmul.
+  - ``seeded``: nothing stored; the pattern is regenerated from its seed at every projection.
+
+  All three build ``B`` with the same operations from the same bits, so they give bit-identical
+  gradients. The projection does not know which one it uses.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "PATTERNS",
+    "STORAGES",
     "FeedbackInit",
     "FeedbackMatrix",
+    "Pattern",
+    "PatternStorage",
     "Storage",
+    "make_pattern",
+    "make_storage",
     "pack_signs",
+    "register_pattern",
+    "register_storage",
     "sample_pattern",
     "unpack_signs",
 ]
 
 
 class FeedbackInit(str, Enum):
-    """How a feedback pattern ``B_l`` of shape ``(C, d)`` is drawn (``C`` classes, ``d`` units).
+    """The built-in feedback structures (names in :data:`PATTERNS`): how a pattern ``B_l`` of
+    shape ``(C, d)`` is drawn (``C`` classes, ``d`` units).
 
     - ``uniform``: Nøkland (2016): i.i.d. ``U(-1/sqrt(d), 1/sqrt(d))``. Binary: i.i.d. random signs.
     - ``gaussian``: Launay et al. (2019): i.i.d. ``N(0, 1/(C d))``. Binary: i.i.d. random signs.
@@ -70,7 +84,7 @@ class FeedbackInit(str, Enum):
 
 
 class Storage(str, Enum):
-    """How a :class:`FeedbackMatrix` keeps its pattern (see the module docstring)."""
+    """The built-in storage strategies (names in :data:`STORAGES`; see the module docstring)."""
 
     DENSE = "dense"
     PACKED = "packed"
@@ -82,13 +96,6 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int(seed))
 
 
-def _entry_rms(init: FeedbackInit, num_classes: int, d: int) -> float:
-    """Root mean square of one entry of the float pattern of ``init``."""
-    if init is FeedbackInit.GAUSSIAN:
-        return 1.0 / math.sqrt(num_classes * d)
-    return 1.0 / math.sqrt(3.0 * d)  # the RMS of U(-1/sqrt(d), 1/sqrt(d))
-
-
 def _hadamard(order: int) -> Tensor:
     h = torch.ones(1, 1, dtype=torch.float32)
     while h.shape[0] < order:
@@ -96,27 +103,129 @@ def _hadamard(order: int) -> Tensor:
     return h
 
 
-def sample_pattern(
-    init: FeedbackInit | str, num_classes: int, d: int, *, seed: int, binary: bool
-) -> Tensor:
-    """Draw the unscaled pattern of one feedback point: a float32 ``(num_classes, d)`` tensor.
+class Pattern:
+    """A feedback structure: draws the unscaled pattern of one feedback point.
 
-    Binary patterns hold exactly ``-1.0`` and ``+1.0``; float patterns carry the init's own
-    magnitude (``uniform``: ``U(-1/sqrt(d), 1/sqrt(d))``). Deterministic in ``seed``.
+    A subclass sets ``name`` (its registry key), declares its parameters with their defaults in
+    ``params`` and implements :meth:`sample`; :func:`register_pattern` makes it available to
+    ``attach(init=...)`` by name. Parameter values are saved with the feedback and must agree when
+    a checkpoint is loaded. :meth:`entry_rms` is the root mean square of one float entry: binary
+    feedback is scaled by it so that BDFA projects signals of the same size as DFA.
     """
-    init = FeedbackInit(init)
-    c = num_classes
-    g = _generator(seed)
-    if init in (FeedbackInit.UNIFORM, FeedbackInit.NORM_MATCHED):
+
+    name: ClassVar[str] = ""
+    params: ClassVar[Mapping[str, Any]] = {}
+
+    def __init__(self, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.params))
+        if unknown:
+            known = sorted(self.params) or "none"
+            raise ValueError(f"feedback {self.name!r} has no option {unknown} (options: {known})")
+        self.options: dict[str, Any] = {
+            k: type(v)(options.get(k, v)) for k, v in self.params.items()
+        }
+
+    def sample(
+        self, num_classes: int, d: int, *, generator: torch.Generator, binary: bool
+    ) -> Tensor:
+        """A float32 ``(num_classes, d)`` pattern; ``{-1, +1}`` if ``binary``."""
+        raise NotImplementedError
+
+    def entry_rms(self, num_classes: int, d: int) -> float:
+        """Root mean square of one entry of the float pattern."""
+        return 1.0 / math.sqrt(3.0 * d)  # the RMS of U(-1/sqrt(d), 1/sqrt(d))
+
+    def __repr__(self) -> str:
+        opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        return f"{type(self).__name__}(name={self.name!r}{opts})"
+
+
+#: Feedback structures by name; :func:`register_pattern` adds one.
+PATTERNS: dict[str, type[Pattern]] = {}
+
+
+def register_pattern(cls: type[Pattern]) -> type[Pattern]:
+    """Class decorator: make a :class:`Pattern` subclass available by its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty class attribute 'name'")
+    PATTERNS[cls.name] = cls
+    return cls
+
+
+def _key(value: Any) -> str:
+    return str(value.value) if isinstance(value, Enum) else str(value)
+
+
+def make_pattern(spec: Pattern | FeedbackInit | str, **options: Any) -> Pattern:
+    """A :class:`Pattern` from a registry name (with ``options``) or an instance (returned)."""
+    if isinstance(spec, Pattern):
+        if options:
+            raise ValueError("options go to the Pattern's constructor when passing an instance")
+        return spec
+    cls = PATTERNS.get(_key(spec))
+    if cls is None:
+        raise ValueError(f"init={_key(spec)!r} is not one of {', '.join(map(repr, PATTERNS))}")
+    return cls(**options)
+
+
+def _random_signs(c: int, d: int, g: torch.Generator) -> Tensor:
+    return torch.randint(0, 2, (c, d), generator=g, dtype=torch.float32).mul_(2).sub_(1)
+
+
+@register_pattern
+class UniformPattern(Pattern):
+    """Nøkland (2016): i.i.d. ``U(-1/sqrt(d), 1/sqrt(d))``; binary: i.i.d. random signs."""
+
+    name = "uniform"
+
+    def sample(
+        self, num_classes: int, d: int, *, generator: torch.Generator, binary: bool
+    ) -> Tensor:
         if binary:
-            return torch.randint(0, 2, (c, d), generator=g, dtype=torch.float32).mul_(2).sub_(1)
+            return _random_signs(num_classes, d, generator)
         bound = 1.0 / math.sqrt(d)
-        return torch.rand(c, d, generator=g, dtype=torch.float32).mul_(2 * bound).sub_(bound)
-    if init is FeedbackInit.GAUSSIAN:
+        return (
+            torch.rand(num_classes, d, generator=generator, dtype=torch.float32)
+            .mul_(2 * bound)
+            .sub_(bound)
+        )
+
+
+@register_pattern
+class NormMatchedPattern(UniformPattern):
+    """The ``uniform`` pattern, whose scales :meth:`~dfatorch.engine.DFAEngine.calibrate` sets."""
+
+    name = "norm_matched"
+
+
+@register_pattern
+class GaussianPattern(Pattern):
+    """Launay et al. (2019): i.i.d. ``N(0, 1/(C d))``; binary: i.i.d. random signs."""
+
+    name = "gaussian"
+
+    def entry_rms(self, num_classes: int, d: int) -> float:
+        return 1.0 / math.sqrt(num_classes * d)
+
+    def sample(
+        self, num_classes: int, d: int, *, generator: torch.Generator, binary: bool
+    ) -> Tensor:
         if binary:
-            return torch.randint(0, 2, (c, d), generator=g, dtype=torch.float32).mul_(2).sub_(1)
-        return torch.randn(c, d, generator=g, dtype=torch.float32).mul_(_entry_rms(init, c, d))
-    if init is FeedbackInit.ORTHOGONAL:
+            return _random_signs(num_classes, d, generator)
+        rms = self.entry_rms(num_classes, d)
+        return torch.randn(num_classes, d, generator=generator, dtype=torch.float32).mul_(rms)
+
+
+@register_pattern
+class OrthogonalPattern(Pattern):
+    """Mutually orthogonal rows (see :class:`FeedbackInit`)."""
+
+    name = "orthogonal"
+
+    def sample(
+        self, num_classes: int, d: int, *, generator: torch.Generator, binary: bool
+    ) -> Tensor:
+        c, g = num_classes, generator
         if binary:
             m = 1 << max(1, math.ceil(math.log2(c + 1)))
             rows = _hadamard(m)[1 : c + 1]  # row 0 is all ones: leave it out
@@ -128,9 +237,20 @@ def sample_pattern(
         q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
         # with more classes than units the rows cannot all be orthogonal: keep orthonormal columns
         pattern = q.T if d >= c else q[:c, :d]
-        pattern = pattern / pattern.pow(2).mean().sqrt() * _entry_rms(init, c, d)
+        pattern = pattern / pattern.pow(2).mean().sqrt() * self.entry_rms(c, d)
         return pattern.float().contiguous()
-    if init is FeedbackInit.BALANCED:
+
+
+@register_pattern
+class BalancedPattern(Pattern):
+    """Zero mean in every row and column (see :class:`FeedbackInit`)."""
+
+    name = "balanced"
+
+    def sample(
+        self, num_classes: int, d: int, *, generator: torch.Generator, binary: bool
+    ) -> Tensor:
+        c, g = num_classes, generator
         if binary:
             i = torch.arange(c).unsqueeze(1)
             j = torch.arange(d).unsqueeze(0)
@@ -142,8 +262,18 @@ def sample_pattern(
         a = torch.randn(c, d, generator=g, dtype=torch.float64)
         a = a - a.mean(1, keepdim=True) - a.mean(0, keepdim=True) + a.mean()
         rms = a.pow(2).mean().sqrt().clamp_min(1e-12)
-        return (a / rms * _entry_rms(init, c, d)).float()
-    raise ValueError(f"unknown feedback init {init!r}")  # pragma: no cover - enum exhausts it
+        return (a / rms * self.entry_rms(c, d)).float()
+
+
+def sample_pattern(
+    init: Pattern | FeedbackInit | str, num_classes: int, d: int, *, seed: int, binary: bool
+) -> Tensor:
+    """Draw the unscaled pattern of one feedback point: a float32 ``(num_classes, d)`` tensor.
+
+    Binary patterns hold exactly ``-1.0`` and ``+1.0``; float patterns carry the init's own
+    magnitude (``uniform``: ``U(-1/sqrt(d), 1/sqrt(d))``). Deterministic in ``seed``.
+    """
+    return make_pattern(init).sample(num_classes, d, generator=_generator(seed), binary=binary)
 
 
 Layout = tuple[Sequence[int], Sequence[int]]  # (shape, strides) of a feedback point
@@ -182,6 +312,102 @@ def unpack_signs(packed: Tensor, d: int, dtype: torch.dtype = torch.float32) -> 
     return signs.to(dtype).mul_(2).sub_(1)
 
 
+class PatternStorage:
+    """How a :class:`FeedbackMatrix` keeps its pattern: a strategy the projection does not see.
+
+    A subclass sets ``name`` and implements :meth:`store` (register buffers on the matrix),
+    :meth:`pattern` (the unscaled ``(C, D)`` pattern) and :meth:`nbytes`; ``binary_only`` refuses
+    float feedback, ``cache_matrix`` lets the matrix keep ``B`` between calls (dense storage; the
+    others rebuild it each time, which is the memory they save). :meth:`sources` names the tensors
+    a cached ``B`` depends on. :func:`register_storage` makes it available by name.
+    """
+
+    name: ClassVar[str] = ""
+    binary_only: ClassVar[bool] = False
+    cache_matrix: ClassVar[bool] = False
+
+    def store(self, matrix: FeedbackMatrix, pattern: Callable[[], Tensor]) -> None:
+        """Keep the pattern (``pattern()`` draws it) as buffers of ``matrix``."""
+
+    def pattern(self, matrix: FeedbackMatrix, dtype: torch.dtype) -> Tensor:
+        raise NotImplementedError
+
+    def nbytes(self, matrix: FeedbackMatrix) -> int:
+        return 0
+
+    def sources(self, matrix: FeedbackMatrix) -> tuple[Tensor, ...]:
+        return ()
+
+
+#: Storage strategies by name; :func:`register_storage` adds one.
+STORAGES: dict[str, type[PatternStorage]] = {}
+
+
+def register_storage(cls: type[PatternStorage]) -> type[PatternStorage]:
+    """Class decorator: make a :class:`PatternStorage` subclass available by its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty class attribute 'name'")
+    STORAGES[cls.name] = cls
+    return cls
+
+
+@register_storage
+class DenseStorage(PatternStorage):
+    """The pattern as a float buffer ``pattern``."""
+
+    name = "dense"
+    cache_matrix = True
+
+    def store(self, matrix: FeedbackMatrix, pattern: Callable[[], Tensor]) -> None:
+        matrix.register_buffer("pattern", pattern())
+
+    def pattern(self, matrix: FeedbackMatrix, dtype: torch.dtype) -> Tensor:
+        return matrix.pattern.to(dtype)
+
+    def nbytes(self, matrix: FeedbackMatrix) -> int:
+        return matrix.pattern.numel() * matrix.pattern.element_size()
+
+    def sources(self, matrix: FeedbackMatrix) -> tuple[Tensor, ...]:
+        return (matrix.pattern,)
+
+
+@register_storage
+class PackedStorage(PatternStorage):
+    """Binary patterns as bits, 8 weights a byte, in a ``uint8`` buffer ``bits``."""
+
+    name = "packed"
+    binary_only = True
+
+    def store(self, matrix: FeedbackMatrix, pattern: Callable[[], Tensor]) -> None:
+        matrix.register_buffer("bits", pack_signs(pattern()))
+
+    def pattern(self, matrix: FeedbackMatrix, dtype: torch.dtype) -> Tensor:
+        return unpack_signs(matrix.bits, matrix.total_size, dtype)
+
+    def nbytes(self, matrix: FeedbackMatrix) -> int:
+        return matrix.bits.numel()
+
+
+@register_storage
+class SeededStorage(PatternStorage):
+    """Nothing stored: the pattern is drawn again from its seeds at every call."""
+
+    name = "seeded"
+
+    def pattern(self, matrix: FeedbackMatrix, dtype: torch.dtype) -> Tensor:
+        return matrix.generate().to(device=matrix.scales.device, dtype=dtype)
+
+
+def make_storage(spec: PatternStorage | Storage | str) -> PatternStorage:
+    """A :class:`PatternStorage` from a registry name or an instance (returned)."""
+    if isinstance(spec, PatternStorage):
+        return spec
+    cls = STORAGES.get(_key(spec))
+    if cls is None:
+        raise ValueError(f"storage={_key(spec)!r} is not one of {', '.join(map(repr, STORAGES))}")
+    return cls()
+
+
 class FeedbackMatrix(nn.Module):
     """The feedback of all feedback points of one model: ``B = [B_1 | ... | B_L]``, ``(C, D)``.
 
@@ -189,20 +415,23 @@ class FeedbackMatrix(nn.Module):
         num_classes: ``C``, the size of the output error ``e``.
         sizes: ``d_l``, the number of units at each feedback point (``C*H*W`` for a conv map).
         binary: per feedback point, whether its pattern is ``{-1, +1}`` (BDFA) or float (DFA).
-        init: the pattern's :class:`FeedbackInit`.
-        storage: a :class:`Storage` strategy; ``packed`` needs every point to be binary.
+        init: the feedback structure: a :class:`Pattern`, or the registry name of one
+            (:class:`FeedbackInit` lists the built-in ones).
+        storage: a :class:`PatternStorage` or its registry name (:class:`Storage` lists the
+            built-in ones); ``packed`` needs every point to be binary.
         seed: point ``l`` draws from seed ``seed * 1_000_003 + l``: independent patterns.
         gain: a factor on every scale. The default scale is ``gain`` for float patterns (their
             magnitude is the init's own) and ``gain * RMS`` of the init's float entries for binary
-            patterns, so that BDFA projects signals of the same size as DFA.
+            patterns (:meth:`Pattern.entry_rms`), so that BDFA projects signals of the same size as
+            DFA.
         normalize: the inits scale entries by ``1/sqrt(d)`` (width normalisation, so that a wide
-            layer does not receive a larger error than a narrow one); ``False`` undoes that
-            factor (entries of order 1, as in unnormalised DFA).
+            layer does not receive a larger error than a narrow one); ``False`` multiplies every
+            scale by ``sqrt(d)`` (entries of order 1, as in unnormalised DFA).
         names: a label per feedback point (for messages and ``repr``).
 
     The matrix is held in registered buffers (``pattern`` or ``bits``, and ``scales``), so it
-    moves with ``.to()`` and is saved in ``state_dict()``; the layout is saved as extra state and
-    checked on load.
+    moves with ``.to()`` and is saved in ``state_dict()``; the layout, the structure's options
+    included, is saved as extra state and checked on load.
     """
 
     def __init__(
@@ -211,8 +440,8 @@ class FeedbackMatrix(nn.Module):
         sizes: Sequence[int],
         *,
         binary: Sequence[bool],
-        init: FeedbackInit | str = FeedbackInit.UNIFORM,
-        storage: Storage | str = Storage.DENSE,
+        init: Pattern | FeedbackInit | str = FeedbackInit.UNIFORM,
+        storage: PatternStorage | Storage | str = Storage.DENSE,
         seed: int = 0,
         gain: float = 1.0,
         normalize: bool = True,
@@ -222,8 +451,8 @@ class FeedbackMatrix(nn.Module):
         self.num_classes = int(num_classes)
         self.sizes = [int(d) for d in sizes]
         self.binary = [bool(b) for b in binary]
-        self.init = FeedbackInit(init)
-        self.storage = Storage(storage)
+        self.structure = make_pattern(init)
+        self.store = make_storage(storage)
         self.seed = int(seed)
         self.names = list(names) if names is not None else [f"point{i}" for i in range(len(sizes))]
         if len(self.binary) != len(self.sizes) or len(self.names) != len(self.sizes):
@@ -232,26 +461,33 @@ class FeedbackMatrix(nn.Module):
             raise ValueError("a FeedbackMatrix needs at least one feedback point")
         if self.num_classes < 1 or min(self.sizes) < 1:
             raise ValueError(f"bad feedback shape: C={num_classes}, sizes={self.sizes}")
-        if self.storage is Storage.PACKED and not all(self.binary):
+        if self.store.binary_only and not all(self.binary):
             floats = [n for n, b in zip(self.names, self.binary) if not b]
             raise ValueError(
-                "packed storage holds 1 bit a weight and needs binary feedback (bdfa) at every "
-                f"feedback point; float points: {floats}"
+                f"{self.store.name} storage holds 1 bit a weight and needs binary feedback (bdfa) "
+                f"at every feedback point; float points: {floats}"
             )
         self.normalize = bool(normalize)
         scales = [
             gain
-            * (_entry_rms(self.init, self.num_classes, d) if b else 1.0)
+            * (self.structure.entry_rms(self.num_classes, d) if b else 1.0)
             * (1.0 if normalize else math.sqrt(d))
             for d, b in zip(self.sizes, self.binary)
         ]
         self.register_buffer("scales", torch.tensor(scales, dtype=torch.float32))
-        if self.storage is Storage.DENSE:
-            self.register_buffer("pattern", self._generate())
-        elif self.storage is Storage.PACKED:
-            self.register_buffer("bits", pack_signs(self._generate()))
+        self.store.store(self, self.generate)
 
     # -- the pattern ---------------------------------------------------------------------------
+
+    @property
+    def init(self) -> str:
+        """The registry name of the feedback structure."""
+        return self.structure.name
+
+    @property
+    def storage(self) -> str:
+        """The registry name of the storage strategy."""
+        return self.store.name
 
     @property
     def total_size(self) -> int:
@@ -262,10 +498,13 @@ class FeedbackMatrix(nn.Module):
         """The seed of feedback point ``index``."""
         return self.seed * 1_000_003 + index
 
-    def _generate(self) -> Tensor:
+    def generate(self) -> Tensor:
+        """Draw the whole unscaled pattern ``(C, D)`` from the seeds (on the CPU, float32)."""
         return torch.cat(
             [
-                sample_pattern(self.init, self.num_classes, d, seed=self.point_seed(i), binary=b)
+                self.structure.sample(
+                    self.num_classes, d, generator=_generator(self.point_seed(i)), binary=b
+                )
                 for i, (d, b) in enumerate(zip(self.sizes, self.binary))
             ],
             1,
@@ -273,29 +512,34 @@ class FeedbackMatrix(nn.Module):
 
     def full_pattern(self, dtype: torch.dtype | None = None) -> Tensor:
         """The unscaled pattern ``(C, D)``, whatever the storage."""
-        dtype = dtype or self.scales.dtype
-        if self.storage is Storage.DENSE:
-            return self.pattern.to(dtype)
-        if self.storage is Storage.PACKED:
-            return unpack_signs(self.bits, self.total_size, dtype)
-        return self._generate().to(device=self.scales.device, dtype=dtype)
+        return self.store.pattern(self, dtype or self.scales.dtype)
 
-    def _cached(self, key: tuple[Any, ...], build: Any) -> Tensor:
-        # Keys hold the buffers' data pointers and versions: .to(), load_state_dict() and in-place
-        # changes such as calibration all invalidate them.
-        cache: dict[tuple[Any, ...], Tensor] = self.__dict__.setdefault("_matrix_cache", {})
-        value = cache.get(key)
-        if value is None:
-            if len(cache) > 8:
-                cache.clear()
-            value = cache[key] = build()
+    def _cached(self, key: tuple[Any, ...], sources: tuple[Tensor, ...], build: Any) -> Tensor:
+        # A cached value is valid while the very tensors it was built from are still the buffers
+        # and unchanged: the entry holds them (so their memory cannot be reused by new buffers)
+        # and compares identity and version. .to(), load_state_dict() and in-place changes such
+        # as calibration all invalidate it.
+        cache: dict[tuple[Any, ...], tuple[tuple[Any, ...], Tensor]] = self.__dict__.setdefault(
+            "_matrix_cache", {}
+        )
+        stamp = tuple((t, t._version, t.data_ptr()) for t in sources)
+        hit = cache.get(key)
+        if (
+            hit is not None
+            and len(hit[0]) == len(stamp)
+            and all(
+                a is b and va == vb and pa == pb for (a, va, pa), (b, vb, pb) in zip(hit[0], stamp)
+            )
+        ):
+            return hit[1]
+        if len(cache) > 8:
+            cache.clear()
+        value = build()
+        cache[key] = (stamp, value)
         return value
 
-    def _key(self, dtype: torch.dtype, *extra: Any) -> tuple[Any, ...]:
-        key: tuple[Any, ...] = (dtype, self.scales.data_ptr(), self.scales._version, *extra)
-        if self.storage is Storage.DENSE:
-            key += (self.pattern.data_ptr(), self.pattern._version)
-        return key
+    def _sources(self) -> tuple[Tensor, ...]:
+        return (self.scales, *self.store.sources(self))
 
     def column_scales(self, dtype: torch.dtype | None = None) -> Tensor:
         """The scale of every column of ``B``, ``(D,)``."""
@@ -305,7 +549,7 @@ class FeedbackMatrix(nn.Module):
             sizes = torch.tensor(self.sizes, device=self.scales.device)
             return self.scales.to(dtype).repeat_interleave(sizes)
 
-        return self._cached(("columns", *self._key(dtype)), build)
+        return self._cached(("columns", dtype), (self.scales,), build)
 
     def matrix(self, dtype: torch.dtype | None = None) -> Tensor:
         """``B = pattern * scales``, ``(C, D)``, built by the same operations for every storage.
@@ -318,32 +562,31 @@ class FeedbackMatrix(nn.Module):
         def build() -> Tensor:
             return self.full_pattern(dtype) * self.column_scales(dtype)
 
-        if self.storage is not Storage.DENSE:
+        if not self.store.cache_matrix:
             return build()
-        return self._cached(("matrix", *self._key(dtype)), build)
+        return self._cached(("matrix", dtype), self._sources(), build)
 
     def blocks(self, dtype: torch.dtype | None = None) -> list[Tensor]:
         """``[B_1, ..., B_L]``, views into :meth:`matrix`."""
         return list(self.matrix(dtype).split(self.sizes, 1))
 
-    def project(self, error: Tensor, like: Sequence[Tensor | Layout] | None = None) -> list[Tensor]:
-        """``[e @ B_1, ..., e @ B_L]`` for an error ``e`` of shape ``(N, C)``, by one matmul.
+    def signal(self, error: Tensor, like: Sequence[Tensor | Layout] | None = None) -> Tensor:
+        """``e @ B`` for an error ``e`` of shape ``(N, C)``: the ``(N, D)`` signal of every point.
 
-        The results are slices of one ``(N, D)`` product: views, no copies. Without ``like`` they
-        are ``(N, d_l)``; with ``like`` (per point, a tensor or its ``(shape, strides)``) each
-        takes that point's shape *and memory layout*: for a channels-last map the columns of
-        ``B_l`` are reordered (a ``C x d_l`` copy) so that the ``N x d_l`` result needs none.
+        With ``like`` (per point, a tensor or its ``(shape, strides)``), the columns of a point
+        whose map is stored in another memory order (channels-last) are in that order, so that
+        :meth:`split` hands back views without copies.
         """
         if error.dim() != 2 or error.shape[1] != self.num_classes:
             raise ValueError(
                 f"the output error has shape {tuple(error.shape)}, but the feedback was built for "
                 f"(batch, {self.num_classes})"
             )
+        matrix = self.matrix(error.dtype)
         layouts = None if like is None else [_layout(t) for t in like]
         orders = (
             [None] * len(self.sizes) if layouts is None else [_memory_order(t) for t in layouts]
         )
-        matrix = self.matrix(error.dtype)
         if any(o is not None for o in orders):
             assert layouts is not None
 
@@ -359,33 +602,48 @@ class FeedbackMatrix(nn.Module):
                     1,
                 )
 
-            if self.storage is Storage.DENSE:
-                matrix = self._cached(("order", tuple(orders), *self._key(error.dtype)), reordered)
+            if self.store.cache_matrix:
+                matrix = self._cached(
+                    ("order", tuple(orders), error.dtype), self._sources(), reordered
+                )
             else:
                 matrix = reordered()
-        signals = list((error @ matrix).split(self.sizes, 1))
-        if layouts is None:
+        return error @ matrix
+
+    def split(self, signal: Tensor, like: Sequence[Tensor | Layout] | None = None) -> list[Tensor]:
+        """Split an ``(N, D)`` signal from :meth:`signal` into one view per feedback point:
+        ``(N, d_l)`` without ``like``, else each point's shape and memory layout."""
+        signals = list(signal.split(self.sizes, 1))
+        if like is None:
             return signals
         out = []
-        for signal, order, (shape, _) in zip(signals, orders, layouts):
+        for s, (shape, strides) in zip(signals, (_layout(t) for t in like)):
+            order = _memory_order((shape, strides))
             if order is None:
-                out.append(signal.view(shape))
+                out.append(s.view(shape))
             else:  # view in memory order, then permute back to the logical order
-                stored = signal.view(shape[0], *(shape[d] for d in order))
+                stored = s.view(shape[0], *(shape[d] for d in order))
                 out.append(stored.permute(0, *(1 + order.index(d) for d in range(1, len(shape)))))
         return out
+
+    def project(self, error: Tensor, like: Sequence[Tensor | Layout] | None = None) -> list[Tensor]:
+        """``[e @ B_1, ..., e @ B_L]`` for an error ``e`` of shape ``(N, C)``, by one matmul.
+
+        The results are slices of one ``(N, D)`` product: views, no copies. Without ``like`` they
+        are ``(N, d_l)``; with ``like`` (per point, a tensor or its ``(shape, strides)``) each
+        takes that point's shape *and memory layout*: for a channels-last map the columns of
+        ``B_l`` are reordered (a ``C x d_l`` copy) so that the ``N x d_l`` result needs none.
+        """
+        return self.split(self.signal(error, like), like)
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
     def storage_bytes(self) -> dict[str, int]:
         """Bytes held: ``{"pattern": ..., "scales": ...}`` (``seeded`` holds no pattern)."""
-        if self.storage is Storage.DENSE:
-            pattern = self.pattern.numel() * self.pattern.element_size()
-        elif self.storage is Storage.PACKED:
-            pattern = self.bits.numel()
-        else:
-            pattern = 0
-        return {"pattern": pattern, "scales": self.scales.numel() * self.scales.element_size()}
+        return {
+            "pattern": self.store.nbytes(self),
+            "scales": self.scales.numel() * self.scales.element_size(),
+        }
 
     def layout(self) -> dict[str, Any]:
         """What defines this matrix besides its buffers (saved as extra state)."""
@@ -393,20 +651,42 @@ class FeedbackMatrix(nn.Module):
             "num_classes": self.num_classes,
             "sizes": list(self.sizes),
             "binary": list(self.binary),
-            "init": self.init.value,
-            "storage": self.storage.value,
+            "init": self.init,
+            "init_options": dict(self.structure.options),
+            "storage": self.storage,
             "seed": self.seed,
             "normalize": self.normalize,
             "names": list(self.names),
         }
+
+    @classmethod
+    def from_layout(cls, layout: Mapping[str, Any], *, gain: float = 1.0) -> FeedbackMatrix:
+        """Rebuild a matrix from :meth:`layout` (its buffers then come from ``load_state_dict``)."""
+        if layout["init"] not in PATTERNS:
+            raise ValueError(
+                f"the saved feedback uses the structure {layout['init']!r}, which is not "
+                "registered here (register_pattern it before loading)"
+            )
+        return cls(
+            layout["num_classes"],
+            layout["sizes"],
+            binary=layout["binary"],
+            init=make_pattern(layout["init"], **layout.get("init_options", {})),
+            storage=layout["storage"],
+            seed=layout["seed"],
+            gain=gain,
+            normalize=layout.get("normalize", True),
+            names=layout["names"],
+        )
 
     def get_extra_state(self) -> dict[str, Any]:
         return self.layout()
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         mine = self.layout()
-        # Names are labels; everything else decides the matrix and must agree.
-        state = {"normalize": True, **state}  # saved before the option existed
+        # Names are labels; everything else decides the matrix and must agree. Checkpoints saved
+        # before an option existed carry its default.
+        state = {"normalize": True, "init_options": {}, **state}
         diff = {k: (state.get(k), v) for k, v in mine.items() if k != "names" and state.get(k) != v}
         if diff:
             detail = ", ".join(f"{k}: saved {s!r}, here {h!r}" for k, (s, h) in diff.items())
@@ -414,7 +694,8 @@ class FeedbackMatrix(nn.Module):
 
     def extra_repr(self) -> str:
         kinds = "".join("b" if b else "f" for b in self.binary)
+        opts = "".join(f", {k}={v!r}" for k, v in self.structure.options.items())
         return (
-            f"C={self.num_classes}, sizes={self.sizes}, kinds={kinds}, init={self.init.value}, "
-            f"storage={self.storage.value}, seed={self.seed}"
+            f"C={self.num_classes}, sizes={self.sizes}, kinds={kinds}, init={self.init}{opts}, "
+            f"storage={self.storage}, seed={self.seed}"
         )
