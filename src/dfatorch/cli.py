@@ -6,66 +6,40 @@ import argparse
 import dataclasses
 import json
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 
-TRAIN_HELP = {
-    "dataset": "digits (embedded, no download), mnist, fashion-mnist, cifar10, cifar100",
-    "data_dir": "folder with the dataset files (default: $DFATORCH_DATA or ~/.cache/dfatorch/data)",
-    "download": "fetch missing dataset files from the official source, md5-checked",
-    "label": "CIFAR-100 labels: fine (100 classes) or coarse (20)",
-    "fraction": "train on a class-stratified, seeded fraction of the training set, e.g. 0.02",
-    "val_fraction": "hold out this fraction of the training set as a validation split",
-    "augment": "random crop (4-pixel padding) and horizontal flip (default: on for CIFAR)",
-    "model": "zoo model: nokland_cnn, small_cnn, vgg_cnn, track_cnn, mlp, mlp_2x800, ...",
-    "activation": "tanh, relu, leaky_relu or sigmoid (default: the model's own)",
-    "batch_norm": "batch normalisation after every hidden layer",
-    "dropout": "dropout probability in the fully connected head",
-    "width": "multiply every hidden width by this",
-    "trainable_units": "MLPs: train only this many units of the middle hidden layer",
-    "method": "bp, dfa or bdfa (binary feedback)",
-    "scope": "all (every hidden layer) or fc (Han & Yoo's hybrid: conv layers by BP)",
-    "conv_error": "hybrid only: backprop (W^T delta of the first DFA layer) or project",
-    "init": "feedback init: uniform, gaussian, orthogonal, balanced, norm_matched",
-    "storage": "feedback storage: dense, packed (1 bit a weight, bdfa) or seeded (0 bytes)",
-    "gain": "multiply every feedback scale by this",
-    "normalize_feedback": "scale feedback entries by 1/sqrt(layer width)",
-    "epochs": "number of epochs",
-    "batch_size": "mini-batch size",
-    "optimizer": "sgd or adam",
-    "lr": "learning rate",
-    "momentum": "SGD momentum",
-    "weight_decay": "L2 weight decay",
-    "schedule": "constant or cosine learning rate",
-    "seed": "seeds data order, augmentation, initialisation and feedback",
-    "device": "auto (CUDA if available), cpu, cuda, cuda:1, ...",
-    "channels_last": "channels-last memory format for conv nets (often faster on CPU)",
-    "eval_test": "evaluate on the test set (off for tuning runs)",
-    "eval_every": "evaluate every N epochs (and after the last)",
-    "align_every": "log gradient alignment every N steps (0: off)",
-}
-
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    from .train import TrainConfig
+    """One flag per TrainConfig field, with its help, type and choices from the field itself."""
+    from .config import TrainConfig, choices
 
     defaults = TrainConfig()
+    hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        help_text = TRAIN_HELP.get(f.name, "")
-        kind = str(f.type)
-        if "bool" in kind:
+        help_text = f.metadata.get("help", "")
+        kind = hints[f.name]
+        base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+        if base is bool:  # BooleanOptionalAction adds "(default: ...)" itself
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
             )
             continue
-        converter: Any = float if "float" in kind else int if kind.startswith("int") else str
+        converter: Any = base if base in (int, float) else str
+        shown = "" if default is None else f" (default: {default})"
         parser.add_argument(
-            flag, type=converter, default=default, help=f"{help_text} (default: {default})"
+            flag,
+            type=converter,
+            default=default,
+            choices=choices(f.name),
+            metavar=f.name.upper() if choices(f.name) is None else None,
+            help=help_text + shown,
         )
 
 
@@ -77,6 +51,19 @@ def _config_from(args: argparse.Namespace, **overrides: Any) -> Any:
     return TrainConfig(**values)
 
 
+def _resume_line() -> Any:
+    """A trainer callback that prints where a resumed run continues."""
+    from .callbacks import Callback
+
+    class ResumeLine(Callback):
+        def on_train_start(self, state: Any) -> None:
+            if state.start_epoch or state.start_batch:
+                at = f"epoch {state.start_epoch + 1}, batch {state.start_batch + 1}"
+                print(f"resuming from {at} ({state.run_dir})", flush=True)
+
+    return ResumeLine()
+
+
 def _print_summary(rows: list[tuple[str, list[dict[str, Any]]]]) -> None:
     from .train import summary_table
 
@@ -84,7 +71,7 @@ def _print_summary(rows: list[tuple[str, list[dict[str, Any]]]]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import NonFiniteLossError, train
+    from .train import train
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -93,18 +80,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = _config_from(args)
         name = f"{config.dataset}-{config.model}-{config.method}-{config.scope}-s{config.seed}"
         run_dir = Path(args.out) if args.out else Path("runs") / name
-    try:
-        result = train(
-            config,
-            run_dir,
-            resume=bool(args.resume),
-            epochs=args.epochs if args.resume and args.epochs_given else None,
-            progress=not args.no_progress,
-            on_epoch=None if args.no_progress else _epoch_line,
-        )
-    except NonFiniteLossError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+    result = train(
+        config,
+        run_dir,
+        resume=bool(args.resume),
+        epochs=args.epochs if args.resume and args.epochs_given else None,
+        progress=not args.no_progress,
+        on_epoch=None if args.no_progress else _epoch_line,
+        callbacks=[_resume_line()],
+    )
     _print_summary([(str(run_dir), result.history)])
     print(f"run folder: {run_dir}")
     if result.interrupted:
@@ -126,15 +110,22 @@ def _epoch_line(record: dict[str, Any]) -> None:
 
 def parse_method(token: str, default_scope: str) -> dict[str, str]:
     """``"bdfa"`` or ``"bdfa:fc"`` -> ``{"method": "bdfa", "scope": "fc"}``."""
+    from .config import choices
+
     method, _, scope = token.strip().partition(":")
-    if method not in ("bp", "dfa", "bdfa"):
-        raise ValueError(f"unknown method {method!r} in --methods (bp, dfa, bdfa, e.g. dfa:all)")
+    methods, scopes = choices("method") or [], choices("scope") or []
+    if method not in methods or (scope and scope not in scopes):
+        raise ValueError(
+            f"--methods: {token.strip()!r} is not METHOD[:SCOPE] with METHOD one of "
+            f"{', '.join(methods)} and SCOPE one of {', '.join(scopes)} (e.g. dfa:all)"
+        )
     return {"method": method, "scope": scope or default_scope}
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .plots import plot_curves
-    from .train import is_finished, read_metrics, train
+    from .rundir import RunDir
+    from .train import read_metrics, train
 
     specs = [parse_method(t, args.scope) for t in args.methods.split(",") if t.strip()]
     out = Path(args.out or f"runs/compare-{args.dataset}-{args.model}")
@@ -142,9 +133,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for spec in specs:
         label = spec["method"] if spec["method"] == "bp" else f"{spec['method']}-{spec['scope']}"
         run_dir = out / label
-        if not is_finished(run_dir):
+        if not RunDir(run_dir).is_finished():
             print(f"== {label} ==", flush=True)
-            resume = (run_dir / "checkpoint.pt").exists()
+            resume = RunDir(run_dir).checkpoint.exists()
             train(
                 None if resume else _config_from(args, **spec),
                 run_dir,
@@ -189,7 +180,9 @@ def cmd_align(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-    out = Path(args.run_dir) / "alignment.json"
+    from .rundir import RunDir
+
+    out = RunDir(args.run_dir).alignment
     out.write_text(json.dumps([a.as_dict() for a in report], indent=1) + "\n")
     print(f"wrote {out}")
     return 0
@@ -316,13 +309,20 @@ def _add_tracker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: dfatorch train: argument --epochs: ...``."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dfatorch",
         description="Train networks by DFA, binary DFA and Han & Yoo's hybrid BP+DFA.",
     )
     parser.add_argument("--version", action="version", version=f"dfatorch {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train one model", description="Train one model.")
     _add_config_arguments(p)
@@ -417,10 +417,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else 2
     args.epochs_given = "--epochs" in argv
+    from .callbacks import TrainingDiverged
+
     try:
         return int(args.func(args))
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._enums import StrEnum
 from .feedback import (
     FeedbackInit,
     FeedbackMatrix,
@@ -72,7 +73,7 @@ SEGMENT_TYPES: tuple[type[nn.Module], ...] = (
 Transform = Callable[[Tensor], Tensor]
 
 
-class Rule(str, Enum):
+class Rule(StrEnum):
     """How a hidden layer receives the error at its output."""
 
     BP = "bp"  #: back-propagated from the layer above (exact gradient)
@@ -84,14 +85,14 @@ class Rule(str, Enum):
         return self is not Rule.BP
 
 
-class Scope(str, Enum):
+class Scope(StrEnum):
     """Which hidden layers a ``dfa``/``bdfa`` method covers."""
 
     ALL = "all"  #: every hidden layer, convolutional and linear, gets its own projection
     FC = "fc"  #: the paper's hybrid: hidden linear layers by DFA, the conv part by BP
 
 
-class ConvError(str, Enum):
+class ConvError(StrEnum):
     """Where the conv stack's error comes from in the hybrid (``scope="fc"``)."""
 
     #: (a) back-propagated from the first DFA-trained linear layer's delta, ``W^T delta``

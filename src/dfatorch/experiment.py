@@ -37,7 +37,6 @@ killed). ``--shard i/n`` splits the cells between machines that share no folder.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import math
@@ -56,7 +55,8 @@ else:  # pragma: no cover
 
 from ._io import write_json
 from ._stats import mean_std
-from .train import TrainConfig, is_finished, read_metrics, summarize, train
+from .rundir import RunDir
+from .train import TrainConfig, summarize, train
 
 __all__ = ["Cell", "Experiment", "aggregate", "load_experiment", "run_experiment"]
 
@@ -224,7 +224,7 @@ def _all_groups(exp: Experiment) -> list[str]:
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     # fields added to TrainConfig after a cell ran take their defaults: old results stay valid
-    full = {**dataclasses.asdict(TrainConfig()), **config}
+    full = {**TrainConfig().to_dict(), **config}
     return {k: v for k, v in full.items() if k not in NEUTRAL}
 
 
@@ -232,12 +232,12 @@ def cell_results(results_dir: Path, cell: Cell) -> list[dict[str, Any]] | None:
     """The finished history of ``cell`` under ``results_dir``, or None if it is not done (or was
     done with another configuration)."""
     folder = results_dir / cell.key
-    if not is_finished(folder):
+    run = RunDir(folder)
+    if not run.is_finished():
         return None
-    saved = json.loads((folder / "config.json").read_text())["config"]
-    if _comparable(saved) != _comparable(dataclasses.asdict(cell.config)):
+    if _comparable(run.read_config()) != _comparable(cell.config.to_dict()):
         return None
-    return read_metrics(folder)
+    return run.read_metrics()
 
 
 @contextmanager
@@ -268,19 +268,18 @@ def _cell_lock(path: Path) -> Iterator[bool]:
 
 def _run_cell(cell: Cell, runs_dir: Path, results_dir: Path, progress: bool) -> None:
     run_dir = runs_dir / cell.key
-    resume = (run_dir / "checkpoint.pt").exists()
-    if resume:
-        saved = json.loads((run_dir / "config.json").read_text())["config"]
-        if _comparable(saved) != _comparable(dataclasses.asdict(cell.config)):
-            shutil.rmtree(run_dir)  # a stale run of an older version of this cell
-            resume = False
+    run = RunDir(run_dir)
+    resume = run.checkpoint.exists()
+    if resume and _comparable(run.read_config()) != _comparable(cell.config.to_dict()):
+        shutil.rmtree(run_dir)  # a stale run of an older version of this cell
+        resume = False
     train(None if resume else cell.config, run_dir, resume=resume, progress=progress)
     target = results_dir / cell.key
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for name in ("config.json", "metrics.jsonl"):
-        shutil.copy2(run_dir / name, staging / name)
+    for path in (run.config, run.metrics):
+        shutil.copy2(path, staging / path.name)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
 
@@ -365,7 +364,7 @@ def aggregate(exp: Experiment, results_dir: str | Path) -> dict[str, Any]:
         if history is None:
             missing += 1
             continue
-        env = json.loads((results_dir / cell.key / "config.json").read_text())["environment"]
+        env = RunDir(results_dir / cell.key).read_meta()["environment"]
         machines.add(
             f"{env.get('processor')} / {env.get('platform')} / {env.get('threads')} threads"
         )

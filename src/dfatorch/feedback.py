@@ -32,6 +32,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ._enums import StrEnum
+
 __all__ = [
     "PATTERNS",
     "STORAGES",
@@ -50,7 +52,7 @@ __all__ = [
 ]
 
 
-class FeedbackInit(str, Enum):
+class FeedbackInit(StrEnum):
     """The built-in feedback structures (names in :data:`PATTERNS`): how a pattern ``B_l`` of
     shape ``(C, d)`` is drawn (``C`` classes, ``d`` units).
 
@@ -83,7 +85,7 @@ class FeedbackInit(str, Enum):
     NORM_MATCHED = "norm_matched"
 
 
-class Storage(str, Enum):
+class Storage(StrEnum):
     """The built-in storage strategies (names in :data:`STORAGES`; see the module docstring)."""
 
     DENSE = "dense"

@@ -14,6 +14,7 @@ from matplotlib.ticker import NullLocator
 from ._io import write_json
 from .experiment import Experiment, aggregate, cell_results, format_value, load_experiment, select
 from .plots import plot_curves, save_figure
+from .rundir import RunDir
 from .train import read_metrics, summarize
 
 __all__ = ["write_report"]
@@ -417,7 +418,7 @@ def _tracking_section(folder: Path, out: Path) -> list[str]:
         ]
     backbone = read_metrics(folder / "backbone")
     if backbone:
-        config = json.loads((folder / "backbone" / "config.json").read_text())["config"]
+        config = RunDir(folder / "backbone").read_config()
         lines += [
             f"Backbone: `track_cnn` pre-trained by `{config['method']}` on `{config['dataset']}` "
             f"for {len(backbone)} epochs, final test accuracy "

@@ -1,15 +1,14 @@
 """The training loop: epochs, evaluation, metrics, atomic checkpoints and exact resume.
 
-A run lives in one folder::
+A run lives in one folder (:class:`~dfatorch.rundir.RunDir`: ``config.json``, ``metrics.jsonl``,
+``checkpoint.pt``). ``train(config, run_dir)`` starts a run; ``train(None, run_dir,
+resume=True)`` continues one, from the end of the last completed epoch or from the batch where
+Ctrl-C stopped it, and ends with the same metrics as an uninterrupted run with the same seed
+(batches and augmentation are functions of ``(seed, epoch)``, the RNG states are saved).
 
-    RUN_DIR/config.json      everything needed to rerun: the TrainConfig, versions, git commit
-    RUN_DIR/metrics.jsonl    one JSON object per epoch
-    RUN_DIR/checkpoint.pt    model, optimiser, engine (feedback), RNG states, epoch and history
-
-``train(config, run_dir)`` starts a run; ``train(None, run_dir, resume=True)`` continues one,
-from the end of the last completed epoch or from the batch where Ctrl-C stopped it, and ends with
-the same metrics as an uninterrupted run with the same seed (batches and augmentation are functions
-of ``(seed, epoch)``, the RNG states are saved).
+The loop itself only runs forward, backward and the optimiser step; what a method adds (norm
+calibration, alignment probes, divergence checks, a preconditioner, saved-tensor hooks) plugs in
+as a :class:`~dfatorch.callbacks.Callback`. The loss function and the optimiser are arguments.
 """
 
 from __future__ import annotations
@@ -25,109 +24,42 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import __version__
 from ._io import atomic_write
-from .alignment import gradient_alignment
+from .callbacks import Callback, NonFiniteLossError, TrainingDiverged, TrainState, default_callbacks
+from .config import OptimizerName, Schedule, TrainConfig
 from .data import BatchLoader, DatasetSplits, load_dataset, stratified_subset, train_val_split
 from .engine import DFAEngine, attach, get_rng_states, set_rng_states
 from .models import build_model, model_stats
+from .rundir import CheckpointError, RunDir, load_checkpoint
 
 __all__ = [
+    "CheckpointError",
     "NonFiniteLossError",
+    "OptimizerFactory",
     "RunResult",
     "TrainConfig",
+    "TrainingDiverged",
     "evaluate",
     "load_checkpoint",
+    "make_optimizer",
     "read_metrics",
     "train",
 ]
 
-CHECKPOINT = "checkpoint.pt"
-CONFIG = "config.json"
-METRICS = "metrics.jsonl"
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run; saved in ``config.json``, rebuilt by :meth:`from_dict`.
-
-    Data: ``dataset`` (digits, mnist, fashion-mnist, cifar10, cifar100), ``fraction`` (a
-    class-stratified, seeded subset of the training set), ``val_fraction`` (held out from the
-    training set for model selection; reported as ``val_*``), ``augment`` (random crop with 4-pixel
-    padding and horizontal flip; default on for CIFAR only).
-    Model: a zoo name and its options. Rule: the arguments of :func:`dfatorch.attach`.
-    """
-
-    dataset: str = "digits"
-    data_dir: str | None = None
-    download: bool = False
-    label: str = "fine"
-    fraction: float = 1.0
-    val_fraction: float = 0.0
-    augment: bool | None = None
-    model: str = "small_cnn"
-    activation: str | None = None
-    batch_norm: bool = False
-    dropout: float = 0.0
-    width: float = 1.0
-    trainable_units: int | None = None
-    method: str = "bdfa"
-    scope: str = "fc"
-    conv_error: str = "backprop"
-    init: str = "uniform"
-    storage: str = "dense"
-    gain: float = 1.0
-    normalize_feedback: bool = True
-    epochs: int = 20
-    batch_size: int = 64
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "constant"
-    seed: int = 0
-    device: str = "auto"
-    channels_last: bool = False
-    eval_test: bool = True
-    eval_every: int = 1
-    align_every: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.epochs < 1 or self.batch_size < 1 or self.eval_every < 1:
-            raise ValueError("epochs, batch_size and eval_every must be >= 1")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Rebuild a config from ``asdict`` output, refusing unknown keys."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}")
-        return cls(**data)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped and its last good checkpoint was kept."""
+#: Builds the optimiser of a run from the model and its configuration.
+OptimizerFactory = Callable[[nn.Module, TrainConfig], torch.optim.Optimizer]
+LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass
@@ -169,7 +101,17 @@ class _Run:
     device: torch.device
 
 
-def _build(config: TrainConfig) -> _Run:
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The default :data:`OptimizerFactory`: SGD (with momentum) or Adam, as ``config`` says."""
+    params = model.parameters()
+    if config.optimizer is OptimizerName.SGD:
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _build(config: TrainConfig, optimizer_factory: OptimizerFactory | None = None) -> _Run:
     device = resolve_device(config.device)
     splits = load_dataset(
         config.dataset, config.data_dir, download=config.download, label=config.label
@@ -215,19 +157,13 @@ def _build(config: TrainConfig) -> _Run:
         normalize=config.normalize_feedback,
         seed=config.seed,
     )
-    params = model.parameters()
-    if config.optimizer == "sgd":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
-    else:
-        optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = (optimizer_factory or make_optimizer)(model, config)
     return _Run(splits, train_loader, eval_loaders, model, engine, optimizer, device)
 
 
 def _learning_rate(config: TrainConfig, progress: float) -> float:
     """The learning rate at ``progress`` (0 at the first step, 1 at the end of training)."""
-    if config.schedule == "cosine":
+    if config.schedule is Schedule.COSINE:
         return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
     return config.lr
 
@@ -238,16 +174,24 @@ def _inputs(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: BatchLoader, *, channels_last: bool = False
+    model: nn.Module,
+    loader: BatchLoader,
+    *,
+    channels_last: bool = False,
+    loss_fn: LossFn | None = None,
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` over ``loader`` (eval mode, no gradients)."""
+    """Mean loss (cross-entropy unless ``loss_fn``, a batch-mean loss, is given) and accuracy of
+    ``model`` over ``loader`` (eval mode, no gradients)."""
     was_training = model.training
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
     try:
         for x, y in loader:
             logits = model(_inputs(x, channels_last))
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            if loss_fn is None:
+                loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            else:
+                loss_sum += loss_fn(logits, y).item() * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
     finally:
@@ -297,34 +241,35 @@ def environment() -> dict[str, Any]:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The per-epoch records of ``run_dir/metrics.jsonl`` (empty if none yet)."""
-    path = Path(run_dir) / METRICS
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The per-epoch records of a run folder (empty if none yet)."""
+    return RunDir(run_dir).read_metrics()
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``: tensors and plain containers only)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def _save(run_dir: Path, run: _Run, config: TrainConfig, position: dict[str, Any]) -> None:
-    state = {
+def _save(
+    run: RunDir, built: _Run, state: TrainState, callbacks: Sequence[Callback], batch: int
+) -> None:
+    """Checkpoint: ``state.epoch`` epochs done plus ``batch`` batches of the next."""
+    checkpoint = {
         "format": 1,
-        "config": asdict(config),
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "engine": run.engine.state_dict(),
+        "config": state.config.to_dict(),
+        "model": built.model.state_dict(),
+        "optimizer": built.optimizer.state_dict(),
+        "engine": built.engine.state_dict(),
         "rng": get_rng_states(),
-        **position,
+        "epoch": state.epoch,
+        "batch": batch,
+        "history": state.history,
+        "partial": state.partial if batch else _fresh(),
+        "callbacks": [{"name": type(c).__name__, "state": c.state_dict()} for c in callbacks],
     }
-    atomic_write(run_dir / CHECKPOINT, lambda fh: torch.save(state, fh))
+    atomic_write(run.checkpoint, lambda fh: torch.save(checkpoint, fh))
+    where = f"after epoch {state.epoch}"
+    state.checkpoint_at = where if not batch else f"{where} and {batch} batches of the next"
 
 
-def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+def _write_metrics(run: RunDir, history: list[dict[str, Any]]) -> None:
     text = "".join(json.dumps(h) + "\n" for h in history)
-    atomic_write(run_dir / METRICS, lambda fh: fh.write(text), mode="w")
+    atomic_write(run.metrics, lambda fh: fh.write(text), mode="w")
 
 
 # -- the loop ----------------------------------------------------------------------------------
@@ -357,18 +302,7 @@ def _graceful_interrupt() -> Iterator[_StopRequest]:
 
 def _fresh() -> dict[str, Any]:
     """Running sums of the epoch in progress."""
-    return {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0, "alignment": []}
-
-
-def _compact(layers: list[Any]) -> dict[str, dict[str, float | None]]:
-    return {a.name: {"mean": a.mean, "std": a.std, "weight_angle": a.weight_angle} for a in layers}
-
-
-def _position(
-    epoch: int, batch: int, history: list[dict[str, Any]], partial: dict[str, Any]
-) -> dict[str, Any]:
-    """Where a checkpoint stands: ``epoch`` epochs done plus ``batch`` batches of the next."""
-    return {"epoch": epoch, "batch": batch, "history": history, "partial": partial}
+    return {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
 
 
 @contextlib.contextmanager
@@ -380,6 +314,69 @@ def _progress(total: int, desc: str, enabled: bool) -> Iterator[Any]:
         bar.close()
 
 
+def _resolve_config(
+    config: TrainConfig | None, run: RunDir, *, resume: bool, epochs: int | None
+) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """The run's configuration and, when resuming, its checkpoint."""
+    checkpoint = None
+    if resume and run.checkpoint.exists():
+        checkpoint = run.load_checkpoint()
+        saved = TrainConfig.from_dict(checkpoint["config"])
+        if config is not None and config.to_dict() != saved.to_dict():
+            given = config.to_dict()
+            diff = {k: (v, given[k]) for k, v in saved.to_dict().items() if given[k] != v}
+            raise ValueError(f"{run} was trained with another config (saved, given): {diff}")
+        config = saved
+    elif resume and config is None:
+        if not run.config.exists():
+            raise FileNotFoundError(f"nothing to resume in {run}: no checkpoint or config.json")
+        config = TrainConfig.from_dict(run.read_config())
+    elif not resume and run.checkpoint.exists():
+        raise FileExistsError(f"{run} already holds a run; resume it or choose another folder")
+    if config is None:
+        raise ValueError("train() needs a config unless it resumes a run")
+    if epochs is not None:
+        config = dataclasses.replace(config, epochs=epochs)
+    return config, checkpoint
+
+
+def _restore(
+    built: _Run, state: TrainState, checkpoint: dict[str, Any], callbacks: Sequence[Callback]
+) -> None:
+    built.model.load_state_dict(checkpoint["model"])
+    built.engine.load_state_dict(checkpoint["engine"])
+    built.optimizer.load_state_dict(checkpoint["optimizer"])
+    set_rng_states(checkpoint["rng"])
+    state.history = list(checkpoint["history"])
+    state.start_epoch, state.start_batch = checkpoint["epoch"], checkpoint["batch"]
+    state.partial = {**_fresh(), **checkpoint["partial"]}
+    where = f"after epoch {state.start_epoch}"
+    state.checkpoint_at = where if not state.start_batch else f"{where} and more"
+    saved = {s["name"]: s["state"] for s in checkpoint.get("callbacks", [])}
+    for callback in callbacks:
+        if type(callback).__name__ in saved:
+            callback.load_state_dict(saved[type(callback).__name__])
+
+
+def _write_meta(run: RunDir, built: _Run, config: TrainConfig) -> None:
+    stats = model_stats(built.model, built.splits.input_shape)
+    meta = {
+        "config": config.to_dict(),
+        "environment": environment(),
+        "model": {"params": stats.params, "macs_per_sample": stats.macs},
+        "engine": {
+            "rules": {k: v.value for k, v in built.engine.rules.items()},
+            "output_layer": built.engine.layers[-1].name,
+        },
+        "data": {
+            "train_examples": len(built.train_loader.dataset),
+            "eval_examples": {k: len(v.dataset) for k, v in built.eval_loaders.items()},
+            "augment": built.train_loader.augment,
+        },
+    }
+    atomic_write(run.config, lambda fh: fh.write(json.dumps(meta, indent=2)), mode="w")
+
+
 def train(
     config: TrainConfig | None,
     run_dir: str | Path,
@@ -388,174 +385,171 @@ def train(
     epochs: int | None = None,
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    loss_fn: LossFn | None = None,
+    optimizer_factory: OptimizerFactory | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> RunResult:
     """Train a model as ``config`` says, writing ``run_dir`` (see the module docstring).
 
     Args:
         config: the run's configuration; ``None`` with ``resume=True`` reads ``config.json``.
-        run_dir: the run's folder (created if needed).
+        run_dir: the run's folder (created once the data and model are built: a run that fails
+            before leaves nothing behind).
         resume: continue the run in ``run_dir`` from its checkpoint; without a checkpoint the run
             starts from scratch.
         epochs: with ``resume``, a new total number of epochs (to extend a finished run).
         progress: show a progress bar with loss, accuracy and images per second.
         on_epoch: called with each epoch's record.
+        loss_fn: the training loss ``loss_fn(logits, targets)``, a batch mean (default:
+            cross-entropy); also the evaluation loss when given.
+        optimizer_factory: builds the optimiser from ``(model, config)`` (default:
+            :func:`make_optimizer`). The schedule sets each parameter group's ``lr`` every step.
+        callbacks: added after the ones the config asks for (:func:`default_callbacks`). A resume
+            needs the same ``loss_fn``, ``optimizer_factory`` and callbacks.
 
     Raises:
-        NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+        TrainingDiverged: the loss exploded or became NaN/inf (``NonFiniteLossError``); the last
+            checkpoint is kept.
         FileExistsError: ``run_dir`` holds another run and ``resume`` is false.
+        CheckpointError: the checkpoint to resume from is unreadable.
     """
-    run_dir = Path(run_dir)
-    ckpt_path = run_dir / CHECKPOINT
-    checkpoint = None
-    if resume and ckpt_path.exists():
-        checkpoint = load_checkpoint(ckpt_path)
-        saved = TrainConfig.from_dict(checkpoint["config"])
-        if config is not None and asdict(config) != asdict(saved):
-            diff = {
-                k: (v, asdict(config)[k])
-                for k, v in asdict(saved).items()
-                if asdict(config)[k] != v
-            }
-            raise ValueError(f"{run_dir} was trained with another config (saved, given): {diff}")
-        config = saved
-    elif resume and config is None:
-        if not (run_dir / CONFIG).exists():
-            raise FileNotFoundError(f"nothing to resume in {run_dir}: no {CHECKPOINT} or {CONFIG}")
-        config = TrainConfig.from_dict(json.loads((run_dir / CONFIG).read_text())["config"])
-    elif not resume and ckpt_path.exists():
-        raise FileExistsError(f"{run_dir} already holds a run; resume it or choose another folder")
-    if config is None:
-        raise ValueError("train() needs a config unless it resumes a run")
-    if epochs is not None:
-        config = dataclasses.replace(config, epochs=epochs)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-    run = _build(config)
-    stats = model_stats(run.model, run.splits.input_shape)
-    history: list[dict[str, Any]] = []
-    start_epoch, start_batch = 0, 0
-    partial = _fresh()
+    run = RunDir(run_dir)
+    config, checkpoint = _resolve_config(config, run, resume=resume, epochs=epochs)
+    built = _build(config, optimizer_factory)
+    hooks = [*default_callbacks(config), *callbacks]
+    eval_loss = loss_fn  # None: cross-entropy summed exactly, as evaluate() does by default
+    state = TrainState(
+        config=config,
+        run_dir=run.path,
+        model=built.model,
+        engine=built.engine,
+        optimizer=built.optimizer,
+        loss_fn=loss_fn or F.cross_entropy,
+        steps_per_epoch=len(built.train_loader),
+        partial=_fresh(),
+    )
     if checkpoint is not None:
-        run.model.load_state_dict(checkpoint["model"])
-        run.engine.load_state_dict(checkpoint["engine"])
-        run.optimizer.load_state_dict(checkpoint["optimizer"])
-        set_rng_states(checkpoint["rng"])
-        history = list(checkpoint["history"])
-        start_epoch, start_batch = checkpoint["epoch"], checkpoint["batch"]
-        partial = {**_fresh(), **checkpoint["partial"]}
-    meta = {
-        "config": asdict(config),
-        "environment": environment(),
-        "model": {"params": stats.params, "macs_per_sample": stats.macs},
-        "engine": {
-            "rules": {k: v.value for k, v in run.engine.rules.items()},
-            "output_layer": run.engine.layers[-1].name,
-        },
-        "data": {
-            "train_examples": len(run.train_loader.dataset),
-            "eval_examples": {k: len(v.dataset) for k, v in run.eval_loaders.items()},
-            "augment": run.train_loader.augment,
-        },
-    }
-    atomic_write(run_dir / CONFIG, lambda fh: fh.write(json.dumps(meta, indent=2)), mode="w")
-    _write_metrics(run_dir, history)  # the checkpoint's history is the truth after a kill -9
+        _restore(built, state, checkpoint, hooks)
+    run.path.mkdir(parents=True, exist_ok=True)
+    _write_meta(run, built, config)
+    _write_metrics(run, state.history)  # the checkpoint's history is the truth after a kill -9
+    for callback in hooks:
+        callback.on_train_start(state)
 
-    steps_per_epoch = len(run.train_loader)
-    total_steps = steps_per_epoch * config.epochs
-    model, optimizer = run.model, run.optimizer
-    model.train()
+    built.model.train()
     interrupted = False
     with _graceful_interrupt() as stop:
-        for epoch in range(start_epoch, config.epochs):
-            first = start_batch if epoch == start_epoch else 0
+        for epoch in range(state.start_epoch, config.epochs):
+            state.epoch = epoch
+            first = state.start_batch if epoch == state.start_epoch else 0
             if first == 0:
-                partial = _fresh()
-            run.train_loader.set_epoch(epoch, start_batch=first)
-            batch_index = first
-            started = time.perf_counter() - partial["seconds"]
-            with _progress(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", progress) as bar:
-                bar.update(first)
-                for x, y in run.train_loader:
-                    x = _inputs(x, config.channels_last)
-                    if config.init == "norm_matched" and not run.engine.calibrated:
-                        run.engine.calibrate(x, y, F.cross_entropy)
-                    step = epoch * steps_per_epoch + batch_index
-                    for group in optimizer.param_groups:
-                        group["lr"] = _learning_rate(config, step / total_steps)
-                    optimizer.zero_grad(set_to_none=True)
-                    probe = config.align_every > 0 and step % config.align_every == 0
-                    before = get_rng_states() if probe else None
-                    recorder = run.engine.recording() if probe else contextlib.nullcontext()
-                    with recorder as delivered:
-                        logits = model(x)
-                        loss = F.cross_entropy(logits, y)
-                        value = loss.item()
-                        if not math.isfinite(value):
-                            kept = f"{ckpt_path} (epoch {len(history)})"
-                            raise NonFiniteLossError(
-                                f"the loss became {value} at epoch {epoch + 1}, batch "
-                                f"{batch_index + 1}; stopped. The last good checkpoint is kept: "
-                                f"{kept}; try a lower learning rate or a smaller feedback gain."
-                            )
-                        loss.backward()
-                    if probe:  # same weights, batch and dropout masks: before the update
-                        layers = gradient_alignment(
-                            run.engine, x, y, F.cross_entropy, delivered=delivered,
-                            rng_state=before,
-                        )  # fmt: skip
-                        partial["alignment"].append({"step": step, "layers": _compact(layers)})
-                    optimizer.step()
-                    partial["loss_sum"] += value * len(y)
-                    partial["correct"] += int((logits.detach().argmax(1) == y).sum())
-                    partial["seen"] += len(y)
-                    batch_index += 1
-                    elapsed = time.perf_counter() - started
-                    bar.update(1)
-                    bar.set_postfix(
-                        loss=f"{partial['loss_sum'] / partial['seen']:.3f}",
-                        acc=f"{partial['correct'] / partial['seen']:.3f}",
-                        img_s=f"{partial['seen'] / max(elapsed, 1e-9):.0f}",
-                        refresh=False,
-                    )
-                    if stop.requested:  # Ctrl-C: stop at this step boundary, resumable exactly
-                        partial["seconds"] = elapsed
-                        position = _position(epoch, batch_index, history, partial)
-                        _save(run_dir, run, config, position)
-                        interrupted = True
-                        break
-            if interrupted:
+                state.partial = _fresh()
+            if not _train_epoch(state, built, hooks, run, first=first, stop=stop, bar=progress):
+                interrupted = True
                 break
-            seconds = time.perf_counter() - started
-            record: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "train_loss": partial["loss_sum"] / max(partial["seen"], 1),
-                "train_acc": partial["correct"] / max(partial["seen"], 1),
-            }
-            scheduled = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
-            for split in ("test", "val"):
-                loader = run.eval_loaders.get(split)
-                if loader is not None and scheduled:
-                    record[f"{split}_loss"], record[f"{split}_acc"] = evaluate(
-                        model, loader, channels_last=config.channels_last
-                    )
-                elif loader is not None or split == "test":
-                    record[f"{split}_loss"] = record[f"{split}_acc"] = None
-            if config.align_every > 0:
-                record["alignment"] = partial["alignment"]
-            record.update(
-                epoch_seconds=seconds,
-                images_per_second=partial["seen"] / max(seconds, 1e-9),
-                lr=optimizer.param_groups[0]["lr"],
-            )
-            history.append(record)
-            _save(run_dir, run, config, _position(epoch + 1, 0, history, _fresh()))
-            _write_metrics(run_dir, history)
+            record = _end_epoch(state, built, hooks, eval_loss)
+            state.history.append(record)
+            state.epoch = epoch + 1
+            _save(run, built, state, hooks, batch=0)
+            _write_metrics(run, state.history)
             if on_epoch is not None:
                 on_epoch(record)
             if stop.requested:
                 interrupted = epoch + 1 < config.epochs
                 break
-    return RunResult(run_dir, config, history, interrupted=interrupted)
+    return RunResult(run.path, config, state.history, interrupted=interrupted)
+
+
+def _train_epoch(
+    state: TrainState,
+    built: _Run,
+    callbacks: Sequence[Callback],
+    run: RunDir,
+    *,
+    first: int,
+    stop: _StopRequest,
+    bar: bool,
+) -> bool:
+    """Train one epoch from batch ``first``; ``False`` if Ctrl-C stopped it (checkpoint saved)."""
+    config, model, optimizer = state.config, built.model, built.optimizer
+    partial = state.partial
+    total_steps = state.steps_per_epoch * config.epochs
+    built.train_loader.set_epoch(state.epoch, start_batch=first)
+    state.batch_index = first
+    started = time.perf_counter() - partial["seconds"]
+    desc = f"epoch {state.epoch + 1}/{config.epochs}"
+    with _progress(state.steps_per_epoch, desc, bar) as progress:
+        progress.update(first)
+        for x, y in built.train_loader:
+            state.x, state.y = _inputs(x, config.channels_last), y
+            for callback in callbacks:
+                callback.on_batch_start(state)
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(config, state.step / total_steps)
+            optimizer.zero_grad(set_to_none=True)
+            with contextlib.ExitStack() as around:
+                for callback in callbacks:
+                    around.enter_context(callback.step_context(state))
+                state.logits = model(state.x)
+                state.loss = state.loss_fn(state.logits, y)
+                state.loss_value = state.loss.item()
+                state.loss.backward()
+            for callback in callbacks:
+                callback.after_backward(state)
+            for callback in callbacks:
+                callback.before_step(state)
+            optimizer.step()
+            for callback in callbacks:
+                callback.after_step(state)
+            partial["loss_sum"] += state.loss_value * len(y)
+            partial["correct"] += int((state.logits.detach().argmax(1) == y).sum())
+            partial["seen"] += len(y)
+            state.logits = state.loss = None  # let the graph go
+            state.batch_index += 1
+            elapsed = time.perf_counter() - started
+            progress.update(1)
+            progress.set_postfix(
+                loss=f"{partial['loss_sum'] / partial['seen']:.3f}",
+                acc=f"{partial['correct'] / partial['seen']:.3f}",
+                img_s=f"{partial['seen'] / max(elapsed, 1e-9):.0f}",
+                refresh=False,
+            )
+            if stop.requested:  # Ctrl-C: stop at this step boundary, resumable exactly
+                partial["seconds"] = elapsed
+                _save(run, built, state, callbacks, batch=state.batch_index)
+                return False
+    partial["seconds"] = time.perf_counter() - started
+    return True
+
+
+def _end_epoch(
+    state: TrainState, built: _Run, callbacks: Sequence[Callback], eval_loss: LossFn | None
+) -> dict[str, Any]:
+    """Evaluate and build the epoch's record."""
+    config, partial, epoch = state.config, state.partial, state.epoch
+    record: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "train_loss": partial["loss_sum"] / max(partial["seen"], 1),
+        "train_acc": partial["correct"] / max(partial["seen"], 1),
+    }
+    scheduled = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
+    for split in ("test", "val"):
+        loader = built.eval_loaders.get(split)
+        if loader is not None and scheduled:
+            record[f"{split}_loss"], record[f"{split}_acc"] = evaluate(
+                built.model, loader, channels_last=config.channels_last, loss_fn=eval_loss
+            )
+        elif loader is not None or split == "test":
+            record[f"{split}_loss"] = record[f"{split}_acc"] = None
+    for callback in callbacks:
+        callback.on_epoch_end(state, record)
+    seconds = partial["seconds"]
+    record.update(
+        epoch_seconds=seconds,
+        images_per_second=partial["seen"] / max(seconds, 1e-9),
+        lr=built.optimizer.param_groups[0]["lr"],
+    )
+    return record
 
 
 def probe_batch(
@@ -563,8 +557,7 @@ def probe_batch(
 ) -> tuple[DFAEngine, torch.Tensor, torch.Tensor, Callable[..., torch.Tensor]]:
     """The model and engine of a saved run, restored from its checkpoint, with one batch of its
     data (the first of a seeded shuffle, not augmented) and its loss: what alignment probes need."""
-    run_dir = Path(run_dir)
-    checkpoint = load_checkpoint(run_dir / CHECKPOINT)
+    checkpoint = RunDir(run_dir).load_checkpoint()
     config = TrainConfig.from_dict(checkpoint["config"])
     run = _build(config)
     run.model.load_state_dict(checkpoint["model"])
@@ -578,11 +571,7 @@ def probe_batch(
 
 def is_finished(run_dir: str | Path) -> bool:
     """Whether ``run_dir`` holds a run that completed all its epochs."""
-    path = Path(run_dir) / CONFIG
-    if not path.exists():
-        return False
-    epochs = json.loads(path.read_text())["config"]["epochs"]
-    return len(read_metrics(run_dir)) >= epochs
+    return RunDir(run_dir).is_finished()
 
 
 def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:

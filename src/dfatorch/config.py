@@ -1,0 +1,177 @@
+"""The configuration of a training run: typed, validated when it is built, with its own help.
+
+Every field carries its help text in the dataclass metadata, and fields with a fixed set of values
+are enums or are checked against the registries (models, datasets, activations, feedback
+structures and storages), so that a typo fails when the configuration is built: in the command
+line, or when an experiment file is loaded, before any cell runs. The command line is generated
+from these fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from ._enums import StrEnum
+from .data import DATASET_NAMES, canonical_name
+from .engine import ConvError, Rule, Scope
+from .feedback import PATTERNS, STORAGES
+from .models import ACTIVATIONS, MODELS
+
+__all__ = ["OptimizerName", "Schedule", "TrainConfig", "choices"]
+
+
+class OptimizerName(StrEnum):
+    """The built-in optimisers (``train(optimizer_factory=...)`` takes any other)."""
+
+    SGD = "sgd"
+    ADAM = "adam"
+
+
+class Schedule(StrEnum):
+    """The learning-rate schedule over the whole run."""
+
+    CONSTANT = "constant"
+    COSINE = "cosine"
+
+
+def _field(default: Any, help: str, **choices: Any) -> Any:
+    return field(default=default, metadata={"help": help, **choices})
+
+
+def choices(name: str) -> list[str] | None:
+    """The allowed values of config field ``name`` (for ``argparse`` choices), or ``None``."""
+    meta = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}[name]
+    source = meta.get("choices")
+    if source is None:
+        return None
+    if isinstance(source, type) and issubclass(source, Enum):
+        return [str(m.value) for m in source]
+    return sorted(source) if isinstance(source, dict) else list(source)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; saved in ``config.json``, rebuilt by :meth:`from_dict`.
+
+    Values are checked when the config is built (``ValueError`` naming the field); enum fields
+    accept their string values. :meth:`to_dict` gives plain JSON-ready values.
+    """
+
+    dataset: str = _field(
+        "digits", "the dataset (digits is embedded, no download)", choices=DATASET_NAMES
+    )
+    data_dir: str | None = _field(
+        None, "folder with the dataset files; unset: $DFATORCH_DATA, else ~/.cache/dfatorch/data"
+    )
+    download: bool = _field(False, "fetch missing dataset files from the official source")
+    label: str = _field("fine", "CIFAR-100 labels: fine (100 classes) or coarse (20)",
+                        choices=("fine", "coarse"))  # fmt: skip
+    fraction: float = _field(
+        1.0, "train on a class-stratified, seeded fraction of the training set"
+    )
+    val_fraction: float = _field(0.0, "hold out this fraction of the training set for validation")
+    augment: bool | None = _field(
+        None, "random crop (4-pixel padding) and horizontal flip; unset: on for CIFAR only"
+    )
+    model: str = _field("small_cnn", "a model of the zoo", choices=MODELS)
+    activation: str | None = _field(
+        None, "hidden activation; unset: the model's own", choices=ACTIVATIONS
+    )
+    batch_norm: bool = _field(False, "batch normalisation after every hidden layer")
+    dropout: float = _field(0.0, "dropout probability in the fully connected head")
+    width: float = _field(1.0, "multiply every hidden width by this")
+    trainable_units: int | None = _field(
+        None, "MLPs: train only this many units of the middle hidden layer"
+    )
+    method: Rule = _field("bdfa", "training rule of the hidden layers", choices=Rule)
+    scope: Scope = _field(
+        "fc", "all (every hidden layer) or fc (Han & Yoo's hybrid: conv layers by BP)",
+        choices=Scope,
+    )  # fmt: skip
+    conv_error: ConvError = _field(
+        "backprop",
+        "hybrid only: backprop (W^T delta of the first DFA layer) or project",
+        choices=ConvError,
+    )
+    init: str = _field("uniform", "feedback structure", choices=PATTERNS)
+    storage: str = _field("dense", "feedback storage (packed: 1 bit a weight, bdfa only)",
+                          choices=STORAGES)  # fmt: skip
+    gain: float = _field(1.0, "multiply every feedback scale by this")
+    normalize_feedback: bool = _field(True, "scale feedback entries by 1/sqrt(layer width)")
+    epochs: int = _field(20, "number of epochs")
+    batch_size: int = _field(64, "mini-batch size")
+    optimizer: OptimizerName = _field("adam", "optimiser", choices=OptimizerName)
+    lr: float = _field(1e-3, "learning rate")
+    momentum: float = _field(0.9, "SGD momentum")
+    weight_decay: float = _field(0.0, "L2 weight decay")
+    schedule: Schedule = _field("constant", "learning-rate schedule", choices=Schedule)
+    seed: int = _field(0, "seeds data order, augmentation, initialisation and feedback")
+    device: str = _field("auto", "auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    channels_last: bool = _field(False, "channels-last memory format for conv nets")
+    eval_test: bool = _field(True, "evaluate on the test set (off for tuning runs)")
+    eval_every: int = _field(1, "evaluate every N epochs (and after the last)")
+    align_every: int = _field(0, "log gradient alignment every N steps (0: off)")
+    divergence_factor: float = _field(
+        3.0,
+        "stop when the moving average of the training loss exceeds this multiple of the first "
+        "step's loss (0: off; a non-finite loss always stops)",
+    )
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            source = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if source is None or value is None:
+                continue
+            if isinstance(source, type) and issubclass(source, Enum):
+                setattr(self, f.name, _member(source, value, f.name))
+            elif f.name == "dataset":
+                self.dataset = canonical_name(value)
+            elif value not in source:
+                options = ", ".join(choices(f.name) or [])
+                raise ValueError(f"{f.name}={value!r} is not one of {options}")
+        for name in ("epochs", "batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.align_every < 0:
+            raise ValueError(f"align_every must be >= 0, got {self.align_every}")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        for name in ("momentum", "weight_decay", "dropout", "divergence_factor"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.dropout >= 1:
+            raise ValueError(f"dropout must be < 1, got {self.dropout}")
+        if not self.width > 0:
+            raise ValueError(f"width must be > 0, got {self.width}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (enums as strings), as saved in ``config.json`` and checkpoints."""
+        return {
+            k: (v.value if isinstance(v, Enum) else v) for k, v in dataclasses.asdict(self).items()
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Rebuild a config from :meth:`to_dict` output, refusing unknown keys."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}")
+        return cls(**data)
+
+
+def _member(kind: type[Enum], value: Any, name: str) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        options = ", ".join(str(m.value) for m in kind)
+        raise ValueError(f"{name}={value!r} is not one of {options}") from None
