@@ -15,10 +15,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# Fashion-MNIST for its loader test comes from Debian (skipped, with a reason, where apt is absent)
+# Fashion-MNIST for its loader test comes from Debian (skipped, with a reason, where apt is absent).
+# Installing a system package is not silent: one line says what and why.
 fashion-mnist:
 	@test -d /usr/share/datasets/fashion-mnist || \
-	  (command -v apt-get >/dev/null && (apt-get install -y -q dataset-fashion-mnist >/dev/null \
+	  (command -v apt-get >/dev/null && \
+	   echo "make test: apt-get install dataset-fashion-mnist (Debian package; the Fashion-MNIST loader test in tests/test_data.py reads /usr/share/datasets/fashion-mnist)" && \
+	   (apt-get install -y -q dataset-fashion-mnist >/dev/null \
 	   || (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null))) || \
 	  echo "note: dataset-fashion-mnist not installed; its test will be skipped"
 

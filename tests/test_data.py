@@ -559,7 +559,10 @@ def test_download_dataset_via_mirror_env(
 
 
 def test_load_mnist_with_download(
-    http_root: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    http_root: tuple[Path, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     root, url = http_root
     monkeypatch.delenv("DFATORCH_MIRROR", raising=False)  # the patched registry URL must be used
@@ -572,6 +575,7 @@ def test_load_mnist_with_download(
     with pytest.raises(DataError, match="download=True"):
         load_dataset("mnist", data_dir)
     splits = load_dataset("mnist", data_dir, download=True)
+    assert "\r" not in capsys.readouterr().err  # not a terminal: no progress bar redraws
     assert len(splits.train) == 30 and len(splits.test) == 20
     assert sorted(p.name for p in (data_dir / "mnist").iterdir()) == sorted(
         f.filename for f in files
@@ -630,7 +634,10 @@ def test_missing_dataset_message_says_where(tmp_path: Path) -> None:
         load_dataset("mnist", tmp_path)
     msg = str(info.value)
     assert str(tmp_path / "mnist") in msg and "train-images-idx3-ubyte.gz" in msg
-    assert "download=True" in msg and "--download" in msg
+    # one line, for the CLI (its flags) and for Python (its arguments)
+    assert "\n" not in msg
+    for name in ("--download", "download=True", "--data-dir", "data_dir=", "DFATORCH_DATA"):
+        assert name in msg
     with pytest.raises(DataError) as info:
         load_dataset("cifar-10", tmp_path)
     msg = str(info.value)

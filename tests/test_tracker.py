@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dfatorch._io import CheckpointError
 from dfatorch.models import build_model, conv_features
 from dfatorch.tracking import iou, load_sequence, run_sequence
 from dfatorch.tracking.features import FeatureExtractor, FeatureMap, load_backbone, roi_align
@@ -261,6 +262,28 @@ def test_load_backbone_accepts_trainer_checkpoints_and_bare_state_dicts(tmp_path
     torch.testing.assert_close(random.module[0].weight, same.module[0].weight)
 
 
+def test_missing_or_truncated_backbone_is_a_one_line_error(tmp_path):
+    missing = tmp_path / "runs" / "nothing.pt"
+    with pytest.raises(CheckpointError) as info:
+        load_backbone(missing)
+    message = str(info.value)
+    assert "\n" not in message and "Errno" not in message
+    assert message.startswith(f"backbone checkpoint {missing}: no such file")
+    assert "dfatorch train --model track_cnn" in message
+    model = build_model("track_cnn", (3, 32, 32), 10)
+    torch.save({"model": model.state_dict()}, tmp_path / "whole.pt")
+    data = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as info:
+        load_backbone(tmp_path / "cut.pt")
+    message = str(info.value)
+    assert "\n" not in message and str(tmp_path / "cut.pt") in message
+    assert "not a readable backbone checkpoint (truncated" in message
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"notes\.pt is not a readable backbone checkpoint"):
+        load_backbone(tmp_path / "notes.pt")
+
+
 # -- library entry points ----------------------------------------------------------------------
 
 
@@ -276,13 +299,16 @@ def _write_otb(root: Path, frames: int = 6) -> Path:
     return seq
 
 
-def test_track_sequence_and_evaluate_updates_write_results(tmp_path, backbone):
+def test_track_sequence_and_evaluate_updates_write_results(tmp_path, backbone, capsys):
     seq_dir = _write_otb(tmp_path / "otb")
     out = tmp_path / "one"
-    with pytest.warns(UserWarning, match="randomly initialised"):
-        result = track_sequence(
-            seq_dir, update="dfa", out_dir=out, config=SMALL, frames_to_draw=(0, 5), progress=False
-        )
+    result = track_sequence(
+        seq_dir, update="dfa", out_dir=out, config=SMALL, frames_to_draw=(0, 5), progress=False
+    )
+    # the random-backbone warning: one plain line on stderr, no UserWarning and source line
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: no backbone checkpoint given")
+    assert "randomly initialised" in err[0]
     assert result.frames == 6 and result.tracker == "mdnet-dfa"
     assert len((out / "Synth.txt").read_text().splitlines()) == 6
     record = json.loads((out / "Synth.json").read_text())
@@ -299,8 +325,13 @@ def test_track_sequence_and_evaluate_updates_write_results(tmp_path, backbone):
         out_dir=tmp_path / "cmp",
         backbone=backbone,
         config=SMALL,
-        progress=False,
+        progress=True,
     )
+    # stderr is not a terminal here: progress comes as whole lines, no carriage returns
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err
+    assert [line.split(":")[0] for line in err.splitlines()] == ["mdnet-bp", "mdnet-bdfa"]
+    assert err.splitlines()[0].startswith("mdnet-bp: 100% (1/1 it) ")
     assert set(report) == {"mdnet-bp", "mdnet-bdfa"}
     assert report["mdnet-bdfa"]["backbone"] == {"kind": "random", "seed": 0}
     assert 0 <= report["mdnet-bdfa"]["overall"]["success_score"] <= 1
@@ -373,16 +404,19 @@ def test_track_commands(tmp_path, capsys):
     from dfatorch.cli import main
 
     _write_otb(tmp_path / "otb", frames=4)
-    with pytest.warns(UserWarning, match="randomly initialised"):
-        code = main(["track", str(tmp_path / "otb" / "Synth"), "--update", "bdfa",
-                     "--out", str(tmp_path / "t"), "--no-progress"])  # fmt: skip
-    assert code == 0 and "success" in capsys.readouterr().out
+    code = main(["track", str(tmp_path / "otb" / "Synth"), "--update", "bdfa",
+                 "--out", str(tmp_path / "t"), "--no-progress"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0 and "success" in captured.out
+    assert captured.err.startswith("warning: ") and "randomly initialised" in captured.err
+    assert len(captured.err.splitlines()) == 1
     assert len((tmp_path / "t" / "Synth.txt").read_text().splitlines()) == 4
     assert (tmp_path / "t" / "frames" / "Synth_0001.png").is_file()
-    with pytest.warns(UserWarning, match="randomly initialised"):
-        code = main(["track-eval", str(tmp_path / "otb"), "--update", "bp,bdfa", "--seeds", "0",
-                     "--out", str(tmp_path / "e"), "--no-progress"])  # fmt: skip
-    assert code == 0 and "| sequence | bp | bdfa |" in capsys.readouterr().out
+    code = main(["track-eval", str(tmp_path / "otb"), "--update", "bp,bdfa", "--seeds", "0",
+                 "--out", str(tmp_path / "e"), "--no-progress"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0 and "| sequence | bp | bdfa |" in captured.out
+    assert captured.err.startswith("warning: ") and "randomly initialised" in captured.err
     assert (tmp_path / "e" / "success_precision.png").is_file()
 
 

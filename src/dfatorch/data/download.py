@@ -11,7 +11,6 @@ import hashlib
 import http.client
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
 import urllib.error
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from .._console import progress_bar
 from .base import DataError
 
 __all__ = [
@@ -182,9 +182,7 @@ def download_file(
 def _progress_bar(total: int | None, desc: str, enabled: bool) -> Any:
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False, file=sys.stderr)
+    return progress_bar(total, desc, True, unit="B", unit_scale=True, leave=False)
 
 
 def _check_member(archive: Path, dest: Path, member: tarfile.TarInfo) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 from .base import DataError, DatasetSplits
 from .cifar import load_cifar10, load_cifar100
 from .digits import load_digits
-from .download import REGISTRY, download_dataset, manual_instructions, md5sum, safe_extract_tar
+from .download import REGISTRY, download_dataset, md5sum, safe_extract_tar
 from .idx import FASHION_MNIST_CLASSES, MNIST_CLASSES, find_idx_folder, load_idx_folder
 
 __all__ = [
@@ -60,11 +60,17 @@ def _idx_folders(name: str, root: Path) -> list[Path]:
 
 
 def _not_found(name: str, root: Path, looked_in: list[Path]) -> DataError:
+    """One line: where we looked, the CLI flags and Python arguments that fix it, and the files
+    to put where for an install by hand."""
     where = ", ".join(str(p) for p in looked_in)
+    spec = REGISTRY[name]
+    folder = root / spec.subdir if spec.subdir else root
+    files = ", ".join(f"{f.filename} (md5 {f.md5})" for f in spec.files)
     return DataError(
-        f"{name} not found (looked in {where}).\n{manual_instructions(name, root)}"
-        f"Or pass download=True (CLI: --download) to fetch the official files with checksum "
-        f"verification. Set ${DATA_ENV} or pass data_dir to use another data folder."
+        f"{name} not found (looked in {where}); fetch the official files, md5-checked, with "
+        f"--download (Python: download=True), or read them from another folder with --data-dir "
+        f"DIR (Python: data_dir=DIR, or ${DATA_ENV}=DIR); by hand: put {files} from "
+        f"{spec.base_url} in {folder}/"
     )
 
 

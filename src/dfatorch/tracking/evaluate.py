@@ -20,8 +20,8 @@ from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
 
+from .._console import progress_bar
 from .._io import write_json
 from .._stats import mean_std
 from .metrics import (
@@ -230,7 +230,8 @@ def run_sequence(
     boxes = np.empty((len(seq), 4), dtype=np.float64)
     load_s = init_s = update_s = 0.0
 
-    for i in tqdm(range(len(seq)), desc=seq.name, leave=False, disable=not progress):
+    frames = progress_bar(len(seq), seq.name, progress, iterable=range(len(seq)), leave=False)
+    for i in frames:
         t0 = time.perf_counter()
         image = seq.load_frame(i)
         t1 = time.perf_counter()
@@ -365,7 +366,7 @@ class Experiment:
         """
         results = []
         cells = [(seed, seq) for seed in seeds for seq in self.sequences]
-        for seed, seq_name in tqdm(cells, desc=name, disable=not progress):
+        for seed, seq_name in progress_bar(len(cells), name, progress, iterable=cells):
             path = self.result_path(name, seq_name, seed)
             if path.is_file():  # finished earlier: resume
                 results.append(self.load_result(name, seq_name, seed))

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._io import CheckpointError, read_torch_file
 from ..models import build_model, conv_features
 
 __all__ = [
@@ -178,6 +179,11 @@ def load_backbone(
     Returns:
         A :class:`Backbone` in eval mode with frozen parameters; ``info`` records its origin.
         With a whole ``track_cnn`` checkpoint, :attr:`Backbone.fc` holds its first FC layer.
+
+    Raises:
+        CheckpointError: (a ``ValueError``) ``checkpoint`` is missing, truncated, not a torch
+            file or not a state dict; the one-line message names the file.
+        ValueError: the state dict holds no ``track_cnn`` conv layers.
     """
     fc = None
     if checkpoint is None:
@@ -188,10 +194,15 @@ def load_backbone(
         mean, std = CIFAR10_STATS
     else:
         path = Path(checkpoint)
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if not path.exists():
+            raise CheckpointError(
+                f"backbone checkpoint {path}: no such file (train one with `dfatorch train "
+                "--model track_cnn --out RUN` and pass RUN/checkpoint.pt)"
+            )
+        blob = read_torch_file(path, "backbone checkpoint")
         state = blob.get("model", blob) if isinstance(blob, dict) else None
         if not isinstance(state, Mapping):
-            raise ValueError(f"{path}: expected a state dict or a dict with key 'model'")
+            raise CheckpointError(f"{path}: expected a state dict or a dict with key 'model'")
         module = _matching_features(state)
         mine = module.state_dict()
         module.load_state_dict({k: state[k] for k in mine})

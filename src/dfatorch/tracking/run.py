@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._console import warn
 from .._io import write_json
 from ..engine import Rule
 from .evaluate import Experiment, SequenceResult, plot_report, run_sequence
@@ -33,20 +33,28 @@ def tracker_label(update: Rule | str) -> str:
     return f"mdnet-{Rule(update).value}"
 
 
+def _rule(update: Rule | str) -> Rule:
+    try:
+        return Rule(update)
+    except ValueError:
+        choices = ", ".join(r.value for r in Rule)
+        raise ValueError(f"unknown update rule {update!r} (choose from {choices})") from None
+
+
 def resolve_backbone(
     backbone: BackboneSpec, *, seed: int = 0, device: torch.device | str | None = None
 ) -> Backbone:
     """A :class:`Backbone` from a checkpoint path, an existing backbone, or ``None`` (random,
-    seeded by ``seed``, with a warning: tracking with untrained conv layers is a baseline)."""
+    seeded by ``seed``, with a ``warning: ...`` line on stderr from the ``"dfatorch"`` logger:
+    tracking with untrained conv layers is a baseline)."""
     if isinstance(backbone, Backbone):
         return backbone
     resolved = load_backbone(backbone, seed=seed, device=device)
     if resolved.is_random:
-        warnings.warn(
+        warn(
             "no backbone checkpoint given: the tracker's conv layers are randomly initialised "
             f"(seed {seed}), not pre-trained; pre-train them with `dfatorch train --dataset "
-            "cifar10 --model track_cnn --method bp --out RUN` and pass RUN/checkpoint.pt",
-            stacklevel=3,
+            "cifar10 --model track_cnn --method bp --out RUN` and pass RUN/checkpoint.pt"
         )
     return resolved
 
@@ -199,12 +207,15 @@ def evaluate_updates(
         holds ``"update"`` (the rule) and ``"backbone"`` (its provenance).
     """
     out = Path(out_dir)
+    # every input checked before anything is written or warned about
+    experiment = Experiment(root, sequences, out_dir=out)
+    names = {_rule(u).value: tracker_label(u) for u in updates}
+    if not names:
+        raise ValueError("no update rule to evaluate (choose from bp, dfa, bdfa)")
     bb = resolve_backbone(backbone, seed=backbone_seed)
     cfg = config or TrackerConfig()
-    experiment = Experiment(root, sequences, out_dir=out)
     _check_provenance(out, {"backbone": bb.info, "config": cfg.to_dict()})
     seeds = list(seeds)
-    names = {Rule(u).value: tracker_label(u) for u in updates}
     for rule, name in names.items():
 
         def factory(seed: int, rule: str = rule) -> MDNetTracker:
