@@ -186,8 +186,11 @@ def _group_key(label: str, fixed: dict[str, Any]) -> str:
 def load_experiment(path: str | Path) -> Experiment:
     """Read and check an experiment file."""
     path = Path(path)
-    with path.open("rb") as fh:
-        data = tomllib.load(fh)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not a valid experiment file (TOML: {exc})") from None
     known = {"name", "description", "order", "base", "methods", "grid", "tune"}
     unknown = sorted(set(data) - known)
     if unknown:

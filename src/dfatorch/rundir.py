@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from ._io import CheckpointError, read_torch_file
 
-__all__ = ["CheckpointError", "RunDir"]
+__all__ = ["CheckpointError", "RunDir", "load_checkpoint"]
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing, truncated or not one of ours (a one-line message)."""
+#: What every training checkpoint holds.
+CHECKPOINT_KEYS = ("config", "model", "optimizer", "engine", "rng", "epoch", "batch", "history")
 
 
 @dataclass(frozen=True)
@@ -82,27 +81,13 @@ class RunDir:
             return False
         return len(self.read_metrics()) >= self.read_config()["epochs"]
 
-    def load_checkpoint(self, map_location: Any = "cpu") -> dict[str, Any]:
-        """The checkpoint, loaded safely (``weights_only``); :class:`CheckpointError` otherwise."""
-        return load_checkpoint(self.checkpoint, map_location)
+    def load_checkpoint(self) -> dict[str, Any]:
+        """The checkpoint, loaded safely (see :func:`load_checkpoint`)."""
+        return load_checkpoint(self.checkpoint)
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a training checkpoint safely (``weights_only=True``: tensors and plain containers).
-
-    Raises :class:`CheckpointError` with a one-line message for a missing, truncated or foreign
-    file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
-        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint (truncated, or not a torch file): {cause[:160]}"
-        ) from None
-    needed = ("config", "model", "optimizer", "engine", "rng", "epoch", "batch", "history")
-    if not isinstance(state, dict) or any(k not in state for k in needed):
-        raise CheckpointError(f"{path} is a torch file but not a dfatorch training checkpoint")
-    return state
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a training checkpoint on the CPU, safely (``weights_only=True``: tensors and plain
+    containers only). A missing, truncated or foreign file raises :class:`CheckpointError` with a
+    one-line message."""
+    return read_torch_file(path, "training checkpoint", required_keys=CHECKPOINT_KEYS)

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from . import __version__
+from ._console import progress_bar
 from ._io import atomic_write
 from .callbacks import Callback, NonFiniteLossError, TrainingDiverged, TrainState, default_callbacks
 from .config import OptimizerName, Schedule, TrainConfig
@@ -87,7 +87,15 @@ def resolve_device(name: str) -> torch.device:
     """``"auto"``: CUDA if available, else the CPU; anything else as ``torch.device``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(
+            f"device={name!r} is not a device (auto, cpu, cuda, cuda:1, ...)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r}: CUDA is not available here")
+    return device
 
 
 @dataclass
@@ -307,7 +315,7 @@ def _fresh() -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _progress(total: int, desc: str, enabled: bool) -> Iterator[Any]:
-    bar = tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+    bar = progress_bar(total, desc, enabled, leave=False, dynamic_ncols=True)
     try:
         yield bar
     finally:
