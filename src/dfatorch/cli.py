@@ -26,10 +26,12 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f.metadata.get("help", "")
         kind = hints[f.name]
         base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
-        if base is bool:  # BooleanOptionalAction adds "(default: ...)" itself
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+        if base is bool:
+            action = parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default
             )
+            # set after creation: some Python versions append their own "(default: ...)"
+            action.help = help_text + ("" if default is None else f" (default: {default})")
             continue
         converter: Any = base if base in (int, float) else str
         shown = "" if default is None else f" (default: {default})"
@@ -306,7 +308,7 @@ def _add_tracker_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="a TrackerConfig field, e.g. fc4_from_backbone=true (repeatable)",
     )
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -340,8 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods", default="bp,dfa,bdfa", help="e.g. bp,dfa,bdfa or bp,dfa:all,bdfa:fc"
     )
-    p.add_argument("--out", help="folder for the runs, table and plot")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--out", help="folder for the runs, table and plot (default: runs/compare-DATASET-MODEL)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("plot", help="draw the curves of runs", description="Draw run curves.")
@@ -365,9 +369,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Track SEQ_DIR (OTB layout); write boxes (OTB format) and annotated frames.",
     )
     p.add_argument("seq_dir", metavar="SEQ_DIR")
-    p.add_argument("--update", default="bdfa", choices=["bp", "dfa", "bdfa"])
+    p.add_argument(
+        "--update",
+        default="bdfa",
+        choices=["bp", "dfa", "bdfa"],
+        help="rule of the online updates of the fully connected layers (default: bdfa)",
+    )
     p.add_argument("--out", default="runs/track", help="output folder (default: runs/track)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="seeds sampling and the online updates (default: 0)"
+    )
     _add_tracker_arguments(p)
     p.set_defaults(func=cmd_track)
 
@@ -389,8 +400,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run every unfinished cell of experiment files, then aggregate.",
     )
     p.add_argument("files", nargs="+", metavar="FILE.toml")
-    p.add_argument("--runs-root", default="runs/experiments", help="run folders (checkpoints)")
-    p.add_argument("--results-root", default="experiments/results", help="results to commit")
+    p.add_argument(
+        "--runs-root",
+        default="runs/experiments",
+        help="run folders with checkpoints (default: runs/experiments)",
+    )
+    p.add_argument(
+        "--results-root",
+        default="experiments/results",
+        help="results to commit (default: experiments/results)",
+    )
     p.add_argument(
         "--shard",
         type=_shard,
@@ -399,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
         "on one machine need no shards: they skip cells another worker holds",
     )
     p.add_argument("--list", action="store_true", help="list the cells and exit")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser(
@@ -408,8 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate docs/RESULTS.md from experiments/results.",
     )
     p.add_argument("files", nargs="*", metavar="FILE.toml", help="default: experiments/*.toml")
-    p.add_argument("--results-root", default="experiments/results")
-    p.add_argument("--out", default="docs/RESULTS.md")
+    p.add_argument(
+        "--results-root",
+        default="experiments/results",
+        help="where the results are (default: experiments/results)",
+    )
+    p.add_argument("--out", default="docs/RESULTS.md", help="default: docs/RESULTS.md")
     p.set_defaults(func=cmd_report)
     return parser
 

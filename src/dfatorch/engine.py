@@ -289,16 +289,6 @@ class DFAEngine(nn.Module):
         """Names of the layers whose output receives a projected error, in order."""
         return [info.name for info in self.layers[:-1] if info.rule.is_feedback]
 
-    @property
-    def init(self) -> str:
-        """The registry name of the feedback structure."""
-        return self.structure.name
-
-    @property
-    def storage(self) -> str:
-        """The registry name of the storage strategy."""
-        return self.store.name
-
     def _own_hooks(self) -> Iterator[tuple[dict[int, Any], int]]:
         for info in self.layers:
             for hooks in _hook_dicts(info.module):
@@ -541,7 +531,7 @@ class DFAEngine(nn.Module):
 
     def extra_repr(self) -> str:
         rules = ", ".join(f"{i.name}={i.rule.value}" for i in self.layers[:-1])
-        return f"output={self.layers[-1].name!r}, rules=({rules}), init={self.init}"
+        return f"output={self.layers[-1].name!r}, rules=({rules}), init={self.structure.name}"
 
 
 def _check_scalar_loss(loss: Any) -> None:
