@@ -425,7 +425,9 @@ def _tracking_section(folder: Path, out: Path) -> list[str]:
             f"{100 * backbone[-1]['test_acc']:.2f}% (record in `{folder / 'backbone'}`).",
             "",
         ]
-    body = report.read_text().splitlines()
+    # the tracker's own "Backbone:" line names the file on the machine that ran it: the line
+    # above says the same without a machine path
+    body = [ln for ln in report.read_text().splitlines() if not ln.startswith("Backbone: ")]
     lines += [line.replace("# ", "### ", 1) if line.startswith("# ") else line for line in body]
     png = folder / "success_precision.png"
     if png.exists():
