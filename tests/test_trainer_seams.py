@@ -192,3 +192,23 @@ def test_experiment_with_a_typo_fails_when_loaded(tmp_path):
     )
     with pytest.raises(ValueError, match="bdfaa"):
         load_experiment(path)
+
+
+def test_transforms_through_train_resume_exactly(tmp_path):
+    """A noise transform's generator is checkpointed with the engine: 1 epoch + resume to 2
+    equals 2 epochs straight."""
+    from dfatorch.transforms import ClipPerExample, GaussianNoise
+
+    def transforms():
+        return {"error_transforms": [ClipPerExample(0.05)],
+                "signal_transforms": [GaussianNoise(0.01, seed=3)]}  # fmt: skip
+
+    config = TrainConfig(**FAST, method="dfa", fraction=0.2)
+    straight = train(config, tmp_path / "straight", progress=False, **transforms()).history
+    half = TrainConfig(**{**FAST, "epochs": 1}, method="dfa", fraction=0.2)
+    train(half, tmp_path / "run", progress=False, **transforms())
+    resumed = train(None, tmp_path / "run", resume=True, epochs=2, progress=False, **transforms())
+    strip = [{k: v for k, v in h.items() if k not in TIMING} for h in resumed.history]
+    assert strip == [{k: v for k, v in h.items() if k not in TIMING} for h in straight]
+    plain = train(config, tmp_path / "plain", progress=False).history  # the noise mattered
+    assert plain[-1]["train_loss"] != straight[-1]["train_loss"]

@@ -39,7 +39,7 @@ from ._io import atomic_write
 from .callbacks import Callback, NonFiniteLossError, TrainingDiverged, TrainState, default_callbacks
 from .config import OptimizerName, Schedule, TrainConfig
 from .data import BatchLoader, DatasetSplits, load_dataset, stratified_subset, train_val_split
-from .engine import DFAEngine, attach, get_rng_states, set_rng_states
+from .engine import DFAEngine, Transform, attach, get_rng_states, set_rng_states
 from .models import build_model, model_stats
 from .rundir import CheckpointError, RunDir, load_checkpoint
 
@@ -119,7 +119,11 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _build(config: TrainConfig, optimizer_factory: OptimizerFactory | None = None) -> _Run:
+def _build(
+    config: TrainConfig,
+    optimizer_factory: OptimizerFactory | None = None,
+    transforms: tuple[Sequence[Transform], Sequence[Transform]] = ((), ()),
+) -> _Run:
     device = resolve_device(config.device)
     splits = load_dataset(
         config.dataset, config.data_dir, download=config.download, label=config.label
@@ -164,6 +168,8 @@ def _build(config: TrainConfig, optimizer_factory: OptimizerFactory | None = Non
         gain=config.gain,
         normalize=config.normalize_feedback,
         seed=config.seed,
+        error_transforms=transforms[0],
+        signal_transforms=transforms[1],
     )
     optimizer = (optimizer_factory or make_optimizer)(model, config)
     return _Run(splits, train_loader, eval_loaders, model, engine, optimizer, device)
@@ -396,6 +402,8 @@ def train(
     loss_fn: LossFn | None = None,
     optimizer_factory: OptimizerFactory | None = None,
     callbacks: Sequence[Callback] = (),
+    error_transforms: Sequence[Transform] = (),
+    signal_transforms: Sequence[Transform] = (),
 ) -> RunResult:
     """Train a model as ``config`` says, writing ``run_dir`` (see the module docstring).
 
@@ -412,8 +420,10 @@ def train(
             cross-entropy); also the evaluation loss when given.
         optimizer_factory: builds the optimiser from ``(model, config)`` (default:
             :func:`make_optimizer`). The schedule sets each parameter group's ``lr`` every step.
-        callbacks: added after the ones the config asks for (:func:`default_callbacks`). A resume
-            needs the same ``loss_fn``, ``optimizer_factory`` and callbacks.
+        callbacks: added after the ones the config asks for (:func:`default_callbacks`).
+        error_transforms, signal_transforms: passed to :func:`~dfatorch.engine.attach`; their
+            state (a noise generator) is saved in the checkpoint with the engine's. A resume needs
+            the same ``loss_fn``, ``optimizer_factory``, callbacks and transforms.
 
     Raises:
         TrainingDiverged: the loss exploded or became NaN/inf (``NonFiniteLossError``); the last
@@ -423,7 +433,7 @@ def train(
     """
     run = RunDir(run_dir)
     config, checkpoint = _resolve_config(config, run, resume=resume, epochs=epochs)
-    built = _build(config, optimizer_factory)
+    built = _build(config, optimizer_factory, (error_transforms, signal_transforms))
     hooks = [*default_callbacks(config), *callbacks]
     eval_loss = loss_fn  # None: cross-entropy summed exactly, as evaluate() does by default
     state = TrainState(
