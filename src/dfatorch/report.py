@@ -42,19 +42,25 @@ def _axes(exp: Experiment) -> list[str]:
     return [a for a in exp.axes if a != "seed"]
 
 
-def _axis_key(value: Any) -> tuple[int, float, str]:
-    """Numbers in numeric order (2 before 10), everything else by its text, after the numbers."""
+def _axis_key(value: Any, listed: dict[Any, int] | None = None) -> tuple[int, float, str]:
+    """Numbers in numeric order (2 before 10), everything else in the order the experiment file
+    lists it (``listed``), else by its text, after the numbers."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         return (0, float(value), "")
-    return (1, 0.0, str(value))
+    return (1, float((listed or {}).get(value, 0)), str(value))
 
 
-def _table(summary: dict[str, Any], axes: list[str]) -> list[str]:
+def _table(summary: dict[str, Any], axes: list[str], exp: Experiment | None = None) -> list[str]:
     header = ["method", *axes, "seeds", "final acc (%)", "best acc (%)", "s/epoch"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in summary["rows"]))}
+    points = exp._grid_points() if exp is not None else []
+    listed = {
+        a: {v: i for i, v in enumerate(dict.fromkeys(p.get(a) for p in points))} for a in axes
+    }
     rows = sorted(
-        summary["rows"], key=lambda r: (*(_axis_key(r.get(a)) for a in axes), order[r["method"]])
+        summary["rows"],
+        key=lambda r: (*(_axis_key(r.get(a), listed[a]) for a in axes), order[r["method"]]),
     )
     for row in rows:
         cells = [
@@ -300,7 +306,7 @@ def write_report(
         ]
         if summary["cells_missing"]:
             lines += [f"**{summary['cells_missing']} cells have not run yet.**", ""]
-        lines += [*_table(summary, axes), ""]
+        lines += [*_table(summary, axes, exp), ""]
         versus = _versus_table(summary, axes)
         if versus:
             lines += ["Difference to BP (percentage points; ± the standard error over seeds):", ""]
