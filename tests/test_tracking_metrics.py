@@ -215,6 +215,10 @@ def test_multi_target_folder_expands(tmp_path: Path) -> None:
     np.testing.assert_array_equal(seqs[2].boxes - seqs[1].boxes, np.ones((6, 4)))
     with pytest.raises(FileNotFoundError, match=r"pass target=.*Jogging\.1"):
         load_sequence(tmp_path / "Jogging")
+    # some OTB copies ship a plain groundtruth_rect.txt beside the numbered ones, repeating
+    # target 1: it must not count as a third sequence (target 1 twice in the average)
+    write_boxes(tmp_path / "Jogging" / "groundtruth_rect.txt", _moving_boxes(6))
+    assert list_sequences(tmp_path) == ["Biker", "Jogging.1", "Jogging.2"]
 
 
 @pytest.mark.parametrize(

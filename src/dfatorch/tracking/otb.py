@@ -276,10 +276,10 @@ def list_sequences(root: str | Path) -> list[str]:
         if not d.is_dir() or d.name.startswith("."):
             continue
         targets = _targets(d)
-        has_gt = (d / "groundtruth_rect.txt").is_file()
-        if has_gt or (not targets and (d / "img").is_dir()):
+        if targets:  # a plain groundtruth_rect.txt beside them repeats target 1: not counted twice
+            names.extend(f"{d.name}.{t}" for t in targets)
+        elif (d / "groundtruth_rect.txt").is_file() or (d / "img").is_dir():
             names.append(d.name)
-        names.extend(f"{d.name}.{t}" for t in targets)
     return names
 
 
