@@ -1,0 +1,309 @@
+"""Training with the activations kept for the backward pass stored at 8 or 4 bits.
+
+After Chakrabarti & Moseley, "Backprop with Approximate Activations for Memory-efficient Network
+Training" (NeurIPS 2019, BLPA): the forward pass stays exact; only the copies of the activations
+that autograd *saves for the backward pass* are quantised, through
+:func:`torch.autograd.graph.saved_tensors_hooks`. Back-propagation and DFA both need them (DFA's
+weight gradients are ``delta_l h_{l-1}^T``), so the saving applies to every rule::
+
+    with dfatorch.compressed_activations(bits=4) as stats:
+        loss = criterion(model(x), y)
+        loss.backward()
+    stats.ratio   # float bytes / stored bytes of the tensors that were quantised
+
+or from the trainer: ``TrainConfig(activation_bits=8)``, ``--activation-bits 8`` (the
+:class:`ActivationCompression` callback).
+
+**What is quantised.** Every floating-point saved tensor of at least ``min_numel`` elements that
+is not a parameter (nor a view of one: ``Linear`` saves ``weight.t()``). Left as they are, by
+reference: parameters, integer and bool tensors (max-pool indices), tensors below ``min_numel``
+and non-dense (overlapping, expanded) tensors. The input batch is an activation like any other
+and is quantised too. Batch norm's saved input is quantised like any activation (its saved
+mean/inverse-std are per channel, below ``min_numel``, and stay exact).
+
+**The code.** Per channel (dim 1; a tensor of fewer than two dims is one channel) the range
+``[lo, hi]`` is the channel's min and max widened to contain 0, cut into ``L = 2**bits`` bins of
+width ``s = (hi - lo) / (L - 1)`` placed so that **0 is a bin edge**: code ``k`` stands for the bin
+``((k - z) s, (k - z + 1) s]`` with ``z = floor(-lo / s) + 1`` and decodes to the bin's midpoint
+(clamped to ``[lo, hi]``). So every value comes back within half a bin, and
+
+* the sign is exact without an extra bit: a value ``> 0`` gets a code ``>= z`` and decodes to at
+  least ``s / 2 > 0``; a value ``<= 0`` gets a code ``< z`` and decodes to at most 0. ReLU's
+  mask (``result > 0``), the sign of a pre-activation and of tanh's output survive exactly. This
+  is BLPA's per-channel shift ("bin index >= shift" is "value > 0"), applied to any saved tensor;
+  we chose it over a separate 1-bit mask because the mask would cost a ninth (8 bits) or a fifth
+  (4 bits) more memory;
+* a channel without negative values (a ReLU output) decodes its zeros to exactly 0 (the clamp at
+  ``lo = 0``), so the many exact zeros of a ReLU layer carry no bias into the next layer's weight
+  gradient;
+* the price of keeping 0 in the range: a channel far from 0 (all values in ``[5, 6]``) is coded
+  over ``[0, 6]``.
+
+Codes are ``uint8``; at 4 bits two codes share a byte (low nibble first). Each channel adds its
+``lo`` and ``hi`` (two floats of the tensor's computing dtype: float32, or float64 for float64
+tensors) to the stored bytes. A channel holding inf or NaN decodes to non-finite values (the
+forward pass, and so the loss, is exact: the divergence guard still sees it).
+
+**A tensor saved by two ops is stored once** (ReLU saves its output, the max-pool after it saves
+the same tensor as its input): within one context, a save whose tensor has the same data pointer,
+dtype, device, shape, strides and version as an earlier one whose tensor is still alive reuses the
+packed copy. (Alive: a dead tensor's memory can be reused by a new one with the same address.) A
+view with another shape (``Flatten``) is a different key and is stored again.
+
+Everything is deterministic (no random rounding), on whatever device the tensor lives: a resumed
+run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .callbacks import Callback, TrainState
+
+__all__ = [
+    "BITS",
+    "ActivationCompression",
+    "CompressionStats",
+    "compressed_activations",
+    "dequantize",
+    "pack_nibbles",
+    "quantize",
+    "unpack_nibbles",
+]
+
+#: The supported code widths.
+BITS = (8, 4)
+#: Saved tensors with fewer elements are kept exact (their scales would cost more than they save).
+MIN_NUMEL = 1024
+
+
+def _check_bits(bits: Any) -> int:
+    if isinstance(bits, bool) or bits not in BITS:
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    return int(bits)
+
+
+@dataclass
+class CompressionStats:
+    """Bytes of the saved tensors of one ``compressed_activations`` context, counted in the pack
+    hook (exact and device-independent). Each tensor counts once, however many ops save it."""
+
+    bits: int
+    #: quantised tensors, their bytes as they were, and their bytes as stored (codes + lo/hi)
+    compressed_tensors: int = 0
+    float_bytes: int = 0
+    stored_bytes: int = 0
+    #: non-parameter tensors stored as they are (integer, bool, small, non-dense) and their bytes
+    kept_tensors: int = 0
+    kept_bytes: int = 0
+    #: saves of parameters (held by reference: no copy, no bytes)
+    parameters: int = 0
+    #: saves that reused the packed copy of a tensor already saved by another op
+    shared: int = 0
+
+    @property
+    def ratio(self) -> float:
+        """Float bytes over stored bytes of the quantised tensors (``nan`` if there were none)."""
+        return self.float_bytes / self.stored_bytes if self.stored_bytes else float("nan")
+
+    @property
+    def total_ratio(self) -> float:
+        """The same over every non-parameter saved tensor (the kept ones count on both sides)."""
+        stored = self.stored_bytes + self.kept_bytes
+        return (self.float_bytes + self.kept_bytes) / stored if stored else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ratio": self.ratio, "total_ratio": self.total_ratio}
+
+
+# -- the code --------------------------------------------------------------------------------
+
+
+class _Packed:
+    """A quantised saved tensor (what the pack hook returns and the graph holds)."""
+
+    __slots__ = ("__weakref__", "bits", "codes", "dtype", "hi", "lo", "perm", "shape", "source")
+
+    def __init__(self, codes: Tensor, lo: Tensor, hi: Tensor, bits: int, shape: torch.Size,
+                 perm: list[int], dtype: torch.dtype) -> None:  # fmt: skip
+        self.codes, self.lo, self.hi, self.bits = codes, lo, hi, bits
+        self.shape, self.perm, self.dtype = shape, perm, dtype
+        self.source: weakref.ref[Tensor] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.lo, self.hi))
+
+
+def pack_nibbles(codes: Tensor) -> Tensor:
+    """Flat ``uint8`` codes in ``[0, 16)`` -> half as many bytes (element ``2i`` in the low nibble
+    of byte ``i``, ``2i + 1`` in the high one; an odd count is padded with a zero)."""
+    flat = codes.reshape(-1)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def unpack_nibbles(packed: Tensor, numel: int) -> Tensor:
+    """The inverse of :func:`pack_nibbles`: the first ``numel`` codes."""
+    out = packed.new_empty(2 * packed.numel())
+    out[0::2] = packed & 15
+    out[1::2] = packed >> 4
+    return out[:numel]
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _channel_range(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel (dim 1) min and max, widened to contain 0, shaped to broadcast against ``x``."""
+    if x.ndim < 2:
+        shape = [1] * x.ndim
+        return x.min().clamp(max=0).reshape(shape), x.max().clamp(min=0).reshape(shape)
+    dims = [d for d in range(x.ndim) if d != 1]
+    return x.amin(dim=dims, keepdim=True).clamp(max=0), x.amax(dim=dims, keepdim=True).clamp(min=0)
+
+
+def _grid(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Bin width ``s`` and ``z``, the number of codes for values ``<= 0`` (0 is a bin edge)."""
+    s = (hi - lo) / (2**bits - 1)
+    s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero channel: any width decodes to 0
+    return s, torch.floor(-lo / s) + 1
+
+
+def quantize(x: Tensor, bits: int) -> _Packed:
+    """``x`` (floating point, dense) as ``bits``-bit codes with per-channel ``lo``/``hi``."""
+    bits = _check_bits(bits)
+    work = x.to(_work_dtype(x.dtype))
+    lo, hi = _channel_range(work)
+    s, z = _grid(lo, hi, bits)
+    k = torch.ceil(work / s) - 1 + z
+    # the sign decides the side of 0 even where rounding of work / s would not (underflow)
+    k = torch.where(work > 0, torch.maximum(k, z), torch.minimum(k, z - 1))
+    codes = k.clamp_(0, 2**bits - 1).to(torch.uint8)
+    # store the codes in the tensor's own memory order (channels-last stays channels-last)
+    perm = sorted(range(x.ndim), key=lambda d: (-x.stride(d), d))
+    flat = codes.permute(perm).reshape(-1)
+    if bits == 4:
+        flat = pack_nibbles(flat)
+    return _Packed(flat, lo, hi, bits, x.shape, perm, x.dtype)
+
+
+def dequantize(p: _Packed) -> Tensor:
+    """The tensor back: every value within half a bin of the original, with its exact sign."""
+    numel = p.shape.numel()
+    codes = unpack_nibbles(p.codes, numel) if p.bits == 4 else p.codes
+    permuted = [p.shape[d] for d in p.perm]
+    inverse = sorted(range(len(p.perm)), key=lambda i: p.perm[i])
+    k = codes.reshape(permuted).permute(inverse).to(p.lo.dtype)
+    s, z = _grid(p.lo, p.hi, p.bits)
+    value = (k - z + 0.5) * s
+    return torch.clamp(value, min=p.lo, max=p.hi).to(p.dtype)
+
+
+# -- the hooks -------------------------------------------------------------------------------
+
+
+def _is_parameter(t: Tensor) -> bool:
+    base = t._base if t._base is not None else t
+    return isinstance(base, nn.Parameter) or (base.is_leaf and base.requires_grad)
+
+
+def _is_dense(t: Tensor) -> bool:
+    perm = sorted(range(t.ndim), key=lambda d: (-t.stride(d), d))
+    return t.permute(perm).is_contiguous()
+
+
+class _Hooks:
+    def __init__(self, bits: int, min_numel: int) -> None:
+        self.bits, self.min_numel = bits, min_numel
+        self.stats = CompressionStats(bits=bits)
+        # key -> packed copy; an entry lives as long as the graph holds the copy
+        self.packed: weakref.WeakValueDictionary[tuple[Any, ...], _Packed] = (
+            weakref.WeakValueDictionary()
+        )
+        self.kept: dict[tuple[Any, ...], weakref.ref[Tensor]] = {}
+
+    @staticmethod
+    def _key(t: Tensor) -> tuple[Any, ...]:
+        return (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride(), t._version)
+
+    def pack(self, t: Tensor) -> Any:
+        stats = self.stats
+        if t.is_floating_point() and _is_parameter(t):
+            stats.parameters += 1
+            return t
+        key = self._key(t)
+        if not t.is_floating_point() or t.numel() < self.min_numel or not _is_dense(t):
+            seen = self.kept.get(key)
+            if seen is None or seen() is None:
+                self.kept[key] = weakref.ref(t)
+                stats.kept_tensors += 1
+                stats.kept_bytes += t.numel() * t.element_size()
+            else:
+                stats.shared += 1
+            return t
+        packed = self.packed.get(key)
+        if packed is not None and packed.source is not None and packed.source() is not None:
+            stats.shared += 1
+            return packed
+        with torch.no_grad():
+            packed = quantize(t.detach(), self.bits)
+        packed.source = weakref.ref(t)
+        self.packed[key] = packed
+        stats.compressed_tensors += 1
+        stats.float_bytes += t.numel() * t.element_size()
+        stats.stored_bytes += packed.nbytes
+        return packed
+
+    @staticmethod
+    def unpack(p: Any) -> Tensor:
+        if isinstance(p, _Packed):
+            with torch.no_grad():
+                return dequantize(p)
+        return p
+
+
+@contextlib.contextmanager
+def compressed_activations(bits: int, *, min_numel: int = MIN_NUMEL) -> Iterator[CompressionStats]:
+    """Store the tensors autograd saves for the backward pass at ``bits`` (8 or 4) bits while the
+    context is open (see the module docstring); yields the byte counts, filled as ops save.
+
+    The backward pass may run after the context closes (the graph holds the packed copies)."""
+    bits = _check_bits(bits)
+    if min_numel < 0:
+        raise ValueError(f"min_numel must be >= 0, got {min_numel}")
+    hooks = _Hooks(bits, min_numel)
+    with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
+        yield hooks.stats
+
+
+class ActivationCompression(Callback):
+    """Trainer callback: every step's forward and backward under :func:`compressed_activations`.
+    Adds the last step's byte counts to each epoch's record under ``saved_activations``."""
+
+    def __init__(self, bits: int, *, min_numel: int = MIN_NUMEL) -> None:
+        self.bits, self.min_numel = _check_bits(bits), min_numel
+        self.last: CompressionStats | None = None
+
+    @contextlib.contextmanager
+    def step_context(self, state: TrainState) -> Iterator[CompressionStats]:
+        with compressed_activations(self.bits, min_numel=self.min_numel) as stats:
+            yield stats
+        self.last = stats
+
+    def on_epoch_end(self, state: TrainState, record: dict[str, Any]) -> None:
+        if self.last is not None:
+            s = self.last
+            record["saved_activations"] = {
+                "bits": s.bits, "float_bytes": s.float_bytes, "stored_bytes": s.stored_bytes,
+                "kept_bytes": s.kept_bytes,
+            }  # fmt: skip
