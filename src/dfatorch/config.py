@@ -138,7 +138,7 @@ class TrainConfig:
             elif f.name == "dataset":
                 self.dataset = canonical_name(value)
             elif value not in source:
-                options = ", ".join(choices(f.name) or [])
+                options = ", ".join(map(str, choices(f.name) or []))
                 raise ValueError(f"{f.name}={value!r} is not one of {options}")
         for name in ("epochs", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
