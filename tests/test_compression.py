@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dfatorch
+from dfatorch import compression
 from dfatorch.compression import (
     ActivationCompression,
     compressed_activations,
@@ -62,6 +63,19 @@ def test_round_trip_within_half_a_bin_sign_and_relu_zeros_exact(bits):
         y = dequantize(quantize(other, bits))
         width = (other.max() - other.min().clamp(max=0)) / (2**bits - 1)
         assert ((y - other).abs() / width).max() <= 0.5 + 1e-9 and torch.equal(y > 0, other > 0)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_chunked_code_equals_one_piece(bits, monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 4, 9, 9, generator=g).contiguous(memory_format=torch.channels_last)
+    whole = quantize(x, bits)
+    monkeypatch.setattr(compression, "CHUNK_NUMEL", 1)  # one row a chunk
+    pieces = quantize(x, bits)
+    assert torch.equal(whole.codes, pieces.codes)
+    back = dequantize(pieces)
+    monkeypatch.setattr(compression, "CHUNK_NUMEL", 1 << 30)
+    assert torch.equal(back, dequantize(whole))
 
 
 @pytest.mark.parametrize("numel", [1, 2, 999, 1000])
@@ -124,6 +138,10 @@ def test_convnet_gradients_close_under_8_bits_and_identical_where_left_alone():
     # x, both ReLU outputs (each also the max-pool's input) and the first pool's output are
     # quantised; the second pool's flattened output (8 x 64 = 512 < 1024) is kept exact
     assert stats.compressed_tensors == 4
+    # the first max-pool's int64 indices (8x8x8x8) point into 16x16 maps: below 256, stored as
+    # uint8; the second's (8x16x2x2 = 512 elements) are below min_numel and kept
+    assert stats.integer_tensors == 1 and stats.integer_bytes == 8 * 4096
+    assert stats.integer_stored_bytes == 4096
     assert stats.float_bytes == 8 * 8 * (3 * 256 + 8 * 256 + 8 * 64 + 16 * 64)  # float64
     for name in ("0.weight", "3.weight"):
         cos = F.cosine_similarity(exact[name].flatten(), approx[name].flatten(), dim=0)
@@ -138,7 +156,7 @@ def test_convnet_gradients_close_under_8_bits_and_identical_where_left_alone():
     assert torch.equal(exact["7.bias"], approx["7.bias"])
     # nothing above min_numel: every gradient bit-identical
     same, stats = _grads(model, x, y, bits=4, min_numel=10**9)
-    assert stats.compressed_tensors == 0 and stats.kept_tensors > 0
+    assert stats.compressed_tensors == stats.integer_tensors == 0 and stats.kept_tensors > 0
     assert all(torch.equal(exact[n], same[n]) for n in exact)
 
 

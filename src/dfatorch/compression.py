@@ -15,10 +15,14 @@ or from the trainer: ``TrainConfig(activation_bits=8)``, ``--activation-bits 8``
 :class:`ActivationCompression` callback).
 
 **What is quantised.** Every floating-point saved tensor of at least ``min_numel`` elements that
-is not a parameter (nor a view of one: ``Linear`` saves ``weight.t()``). Left as they are, by
-reference: parameters, integer and bool tensors (max-pool indices), tensors below ``min_numel``
-and non-dense (overlapping, expanded) tensors. The input batch is an activation like any other
-and is quantised too. Batch norm's saved input is quantised like any activation (its saved
+is not a parameter (nor a view of one: ``Linear`` saves ``weight.t()``). Integer tensors of that
+size (max-pool indices: int64, half the bytes of a float32 feature map before pooling by 2x2) are
+stored exactly in the narrowest integer type that holds their values (int16 for indices into a
+32x32 map; one min/max, so one synchronisation on an accelerator), unless
+``narrow_integers=False``. Left as they are, by reference: parameters, bool tensors, tensors
+below ``min_numel`` and non-dense (overlapping, expanded) tensors. The input batch is an
+activation like any other and is quantised too. Batch norm's saved input is quantised like any
+activation (its saved
 mean/inverse-std are per channel, below ``min_numel``, and stay exact).
 
 **The code.** Per channel (dim 1) the range
@@ -89,6 +93,8 @@ MIN_NUMEL = 1024
 #: A tensor gets one range per channel when its channels have at least this many elements, else
 #: one range in all (a channel's range costs 8 bytes: 3% of its codes at 4 bits from here on).
 CHANNEL_NUMEL = 512
+#: The code is computed in chunks of about this many elements (bounded float temporaries).
+CHUNK_NUMEL = 1 << 18
 
 
 def _check_bits(bits: Any) -> int:
@@ -107,7 +113,12 @@ class CompressionStats:
     compressed_tensors: int = 0
     float_bytes: int = 0
     stored_bytes: int = 0
-    #: non-parameter tensors stored as they are (integer, bool, small, non-dense) and their bytes
+    #: integer tensors (max-pool indices) stored exactly in the narrowest integer type that
+    #: holds their values: their bytes as they were and as stored
+    integer_tensors: int = 0
+    integer_bytes: int = 0
+    integer_stored_bytes: int = 0
+    #: non-parameter tensors stored as they are (bool, small, non-dense) and their bytes
     kept_tensors: int = 0
     kept_bytes: int = 0
     #: saves of parameters (held by reference: no copy, no bytes)
@@ -121,13 +132,23 @@ class CompressionStats:
         return self.float_bytes / self.stored_bytes if self.stored_bytes else float("nan")
 
     @property
+    def saved_bytes(self) -> int:
+        """Bytes of every non-parameter saved tensor as stored."""
+        return self.stored_bytes + self.integer_stored_bytes + self.kept_bytes
+
+    @property
+    def exact_bytes(self) -> int:
+        """The same tensors' bytes without the hooks (as autograd would keep them)."""
+        return self.float_bytes + self.integer_bytes + self.kept_bytes
+
+    @property
     def total_ratio(self) -> float:
-        """The same over every non-parameter saved tensor (the kept ones count on both sides)."""
-        stored = self.stored_bytes + self.kept_bytes
-        return (self.float_bytes + self.kept_bytes) / stored if stored else float("nan")
+        """``exact_bytes / saved_bytes``: over every non-parameter saved tensor."""
+        return self.exact_bytes / self.saved_bytes if self.saved_bytes else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ratio": self.ratio, "total_ratio": self.total_ratio}
+        return {**asdict(self), "saved_bytes": self.saved_bytes, "exact_bytes": self.exact_bytes,
+                "ratio": self.ratio, "total_ratio": self.total_ratio}  # fmt: skip
 
 
 # -- the code --------------------------------------------------------------------------------
@@ -192,17 +213,40 @@ def _grid(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     return s, torch.floor(-lo / s) + 1
 
 
+def _rows(x: Tensor) -> int:
+    """Rows (along dim 0) per chunk: the code is computed chunk by chunk so that its float
+    temporaries stay small (a few MiB) next to the tensor."""
+    if x.ndim == 0:
+        return 1
+    per_row = max(x.numel() // max(x.shape[0], 1), 1)
+    return max(CHUNK_NUMEL // per_row, 1)
+
+
+def _encode(x: Tensor, s: Tensor, z: Tensor, bits: int) -> Tensor:
+    d = torch.div(x, s).ceil_().sub_(1)  # code - z: the bin ((code - z) s, (code - z + 1) s]
+    # the sign decides the side of 0 even where rounding of x / s would not (underflow)
+    d = torch.where(x > 0, d.clamp(min=0), d.clamp(max=-1))
+    return d.add_(z).clamp_(0, 2**bits - 1).to(torch.uint8)
+
+
+def _decode(k: Tensor, p: _Packed, s: Tensor, z: Tensor) -> Tensor:
+    value = k.to(s.dtype).sub_(z).add_(0.5).mul_(s)
+    return torch.clamp(value, min=p.lo, max=p.hi)
+
+
 def quantize(x: Tensor, bits: int) -> _Packed:
     """``x`` (floating point, dense) as ``bits``-bit codes with per-channel ``lo``/``hi``."""
     bits = _check_bits(bits)
     work = x.to(_work_dtype(x.dtype))
     lo, hi = _channel_range(work)
     s, z = _grid(lo, hi, bits)
-    k = torch.ceil(work / s) - 1 + z
-    # the sign decides the side of 0 even where rounding of work / s would not (underflow)
-    k = torch.where(work > 0, torch.maximum(k, z), torch.minimum(k, z - 1))
-    codes = k.clamp_(0, 2**bits - 1).to(torch.uint8)
-    # store the codes in the tensor's own memory order (channels-last stays channels-last)
+    codes = torch.empty_like(x, dtype=torch.uint8)  # the same strides (channels-last stays)
+    if x.ndim == 0:
+        codes.copy_(_encode(work, s, z, bits))
+    rows = _rows(x)
+    for i in range(0, x.shape[0] if x.ndim else 0, rows):
+        codes[i : i + rows] = _encode(work[i : i + rows], s, z, bits)
+    # stored in the tensor's own memory order
     perm = sorted(range(x.ndim), key=lambda d: (-x.stride(d), d))
     flat = codes.permute(perm).reshape(-1)
     if bits == 4:
@@ -216,10 +260,15 @@ def dequantize(p: _Packed) -> Tensor:
     codes = unpack_nibbles(p.codes, numel) if p.bits == 4 else p.codes
     permuted = [p.shape[d] for d in p.perm]
     inverse = sorted(range(len(p.perm)), key=lambda i: p.perm[i])
-    k = codes.reshape(permuted).permute(inverse).to(p.lo.dtype)
+    k = codes.reshape(permuted).permute(inverse)
+    out = torch.empty(permuted, dtype=p.dtype, device=codes.device).permute(inverse)
     s, z = _grid(p.lo, p.hi, p.bits)
-    value = (k - z + 0.5) * s
-    return torch.clamp(value, min=p.lo, max=p.hi).to(p.dtype)
+    if out.ndim == 0:
+        out.copy_(_decode(k, p, s, z))
+    rows = _rows(out)
+    for i in range(0, out.shape[0] if out.ndim else 0, rows):
+        out[i : i + rows] = _decode(k[i : i + rows], p, s, z)
+    return out
 
 
 # -- the hooks -------------------------------------------------------------------------------
@@ -235,12 +284,39 @@ def _is_dense(t: Tensor) -> bool:
     return t.permute(perm).is_contiguous()
 
 
+_NARROWABLE = (torch.int64, torch.int32, torch.int16)
+
+
+def _narrowest(t: Tensor) -> torch.dtype | None:
+    """The smallest integer dtype that holds every value of ``t`` (None: none is smaller)."""
+    lo, hi = (int(v) for v in torch.aminmax(t))  # one synchronisation on an accelerator
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return dtype if info.bits < torch.iinfo(t.dtype).bits else None
+    return None
+
+
+class _Narrowed:
+    """An integer saved tensor in a narrower integer type (exact)."""
+
+    __slots__ = ("__weakref__", "dtype", "source", "values")
+
+    def __init__(self, values: Tensor, dtype: torch.dtype) -> None:
+        self.values, self.dtype = values, dtype
+        self.source: weakref.ref[Tensor] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.numel() * self.values.element_size()
+
+
 class _Hooks:
-    def __init__(self, bits: int, min_numel: int) -> None:
-        self.bits, self.min_numel = bits, min_numel
+    def __init__(self, bits: int, min_numel: int, narrow_integers: bool = True) -> None:
+        self.bits, self.min_numel, self.narrow_integers = bits, min_numel, narrow_integers
         self.stats = CompressionStats(bits=bits)
         # key -> packed copy; an entry lives as long as the graph holds the copy
-        self.packed: weakref.WeakValueDictionary[tuple[Any, ...], _Packed] = (
+        self.packed: weakref.WeakValueDictionary[tuple[Any, ...], Any] = (
             weakref.WeakValueDictionary()
         )
         self.kept: dict[tuple[Any, ...], weakref.ref[Tensor]] = {}
@@ -255,7 +331,10 @@ class _Hooks:
             stats.parameters += 1
             return t
         key = self._key(t)
-        if not t.is_floating_point() or t.numel() < self.min_numel or not _is_dense(t):
+        large = t.numel() >= self.min_numel and _is_dense(t)
+        if self.narrow_integers and large and t.dtype in _NARROWABLE:
+            return self._narrow(t, key)
+        if not t.is_floating_point() or not large:
             seen = self.kept.get(key)
             if seen is None or seen() is None:
                 self.kept[key] = weakref.ref(t)
@@ -277,24 +356,45 @@ class _Hooks:
         stats.stored_bytes += packed.nbytes
         return packed
 
+    def _narrow(self, t: Tensor, key: tuple[Any, ...]) -> Any:
+        stats = self.stats
+        packed = self.packed.get(key)
+        if packed is not None and packed.source is not None and packed.source() is not None:
+            stats.shared += 1
+            return packed
+        narrow = _narrowest(t)
+        packed = _Narrowed(t.detach() if narrow is None else t.detach().to(narrow), t.dtype)
+        packed.source = weakref.ref(t)
+        self.packed[key] = packed
+        stats.integer_tensors += 1
+        stats.integer_bytes += t.numel() * t.element_size()
+        stats.integer_stored_bytes += packed.nbytes
+        return packed
+
     @staticmethod
     def unpack(p: Any) -> Tensor:
         if isinstance(p, _Packed):
             with torch.no_grad():
                 return dequantize(p)
+        if isinstance(p, _Narrowed):
+            return p.values.to(p.dtype)
         return p
 
 
 @contextlib.contextmanager
-def compressed_activations(bits: int, *, min_numel: int = MIN_NUMEL) -> Iterator[CompressionStats]:
+def compressed_activations(
+    bits: int, *, min_numel: int = MIN_NUMEL, narrow_integers: bool = True
+) -> Iterator[CompressionStats]:
     """Store the tensors autograd saves for the backward pass at ``bits`` (8 or 4) bits while the
     context is open (see the module docstring); yields the byte counts, filled as ops save.
+    ``narrow_integers``: integer tensors (max-pool indices) of at least ``min_numel`` elements in
+    the narrowest integer type that holds them (exact; ``False``: as they are).
 
     The backward pass may run after the context closes (the graph holds the packed copies)."""
     bits = _check_bits(bits)
     if min_numel < 0:
         raise ValueError(f"min_numel must be >= 0, got {min_numel}")
-    hooks = _Hooks(bits, min_numel)
+    hooks = _Hooks(bits, min_numel, narrow_integers)
     with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
         yield hooks.stats
 
@@ -318,5 +418,5 @@ class ActivationCompression(Callback):
             s = self.last
             record["saved_activations"] = {
                 "bits": s.bits, "float_bytes": s.float_bytes, "stored_bytes": s.stored_bytes,
-                "kept_bytes": s.kept_bytes,
+                "exact_bytes": s.exact_bytes, "saved_bytes": s.saved_bytes,
             }  # fmt: skip
