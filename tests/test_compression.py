@@ -238,3 +238,30 @@ def test_cli_flag_reaches_the_run(tmp_path):
     assert main(args) == 0
     record = dfatorch.train.read_metrics(out)[-1]
     assert record["saved_activations"]["bits"] == 8
+
+
+def test_report_renders_the_benchmark_json(tmp_path):
+    import json
+
+    from dfatorch.report import _activation_memory_section
+
+    row32 = {"peak_rss_mib": 700.0, "step_rss_increase_mib": 300.0, "saved_bytes": 4 * 2**20}
+    row8 = {**row32, "step_rss_increase_mib": 150.0, "saved_bytes": 2**20, "saved_ratio": 4.0,
+            "quantised_ratio": 3.99, "step_rss_increase_vs_float32": 0.5}  # fmt: skip
+    timing = {"32": {"ms_median": 100.0, "ratio_to_float32": 1.0},
+              "8": {"ms_median": 120.0, "ratio_to_float32": 1.2},
+              "4": {"ms_median": 130.0, "ratio_to_float32": 1.3}}  # fmt: skip
+    data = {
+        "command": "python benchmarks/activation_memory.py",
+        "config": {"device": "cpu", "rounds": 5, "warmup": 1},
+        "machine": {"processor": "cpu", "threads": 1, "torch": "2"},
+        "rules": {"bp": {"method": "bp"}},
+        "memory": {"small_cnn": {"512": {"bp": {"32": row32, "8": row8}}}},
+        "step_time": {"small_cnn": {"batch": 128, "bp": timing}},
+    }
+    path = tmp_path / "activation_memory.json"
+    path.write_text(json.dumps(data))
+    text = "\n".join(_activation_memory_section(path))
+    assert "| small_cnn | 512 | bp | 8 | 1.0 | 4.00 | 3.99 | 150 | 0.50 |" in text
+    assert "| small_cnn | 128 | bp | 100 | 120 (1.20) | 130 (1.30) |" in text
+    assert _activation_memory_section(tmp_path / "missing.json") == []
