@@ -12,8 +12,10 @@ connected layers, bit-packed) and storage (float32, 8, 4 bits) on random 3x32x32
   without hooks (``exact_bytes``; a view saved with another shape, such as the flattened input of
   the first linear layer, counts twice on both sides).
 * **peak memory** of one training step (forward, backward, SGD step), each variant in a fresh
-  subprocess: on the CPU the child's peak resident set (``ru_maxrss``) after the step, and its
-  increase over the peak before the step; on CUDA ``torch.cuda.max_memory_allocated`` of the step.
+  subprocess: on the CPU the rise of the resident set's high-water mark over the step (Linux:
+  ``VmHWM`` after the step, reset just before it, minus ``VmRSS`` before; elsewhere
+  ``ru_maxrss``), with glibc told to return freed blocks of 64 KiB and more (``child_env``); on
+  CUDA ``torch.cuda.max_memory_allocated`` of the step.
 * **step time** against float32 for the same rule: all six variants of a model timed in one
   process, interleaved round by round, warm-up excluded; the median over rounds of the per-round
   ratio (at the first batch size only: the time is per example whatever the batch).
@@ -44,6 +46,7 @@ RULES: dict[str, dict[str, Any]] = {
     "bdfa": {"method": "bdfa", "scope": "fc", "storage": "packed"},
 }
 BITS = (32, 8, 4)
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 INPUT_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10
 
@@ -72,6 +75,27 @@ def make_step(model_name: str, rule: str, bits: int, batch: int, device: torch.d
     return step
 
 
+def _maxrss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])  # kB
+    raise KeyError(key)
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One variant, one step, in this (fresh) process: its bytes and peak memory."""
     device = torch.device(spec["device"])
@@ -80,12 +104,16 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    # Linux: reset the high-water mark so that it covers the step alone (building a model can
+    # peak higher than its step); elsewhere ru_maxrss, the peak since the process started
+    resettable = _reset_peak()
+    before = _proc_status("VmRSS") if resettable else _maxrss()
     stats = step()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = _proc_status("VmHWM") if resettable else _maxrss()
     out: dict[str, Any] = {
-        "peak_rss_mib": round(after / 1024, 1),
+        "peak_rss_mib": round(_maxrss() / 1024, 1),
         "step_rss_increase_mib": round((after - before) / 1024, 1),
+        "rss_measure": "VmHWM after the step - VmRSS before" if resettable else "ru_maxrss",
     }
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -98,7 +126,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    # glibc: blocks from 64 KiB up are mapped and unmapped on free, so the resident set follows
+    # the live tensors (with its default dynamic threshold freed blocks stay resident)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **MALLOC_ENV}
     command = [sys.executable, __file__, "--child", json.dumps(spec)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -194,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {k: v for k, v in vars(args).items() if k != "child"},
         "rules": RULES,
         "input_shape": list(INPUT_SHAPE),
+        "child_env": MALLOC_ENV,
         "machine": environment(),
         "memory": {},
         "step_time": {},
