@@ -265,3 +265,17 @@ def test_report_renders_the_benchmark_json(tmp_path):
     assert "| small_cnn | 512 | bp | 8 | 1.0 | 4.00 | 3.99 | 150 | 0.50 |" in text
     assert "| small_cnn | 128 | bp | 100 | 120 (1.20) | 130 (1.30) |" in text
     assert _activation_memory_section(tmp_path / "missing.json") == []
+
+
+def test_a_tensor_saved_twice_is_decoded_once(monkeypatch):
+    calls = []
+    real = compression.dequantize
+    monkeypatch.setattr(compression, "dequantize", lambda p: calls.append(p) or real(p))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    x = torch.randn(64, 64)
+    with compressed_activations(8):
+        model(x).sum().backward()
+    # x once (the first addmm), h once for ReLU's backward and the second addmm's
+    assert len(calls) == 2 and len({id(p) for p in calls}) == 2
+    assert all(p.cache is None and p.uses == 0 for p in calls)  # the copies are let go

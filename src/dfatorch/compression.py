@@ -55,7 +55,8 @@ forward pass, and so the loss, is exact: the divergence guard still sees it).
 the same tensor as its input): within one context, a save whose tensor has the same data pointer,
 dtype, device, shape, strides and version as an earlier one whose tensor is still alive reuses the
 packed copy. (Alive: a dead tensor's memory can be reused by a new one with the same address.) A
-view with another shape (``Flatten``) is a different key and is stored again.
+view with another shape (``Flatten``) is a different key and is stored again. In the backward pass
+such a tensor is decoded once, at its first unpacking, and that copy is kept until its last.
 
 Everything is deterministic (no random rounding), on whatever device the tensor lives: a resumed
 run equals an uninterrupted one.
@@ -157,13 +158,16 @@ class CompressionStats:
 class _Packed:
     """A quantised saved tensor (what the pack hook returns and the graph holds)."""
 
-    __slots__ = ("__weakref__", "bits", "codes", "dtype", "hi", "lo", "perm", "shape", "source")
+    __slots__ = ("__weakref__", "bits", "cache", "codes", "dtype", "hi", "lo", "perm", "shape",
+                 "source", "uses")  # fmt: skip
 
     def __init__(self, codes: Tensor, lo: Tensor, hi: Tensor, bits: int, shape: torch.Size,
                  perm: list[int], dtype: torch.dtype) -> None:  # fmt: skip
         self.codes, self.lo, self.hi, self.bits = codes, lo, hi, bits
         self.shape, self.perm, self.dtype = shape, perm, dtype
         self.source: weakref.ref[Tensor] | None = None
+        #: saves not yet unpacked, and the decoded tensor kept for them meanwhile
+        self.uses, self.cache = 1, None
 
     @property
     def nbytes(self) -> int:
@@ -346,6 +350,7 @@ class _Hooks:
         packed = self.packed.get(key)
         if packed is not None and packed.source is not None and packed.source() is not None:
             stats.shared += 1
+            packed.uses += 1
             return packed
         with torch.no_grad():
             packed = quantize(t.detach(), self.bits)
@@ -374,8 +379,15 @@ class _Hooks:
     @staticmethod
     def unpack(p: Any) -> Tensor:
         if isinstance(p, _Packed):
-            with torch.no_grad():
-                return dequantize(p)
+            # a tensor saved by two ops (ReLU and the max-pool after it) is decoded once: the
+            # copy is kept until its last save is unpacked, as autograd keeps the original
+            out = p.cache
+            if out is None:
+                with torch.no_grad():
+                    out = dequantize(p)
+            p.uses -= 1
+            p.cache = out if p.uses > 0 else None
+            return out
         if isinstance(p, _Narrowed):
             return p.values.to(p.dtype)
         return p
