@@ -22,8 +22,13 @@ stored exactly in the narrowest integer type that holds their values (int16 for 
 ``narrow_integers=False``. Left as they are, by reference: parameters, bool tensors, tensors
 below ``min_numel`` and non-dense (overlapping, expanded) tensors. The input batch is an
 activation like any other and is quantised too. Batch norm's saved input is quantised like any
-activation (its saved
-mean/inverse-std are per channel, below ``min_numel``, and stay exact).
+activation (its saved mean/inverse-std are per channel, below ``min_numel``, and stay exact).
+Measured (``benchmarks/activation_gradients.py``, one CIFAR-10 batch of 128 at initialisation):
+at 8 bits every layer's weight gradient has cosine >= 0.9997 with the exact one, with or without
+batch norm; at 4 bits >= 0.987 without batch norm but down to 0.91-0.95 for the batch-norm scale
+(gamma) gradients with it (``vgg_cnn``, ``small_cnn --batch-norm``), which sum ``dy * x_hat`` and
+so feel the coarse code of ``x``. BLPA does better there: it quantises ``x_hat`` itself over a
+fixed +-3 range; a saved-tensor hook does not know which op saved a tensor, so that is not done.
 
 **The code.** Per channel (dim 1) the range
 ``[lo, hi]`` is the channel's min and max widened to contain 0, cut into ``L = 2**bits`` bins of
