@@ -4,12 +4,15 @@
 >>> loss = criterion(model(x), y); loss.backward(); optimizer.step()   # doctest: +SKIP
 """
 
+from .compression import ActivationCompression, CompressionStats, compressed_activations
 from .engine import ConvError, DFAEngine, LayerInfo, Rule, Scope, attach, preserved_state
 from .feedback import FeedbackInit, FeedbackMatrix, Storage
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationCompression",
+    "CompressionStats",
     "ConvError",
     "DFAEngine",
     "FeedbackInit",
@@ -20,5 +23,6 @@ __all__ = [
     "Storage",
     "__version__",
     "attach",
+    "compressed_activations",
     "preserved_state",
 ]

@@ -231,4 +231,8 @@ def default_callbacks(config: TrainConfig) -> list[Callback]:
     if config.align_every > 0:
         callbacks.append(AlignmentProbe(config.align_every))
     callbacks.append(DivergenceGuard(config.divergence_factor))
+    if config.activation_bits != 32:
+        from .compression import ActivationCompression  # it imports this module
+
+        callbacks.append(ActivationCompression(config.activation_bits))
     return callbacks

@@ -115,6 +115,12 @@ class TrainConfig:
     eval_test: bool = _field(True, "evaluate on the test set (off for tuning runs)")
     eval_every: int = _field(1, "evaluate every N epochs (and after the last)")
     align_every: int = _field(0, "log gradient alignment every N steps (0: off)")
+    activation_bits: int = _field(
+        32,
+        "store the activations kept for the backward pass at 8 or 4 bits (32: exact float); "
+        "the forward pass stays exact",
+        choices=(32, 8, 4),
+    )
     divergence_factor: float = _field(
         3.0,
         "stop when the moving average of the training loss exceeds this multiple of the first "
@@ -132,7 +138,7 @@ class TrainConfig:
             elif f.name == "dataset":
                 self.dataset = canonical_name(value)
             elif value not in source:
-                options = ", ".join(choices(f.name) or [])
+                options = ", ".join(map(str, choices(f.name) or []))
                 raise ValueError(f"{f.name}={value!r} is not one of {options}")
         for name in ("epochs", "batch_size", "eval_every"):
             if getattr(self, name) < 1:

@@ -370,6 +370,7 @@ def _speed_section(folder: Path) -> list[str]:
                     f"{r['floor_from_macs']:.3f} | {r['gap']:+.3f} | {size} |"
                 )
         lines.append("")
+    lines += _activation_memory_section(folder / "activation_memory.json")
     track = folder / "tracking_speed.json"
     if track.exists():
         data = json.loads(track.read_text())
@@ -390,6 +391,61 @@ def _speed_section(folder: Path) -> list[str]:
             )
         lines.append("")
     return lines
+
+
+def _activation_memory_section(path: Path) -> list[str]:
+    """Tables of ``benchmarks/activation_memory.py``'s JSON: bytes, peak memory and step time."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    m, cfg = data["machine"], data["config"]
+    lines = [
+        "## Memory: activations stored at 8 and 4 bits",
+        "",
+        f"`{data['command']}` ({m['processor']}, {m['threads']} threads, torch {m['torch']}; "
+        f"{cfg['device']}). *Saved*: bytes of every tensor autograd keeps for the backward pass, "
+        "counted in the pack hook (float32: as autograd keeps them; 8/4: quantised floats, "
+        "narrowed max-pool indices, small tensors as they are); *quantised*: the float tensors "
+        "alone. *Step peak*: the rise of the peak resident set over one training step (forward, "
+        "backward, SGD step), each variant in a fresh process; transient tensors of the backward "
+        "pass (gradients, the decoded activation of the layer in progress) count there too.",
+        "",
+        "| model | batch | rule | bits | saved MiB | saved ratio | quantised ratio "
+        "| step peak MiB | vs float32 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    mib = 2**20
+    for model, batches in data["memory"].items():
+        for batch, rules in batches.items():
+            for rule, rows in rules.items():
+                for bits, r in rows.items():
+                    saved = f"{r['saved_bytes'] / mib:.1f}"
+                    ratio = f"{r['saved_ratio']:.2f}" if "saved_ratio" in r else "1"
+                    quant = f"{r['quantised_ratio']:.2f}" if "quantised_ratio" in r else "-"
+                    vs = r.get("step_rss_increase_vs_float32")
+                    lines.append(
+                        f"| {model} | {batch} | {rule} | {bits} | {saved} | {ratio} | {quant} | "
+                        f"{r['step_rss_increase_mib']:.0f} | {'-' if vs is None else f'{vs:.2f}'} |"
+                    )
+    if data.get("step_time"):
+        lines += [
+            "",
+            "Step time against float32 storage for the same rule (one process, interleaved "
+            f"rounds, {cfg['rounds']} rounds after {cfg['warmup']} warm-up; median of the "
+            "per-round ratio):",
+            "",
+            "| model | batch | rule | float32 ms | 8-bit ms (ratio) | 4-bit ms (ratio) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for model, entry in data["step_time"].items():
+            for rule in data["rules"]:
+                t = entry[rule]
+                lines.append(
+                    f"| {model} | {entry['batch']} | {rule} | {t['32']['ms_median']:.0f} | "
+                    f"{t['8']['ms_median']:.0f} ({t['8']['ratio_to_float32']:.2f}) | "
+                    f"{t['4']['ms_median']:.0f} ({t['4']['ratio_to_float32']:.2f}) |"
+                )
+    return [*lines, ""]
 
 
 def _tracking_section(folder: Path, out: Path) -> list[str]:

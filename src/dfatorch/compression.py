@@ -1,0 +1,439 @@
+"""Training with the activations kept for the backward pass stored at 8 or 4 bits.
+
+After Chakrabarti & Moseley, "Backprop with Approximate Activations for Memory-efficient Network
+Training" (NeurIPS 2019, BLPA): the forward pass stays exact; only the copies of the activations
+that autograd *saves for the backward pass* are quantised, through
+:func:`torch.autograd.graph.saved_tensors_hooks`. Back-propagation and DFA both need them (DFA's
+weight gradients are ``delta_l h_{l-1}^T``), so the saving applies to every rule::
+
+    with dfatorch.compressed_activations(bits=4) as stats:
+        loss = criterion(model(x), y)
+        loss.backward()
+    stats.ratio   # float bytes / stored bytes of the tensors that were quantised
+
+or from the trainer: ``TrainConfig(activation_bits=8)``, ``--activation-bits 8`` (the
+:class:`ActivationCompression` callback).
+
+**What is quantised.** Every floating-point saved tensor of at least ``min_numel`` elements that
+is not a parameter (nor a view of one: ``Linear`` saves ``weight.t()``). Integer tensors of that
+size (max-pool indices: int64, half the bytes of a float32 feature map before pooling by 2x2) are
+stored exactly in the narrowest integer type that holds their values (int16 for indices into a
+32x32 map; one min/max, so one synchronisation on an accelerator), unless
+``narrow_integers=False``. Left as they are, by reference: parameters, bool tensors, tensors
+below ``min_numel`` and non-dense (overlapping, expanded) tensors. The input batch is an
+activation like any other and is quantised too. Batch norm's saved input is quantised like any
+activation (its saved mean/inverse-std are per channel, below ``min_numel``, and stay exact).
+Measured (``benchmarks/activation_gradients.py``, one CIFAR-10 batch of 128 at initialisation):
+at 8 bits every layer's weight gradient has cosine >= 0.9997 with the exact one, with or without
+batch norm; at 4 bits >= 0.987 without batch norm but down to 0.91-0.95 for the batch-norm scale
+(gamma) gradients with it (``vgg_cnn``, ``small_cnn --batch-norm``), which sum ``dy * x_hat`` and
+so feel the coarse code of ``x``. BLPA does better there: it quantises ``x_hat`` itself over a
+fixed +-3 range; a saved-tensor hook does not know which op saved a tensor, so that is not done.
+
+**The code.** Per channel (dim 1) the range
+``[lo, hi]`` is the channel's min and max widened to contain 0, cut into ``L = 2**bits`` bins of
+width ``s = (hi - lo) / (L - 1)`` placed so that **0 is a bin edge**: code ``k`` stands for the bin
+``((k - z) s, (k - z + 1) s]`` with ``z = floor(-lo / s) + 1`` and decodes to the bin's midpoint
+(clamped to ``[lo, hi]``). A tensor whose channels are small (a fully connected layer's
+``(N, features)`` at ``N < 512``) or that has fewer than two dims gets one range for the whole
+tensor instead: per-feature ranges would cost 8 bytes a feature, as much as the codes of 16
+examples at 4 bits. Every value comes back within half a bin, and
+
+* the sign is exact without an extra bit: a value ``> 0`` gets a code ``>= z`` and decodes to at
+  least ``s / 2 > 0``; a value ``<= 0`` gets a code ``< z`` and decodes to at most 0. ReLU's
+  mask (``result > 0``), the sign of a pre-activation and of tanh's output survive exactly. This
+  is BLPA's per-channel shift ("bin index >= shift" is "value > 0"), applied to any saved tensor;
+  we chose it over a separate 1-bit mask because the mask would cost a ninth (8 bits) or a fifth
+  (4 bits) more memory;
+* a channel without negative values (a ReLU output) decodes its zeros to exactly 0 (the clamp at
+  ``lo = 0``), so the many exact zeros of a ReLU layer carry no bias into the next layer's weight
+  gradient;
+* the price of keeping 0 in the range: a channel far from 0 (all values in ``[5, 6]``) is coded
+  over ``[0, 6]``.
+
+Codes are ``uint8``; at 4 bits two codes share a byte (low nibble first). Each channel adds its
+``lo`` and ``hi`` (two floats of the tensor's computing dtype: float32, or float64 for float64
+tensors) to the stored bytes. A channel holding inf or NaN decodes to non-finite values (the
+forward pass, and so the loss, is exact: the divergence guard still sees it).
+
+**A tensor saved by two ops is stored once** (ReLU saves its output, the max-pool after it saves
+the same tensor as its input): within one context, a save whose tensor has the same data pointer,
+dtype, device, shape, strides and version as an earlier one whose tensor is still alive reuses the
+packed copy. (Alive: a dead tensor's memory can be reused by a new one with the same address.) A
+view with another shape (``Flatten``) is a different key and is stored again. In the backward pass
+such a tensor is decoded once, at its first unpacking, and that copy is kept until its last.
+
+Everything is deterministic (no random rounding), on whatever device the tensor lives: a resumed
+run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .callbacks import Callback, TrainState
+
+__all__ = [
+    "BITS",
+    "ActivationCompression",
+    "CompressionStats",
+    "compressed_activations",
+    "dequantize",
+    "pack_nibbles",
+    "per_channel",
+    "quantize",
+    "unpack_nibbles",
+]
+
+#: The supported code widths.
+BITS = (8, 4)
+#: Saved tensors with fewer elements are kept exact (their scales would cost more than they save).
+MIN_NUMEL = 1024
+#: A tensor gets one range per channel when its channels have at least this many elements, else
+#: one range in all (a channel's range costs 8 bytes: 3% of its codes at 4 bits from here on).
+CHANNEL_NUMEL = 512
+#: The code is computed in chunks of about this many elements (bounded float temporaries).
+CHUNK_NUMEL = 1 << 18
+
+
+def _check_bits(bits: Any) -> int:
+    if isinstance(bits, bool) or bits not in BITS:
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    return int(bits)
+
+
+@dataclass
+class CompressionStats:
+    """Bytes of the saved tensors of one ``compressed_activations`` context, counted in the pack
+    hook (exact and device-independent). Each tensor counts once, however many ops save it."""
+
+    bits: int
+    #: quantised tensors, their bytes as they were, and their bytes as stored (codes + lo/hi)
+    compressed_tensors: int = 0
+    float_bytes: int = 0
+    stored_bytes: int = 0
+    #: integer tensors (max-pool indices) stored exactly in the narrowest integer type that
+    #: holds their values: their bytes as they were and as stored
+    integer_tensors: int = 0
+    integer_bytes: int = 0
+    integer_stored_bytes: int = 0
+    #: non-parameter tensors stored as they are (bool, small, non-dense) and their bytes
+    kept_tensors: int = 0
+    kept_bytes: int = 0
+    #: saves of parameters (held by reference: no copy, no bytes)
+    parameters: int = 0
+    #: saves that reused the packed copy of a tensor already saved by another op
+    shared: int = 0
+
+    @property
+    def ratio(self) -> float:
+        """Float bytes over stored bytes of the quantised tensors (``nan`` if there were none)."""
+        return self.float_bytes / self.stored_bytes if self.stored_bytes else float("nan")
+
+    @property
+    def saved_bytes(self) -> int:
+        """Bytes of every non-parameter saved tensor as stored."""
+        return self.stored_bytes + self.integer_stored_bytes + self.kept_bytes
+
+    @property
+    def exact_bytes(self) -> int:
+        """The same tensors' bytes without the hooks (as autograd would keep them)."""
+        return self.float_bytes + self.integer_bytes + self.kept_bytes
+
+    @property
+    def total_ratio(self) -> float:
+        """``exact_bytes / saved_bytes``: over every non-parameter saved tensor."""
+        return self.exact_bytes / self.saved_bytes if self.saved_bytes else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "saved_bytes": self.saved_bytes, "exact_bytes": self.exact_bytes,
+                "ratio": self.ratio, "total_ratio": self.total_ratio}  # fmt: skip
+
+
+# -- the code --------------------------------------------------------------------------------
+
+
+class _Packed:
+    """A quantised saved tensor (what the pack hook returns and the graph holds)."""
+
+    __slots__ = ("__weakref__", "bits", "cache", "codes", "dtype", "hi", "lo", "perm", "shape",
+                 "source", "uses")  # fmt: skip
+
+    def __init__(self, codes: Tensor, lo: Tensor, hi: Tensor, bits: int, shape: torch.Size,
+                 perm: list[int], dtype: torch.dtype) -> None:  # fmt: skip
+        self.codes, self.lo, self.hi, self.bits = codes, lo, hi, bits
+        self.shape, self.perm, self.dtype = shape, perm, dtype
+        self.source: weakref.ref[Tensor] | None = None
+        #: saves not yet unpacked, and the decoded tensor kept for them meanwhile
+        self.uses, self.cache = 1, None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.lo, self.hi))
+
+
+def pack_nibbles(codes: Tensor) -> Tensor:
+    """Flat ``uint8`` codes in ``[0, 16)`` -> half as many bytes (element ``2i`` in the low nibble
+    of byte ``i``, ``2i + 1`` in the high one; an odd count is padded with a zero)."""
+    flat = codes.reshape(-1)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def unpack_nibbles(packed: Tensor, numel: int) -> Tensor:
+    """The inverse of :func:`pack_nibbles`: the first ``numel`` codes."""
+    out = packed.new_empty(2 * packed.numel())
+    out[0::2] = packed & 15
+    out[1::2] = packed >> 4
+    return out[:numel]
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def per_channel(x: Tensor) -> bool:
+    """Whether ``x`` gets one range per channel (dim 1) rather than one for the whole tensor: when
+    it has two dims or more and each channel at least :data:`CHANNEL_NUMEL` elements."""
+    return x.ndim >= 2 and x.numel() >= CHANNEL_NUMEL * x.shape[1]
+
+
+def _channel_range(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel (dim 1) min and max, widened to contain 0, shaped to broadcast against ``x``."""
+    if not per_channel(x):
+        shape = [1] * x.ndim
+        return x.min().clamp(max=0).reshape(shape), x.max().clamp(min=0).reshape(shape)
+    dims = [d for d in range(x.ndim) if d != 1]
+    return x.amin(dim=dims, keepdim=True).clamp(max=0), x.amax(dim=dims, keepdim=True).clamp(min=0)
+
+
+def _grid(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Bin width ``s`` and ``z``, the number of codes for values ``<= 0`` (0 is a bin edge)."""
+    s = (hi - lo) / (2**bits - 1)
+    s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero channel: any width decodes to 0
+    return s, torch.floor(-lo / s) + 1
+
+
+def _rows(x: Tensor) -> int:
+    """Rows (along dim 0) per chunk: the code is computed chunk by chunk so that its float
+    temporaries stay small (a few MiB) next to the tensor."""
+    if x.ndim == 0:
+        return 1
+    per_row = max(x.numel() // max(x.shape[0], 1), 1)
+    return max(CHUNK_NUMEL // per_row, 1)
+
+
+def _encode(x: Tensor, s: Tensor, z: Tensor, bits: int) -> Tensor:
+    d = torch.div(x, s).ceil_().sub_(1)  # code - z: the bin ((code - z) s, (code - z + 1) s]
+    # the sign decides the side of 0 even where rounding of x / s would not (underflow)
+    d = torch.where(x > 0, d.clamp(min=0), d.clamp(max=-1))
+    return d.add_(z).clamp_(0, 2**bits - 1).to(torch.uint8)
+
+
+def _decode(k: Tensor, p: _Packed, s: Tensor, z: Tensor) -> Tensor:
+    value = k.to(s.dtype).sub_(z).add_(0.5).mul_(s)
+    return torch.clamp(value, min=p.lo, max=p.hi)
+
+
+def quantize(x: Tensor, bits: int) -> _Packed:
+    """``x`` (floating point, dense) as ``bits``-bit codes with per-channel ``lo``/``hi``."""
+    bits = _check_bits(bits)
+    work = x.to(_work_dtype(x.dtype))
+    lo, hi = _channel_range(work)
+    s, z = _grid(lo, hi, bits)
+    codes = torch.empty_like(x, dtype=torch.uint8)  # the same strides (channels-last stays)
+    if x.ndim == 0:
+        codes.copy_(_encode(work, s, z, bits))
+    rows = _rows(x)
+    for i in range(0, x.shape[0] if x.ndim else 0, rows):
+        codes[i : i + rows] = _encode(work[i : i + rows], s, z, bits)
+    # stored in the tensor's own memory order
+    perm = sorted(range(x.ndim), key=lambda d: (-x.stride(d), d))
+    flat = codes.permute(perm).reshape(-1)
+    if bits == 4:
+        flat = pack_nibbles(flat)
+    return _Packed(flat, lo, hi, bits, x.shape, perm, x.dtype)
+
+
+def dequantize(p: _Packed) -> Tensor:
+    """The tensor back: every value within half a bin of the original, with its exact sign."""
+    numel = p.shape.numel()
+    codes = unpack_nibbles(p.codes, numel) if p.bits == 4 else p.codes
+    permuted = [p.shape[d] for d in p.perm]
+    inverse = sorted(range(len(p.perm)), key=lambda i: p.perm[i])
+    k = codes.reshape(permuted).permute(inverse)
+    out = torch.empty(permuted, dtype=p.dtype, device=codes.device).permute(inverse)
+    s, z = _grid(p.lo, p.hi, p.bits)
+    if out.ndim == 0:
+        out.copy_(_decode(k, p, s, z))
+    rows = _rows(out)
+    for i in range(0, out.shape[0] if out.ndim else 0, rows):
+        out[i : i + rows] = _decode(k[i : i + rows], p, s, z)
+    return out
+
+
+# -- the hooks -------------------------------------------------------------------------------
+
+
+def _is_parameter(t: Tensor) -> bool:
+    base = t._base if t._base is not None else t
+    return isinstance(base, nn.Parameter) or (base.is_leaf and base.requires_grad)
+
+
+def _is_dense(t: Tensor) -> bool:
+    perm = sorted(range(t.ndim), key=lambda d: (-t.stride(d), d))
+    return t.permute(perm).is_contiguous()
+
+
+_NARROWABLE = (torch.int64, torch.int32, torch.int16)
+
+
+def _narrowest(t: Tensor) -> torch.dtype | None:
+    """The smallest integer dtype that holds every value of ``t`` (None: none is smaller)."""
+    lo, hi = (int(v) for v in torch.aminmax(t))  # one synchronisation on an accelerator
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return dtype if info.bits < torch.iinfo(t.dtype).bits else None
+    return None
+
+
+class _Narrowed:
+    """An integer saved tensor in a narrower integer type (exact)."""
+
+    __slots__ = ("__weakref__", "dtype", "source", "values")
+
+    def __init__(self, values: Tensor, dtype: torch.dtype) -> None:
+        self.values, self.dtype = values, dtype
+        self.source: weakref.ref[Tensor] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.numel() * self.values.element_size()
+
+
+class _Hooks:
+    def __init__(self, bits: int, min_numel: int, narrow_integers: bool = True) -> None:
+        self.bits, self.min_numel, self.narrow_integers = bits, min_numel, narrow_integers
+        self.stats = CompressionStats(bits=bits)
+        # key -> packed copy; an entry lives as long as the graph holds the copy
+        self.packed: weakref.WeakValueDictionary[tuple[Any, ...], Any] = (
+            weakref.WeakValueDictionary()
+        )
+        self.kept: dict[tuple[Any, ...], weakref.ref[Tensor]] = {}
+
+    @staticmethod
+    def _key(t: Tensor) -> tuple[Any, ...]:
+        return (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride(), t._version)
+
+    def pack(self, t: Tensor) -> Any:
+        stats = self.stats
+        if t.is_floating_point() and _is_parameter(t):
+            stats.parameters += 1
+            return t
+        key = self._key(t)
+        large = t.numel() >= self.min_numel and _is_dense(t)
+        if self.narrow_integers and large and t.dtype in _NARROWABLE:
+            return self._narrow(t, key)
+        if not t.is_floating_point() or not large:
+            seen = self.kept.get(key)
+            if seen is None or seen() is None:
+                self.kept[key] = weakref.ref(t)
+                stats.kept_tensors += 1
+                stats.kept_bytes += t.numel() * t.element_size()
+            else:
+                stats.shared += 1
+            return t
+        packed = self.packed.get(key)
+        if packed is not None and packed.source is not None and packed.source() is not None:
+            stats.shared += 1
+            packed.uses += 1
+            return packed
+        with torch.no_grad():
+            packed = quantize(t.detach(), self.bits)
+        packed.source = weakref.ref(t)
+        self.packed[key] = packed
+        stats.compressed_tensors += 1
+        stats.float_bytes += t.numel() * t.element_size()
+        stats.stored_bytes += packed.nbytes
+        return packed
+
+    def _narrow(self, t: Tensor, key: tuple[Any, ...]) -> Any:
+        stats = self.stats
+        packed = self.packed.get(key)
+        if packed is not None and packed.source is not None and packed.source() is not None:
+            stats.shared += 1
+            return packed
+        narrow = _narrowest(t)
+        packed = _Narrowed(t.detach() if narrow is None else t.detach().to(narrow), t.dtype)
+        packed.source = weakref.ref(t)
+        self.packed[key] = packed
+        stats.integer_tensors += 1
+        stats.integer_bytes += t.numel() * t.element_size()
+        stats.integer_stored_bytes += packed.nbytes
+        return packed
+
+    @staticmethod
+    def unpack(p: Any) -> Tensor:
+        if isinstance(p, _Packed):
+            # a tensor saved by two ops (ReLU and the max-pool after it) is decoded once: the
+            # copy is kept until its last save is unpacked, as autograd keeps the original
+            out = p.cache
+            if out is None:
+                with torch.no_grad():
+                    out = dequantize(p)
+            p.uses -= 1
+            p.cache = out if p.uses > 0 else None
+            return out
+        if isinstance(p, _Narrowed):
+            return p.values.to(p.dtype)
+        return p
+
+
+@contextlib.contextmanager
+def compressed_activations(
+    bits: int, *, min_numel: int = MIN_NUMEL, narrow_integers: bool = True
+) -> Iterator[CompressionStats]:
+    """Store the tensors autograd saves for the backward pass at ``bits`` (8 or 4) bits while the
+    context is open (see the module docstring); yields the byte counts, filled as ops save.
+    ``narrow_integers``: integer tensors (max-pool indices) of at least ``min_numel`` elements in
+    the narrowest integer type that holds them (exact; ``False``: as they are).
+
+    The backward pass may run after the context closes (the graph holds the packed copies)."""
+    bits = _check_bits(bits)
+    if min_numel < 0:
+        raise ValueError(f"min_numel must be >= 0, got {min_numel}")
+    hooks = _Hooks(bits, min_numel, narrow_integers)
+    with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
+        yield hooks.stats
+
+
+class ActivationCompression(Callback):
+    """Trainer callback: every step's forward and backward under :func:`compressed_activations`.
+    Adds the last step's byte counts to each epoch's record under ``saved_activations``."""
+
+    def __init__(self, bits: int, *, min_numel: int = MIN_NUMEL) -> None:
+        self.bits, self.min_numel = _check_bits(bits), min_numel
+        self.last: CompressionStats | None = None
+
+    @contextlib.contextmanager
+    def step_context(self, state: TrainState) -> Iterator[CompressionStats]:
+        with compressed_activations(self.bits, min_numel=self.min_numel) as stats:
+            yield stats
+        self.last = stats
+
+    def on_epoch_end(self, state: TrainState, record: dict[str, Any]) -> None:
+        if self.last is not None:
+            s = self.last
+            record["saved_activations"] = {
+                "bits": s.bits, "float_bytes": s.float_bytes, "stored_bytes": s.stored_bytes,
+                "exact_bytes": s.exact_bytes, "saved_bytes": s.saved_bytes,
+            }  # fmt: skip
