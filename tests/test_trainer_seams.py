@@ -212,3 +212,33 @@ def test_transforms_through_train_resume_exactly(tmp_path):
     assert strip == [{k: v for k, v in h.items() if k not in TIMING} for h in straight]
     plain = train(config, tmp_path / "plain", progress=False).history  # the noise mattered
     assert plain[-1]["train_loss"] != straight[-1]["train_loss"]
+
+
+class Counter(Callback):
+    """Counts its steps; the count is its saved state."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def after_step(self, state):
+        self.steps += 1
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"]
+
+
+def test_callback_states_resume_by_position_and_class(tmp_path):
+    one = TrainConfig(**{**FAST, "epochs": 1}, method="dfa", fraction=0.1)
+    first, second = Counter(), Counter()
+    train(one, tmp_path / "run", progress=False, callbacks=[first, second])
+    second.steps = 100  # two callbacks of one class keep their own states
+    train(one, tmp_path / "other", progress=False, callbacks=[Counter(), second])
+    again = [Counter(), Counter()]
+    train(None, tmp_path / "other", resume=True, epochs=2, progress=False, callbacks=again)
+    assert [c.steps for c in again] == [5 + 5, 100 + 5 + 5]
+    with pytest.raises(ValueError, match="resume with the same callbacks"):
+        train(None, tmp_path / "run", resume=True, epochs=2, progress=False,
+              callbacks=[Recorder()])  # fmt: skip

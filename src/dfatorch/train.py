@@ -366,10 +366,15 @@ def _restore(
     state.partial = {**_fresh(), **checkpoint["partial"]}
     where = f"after epoch {state.start_epoch}"
     state.checkpoint_at = where if not state.start_batch else f"{where} and more"
-    saved = {s["name"]: s["state"] for s in checkpoint.get("callbacks", [])}
-    for callback in callbacks:
-        if type(callback).__name__ in saved:
-            callback.load_state_dict(saved[type(callback).__name__])
+    # by position, checked by class name: two callbacks of one class keep their own states
+    for callback, saved in zip(callbacks, checkpoint.get("callbacks", [])):
+        if saved["name"] != type(callback).__name__:
+            raise ValueError(
+                f"the checkpoint's callbacks {[s['name'] for s in checkpoint['callbacks']]} do "
+                f"not match this run's {[type(c).__name__ for c in callbacks]}: resume with the "
+                "same callbacks"
+            )
+        callback.load_state_dict(saved["state"])
 
 
 def _write_meta(run: RunDir, built: _Run, config: TrainConfig) -> None:
