@@ -13,12 +13,12 @@ quantised like any activation.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import command, emit, options
 from torch import nn
 
 import dfatorch
@@ -72,18 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     x, y, source = batch(args.batch_size)
     report: dict[str, Any] = {
         "benchmark": "activation_gradients",
-        "command": " ".join(["python", "benchmarks/activation_gradients.py", *(argv or [])]),
-        "config": vars(args),
+        "command": command(__file__, argv),
+        "config": options(args),
         "inputs": source,
         "machine": environment(),
         "models": {},
     }
     for key, spec in VARIANTS.items():
-        options = {k: v for k, v in spec.items() if k != "name"}
+        model_options = {k: v for k, v in spec.items() if k != "name"}
         for rule, attach in RULES.items():
             print(f"{key} {rule}", file=sys.stderr, flush=True)
             torch.manual_seed(0)
-            model = build_model(spec["name"], (3, 32, 32), 10, **options)
+            model = build_model(spec["name"], (3, 32, 32), 10, **model_options)
             dfatorch.attach(model, example_input=x[:2], seed=0, **attach)
             exact = grads(model, x, y, 32)
             entry: dict[str, Any] = {}
@@ -103,11 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 cosines = [v["cosine"] for v in entry[str(bits)].values()]
                 entry[f"min_cosine_{bits}"] = min(cosines)
             report["models"].setdefault(key, {})[rule] = entry
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    emit(report, args.out)
     return 0
 
 

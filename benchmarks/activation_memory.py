@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import command, emit, options
 
 import dfatorch
 from dfatorch.models import build_model
@@ -220,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     report: dict[str, Any] = {
         "benchmark": "activation_memory",
-        "command": " ".join(["python", "benchmarks/activation_memory.py", *(argv or sys.argv[1:])]),
-        "config": {k: v for k, v in vars(args).items() if k != "child"},
+        "command": command(__file__, argv),
+        "config": options(args, skip=("child",)),
         "rules": RULES,
         "input_shape": list(INPUT_SHAPE),
         "child_env": MALLOC_ENV,
@@ -241,11 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 "batch": batch,
                 **timing(model, batch, args.device, args.rounds, args.warmup),
             }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    emit(report, args.out)
     return 0
 
 

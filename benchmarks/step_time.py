@@ -14,7 +14,6 @@ weight + input gradients), the gap between the two, and the bytes of feedback ea
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import command, emit, options
 
 import dfatorch
 from dfatorch.models import build_model, layer_costs, model_stats, training_macs
@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     report: dict[str, Any] = {
         "benchmark": "step_time",
-        "command": " ".join(["python", "benchmarks/step_time.py", *(argv or sys.argv[1:])]),
-        "config": vars(args),
+        "command": command(__file__, argv),
+        "config": options(args),
         "machine": environment(),
         "models": {},
     }
@@ -149,11 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             report["models"][name] = measure(
                 key, args.rounds, args.warmup, args.batch_size, channels_last
             )
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    emit(report, args.out)
     return 0
 
 

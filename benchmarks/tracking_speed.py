@@ -20,16 +20,15 @@ median over ``--repeats``):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from _common import command, emit
 
 from dfatorch.tracking import list_sequences, load_sequence, run_sequence
 from dfatorch.tracking.features import load_backbone
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             "min_fps_640x360": min((results[n][rule]["fps"] for n in wide), default=None),
         }
     report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command(__file__, argv),
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
@@ -133,10 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "sequences": results,
     }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(report, args.out, indent=1)
     return 0
 
 

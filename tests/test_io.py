@@ -85,3 +85,14 @@ def test_what_names_the_kind_of_file(tmp_path: Path) -> None:
     (tmp_path / "x.pt").write_text("text")
     with pytest.raises(CheckpointError, match="not a readable backbone checkpoint"):
         read_torch_file(tmp_path / "x.pt", "backbone checkpoint")
+
+
+def test_portable_path_keeps_no_machine_folder(tmp_path, monkeypatch):
+    from dfatorch._io import portable_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert portable_path(tmp_path / "runs" / "ckpt.pt") == "runs/ckpt.pt"  # under the cwd
+    assert portable_path("/elsewhere/logs/final.json") == "final.json"  # outside: the name alone
+    assert portable_path("runs/x.pt") == "runs/x.pt"  # relative: as given
+    assert portable_path("--rounds") == "--rounds"  # not a path

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["CheckpointError", "atomic_write", "read_torch_file", "write_json"]
+__all__ = ["CheckpointError", "atomic_write", "portable_path", "read_torch_file", "write_json"]
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[Any]], None], mode: str = "wb") -> None:
@@ -133,3 +133,17 @@ def read_torch_file(
             f"{path} is not a {what}: it lacks the keys {missing} (found: {shown or 'none'})"
         )
     return blob
+
+
+def portable_path(path: str | Path) -> str:
+    """``path`` as records should keep it: relative to the working directory when it lies under
+    it, else its file name alone, so that no folder of the machine that ran it (a home, a
+    temporary folder) is written into results that others read. Anything that is not an absolute
+    path is returned as it is."""
+    text = str(path)
+    if not os.path.isabs(text):
+        return text
+    try:
+        return str(Path(text).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return Path(text).name

@@ -393,15 +393,6 @@ def _speed_section(folder: Path) -> list[str]:
     return lines
 
 
-def _shown_command(command: str, path: Path) -> str:
-    """The benchmark's command as the docs show it: an ``--out`` on the machine that ran it is
-    shown as the file the report read, so that no machine path reaches the docs."""
-    words = command.split()
-    if "--out" in words[:-1]:
-        words[words.index("--out") + 1] = f"docs/benchmarks/{path.name}"
-    return " ".join(words)
-
-
 def _activation_memory_section(path: Path) -> list[str]:
     """Tables of ``benchmarks/activation_memory.py``'s JSON: bytes, peak memory and step time."""
     if not path.exists():
@@ -411,8 +402,7 @@ def _activation_memory_section(path: Path) -> list[str]:
     lines = [
         "## Memory: activations stored at 8 and 4 bits",
         "",
-        f"`{_shown_command(data['command'], path)}` ({m['processor']}, {m['threads']} threads, "
-        f"torch {m['torch']}; "
+        f"`{data['command']}` ({m['processor']}, {m['threads']} threads, torch {m['torch']}; "
         f"{cfg['device']}). *Saved*: bytes of every tensor autograd keeps for the backward pass, "
         "counted in the pack hook (float32: as autograd keeps them; 8/4: quantised floats, "
         "narrowed max-pool indices, small tensors as they are); *quantised*: the float tensors "

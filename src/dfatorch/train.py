@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from ._console import progress_bar
-from ._io import atomic_write
+from ._io import atomic_write, portable_path
 from .callbacks import Callback, NonFiniteLossError, TrainingDiverged, TrainState, default_callbacks
 from .config import OptimizerName, Schedule, TrainConfig
 from .data import BatchLoader, DatasetSplits, load_dataset, stratified_subset, train_val_split
@@ -250,7 +250,7 @@ def environment() -> dict[str, Any]:
         "processor": _cpu_name(),
         "threads": torch.get_num_threads(),
         "git_commit": _git_commit(),
-        "argv": sys.argv,
+        "argv": [portable_path(a) for a in sys.argv],
     }
 
 

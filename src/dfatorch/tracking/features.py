@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._io import CheckpointError, read_torch_file
+from .._io import CheckpointError, portable_path, read_torch_file
 from ..models import build_model, conv_features
 
 __all__ = [
@@ -214,7 +214,7 @@ def load_backbone(
             mean, std = tuple(blob["mean"]), tuple(blob["std"])
         info = {
             "kind": "checkpoint",
-            "path": str(path.resolve()),
+            "path": portable_path(path),
             "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16],
             "trained_on": dataset,
             "method": config.get("method"),
