@@ -109,7 +109,7 @@ def test_bytes_match_a_hand_count_on_a_two_layer_model(bits):
     assert stats.kept_tensors == 0 and stats.kept_bytes == 0
     assert stats.float_bytes == 4 * (64 * 64 + 64 * 32)
     assert stats.stored_bytes == codes + ranges
-    assert stats.ratio == stats.float_bytes / (codes + ranges)
+    assert stats.ratio == pytest.approx(4 * (64 * 64 + 64 * 32) / (codes + ranges))
 
 
 def _tiny_convnet() -> nn.Sequential:
@@ -176,7 +176,6 @@ def test_composes_with_the_bdfa_hybrid():
     approx, stats = _grads(model, x, y, bits=8)
     assert stats.compressed_tensors >= 3
     for name, grad in exact.items():
-        assert approx[name] is not None
         cos = F.cosine_similarity(grad.flatten(), approx[name].flatten(), dim=0)
         assert cos >= 0.99, (name, cos)
         assert (approx[name] - grad).norm() <= 0.1 * grad.norm(), name

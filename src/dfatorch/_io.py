@@ -117,7 +117,6 @@ def read_torch_file(
         AttributeError,
         IndexError,
         TypeError,
-        UnicodeDecodeError,
     ) as exc:
         raise CheckpointError(
             f"{path} is not a readable {what} (truncated or not a torch file): {_cause(exc)}"

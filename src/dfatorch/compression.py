@@ -298,7 +298,7 @@ _NARROWABLE = (torch.int64, torch.int32, torch.int16)
 
 def _narrowest(t: Tensor) -> torch.dtype | None:
     """The smallest integer dtype that holds every value of ``t`` (None: none is smaller)."""
-    lo, hi = (int(v) for v in torch.aminmax(t))  # one synchronisation on an accelerator
+    lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one synchronisation on an accelerator
     for dtype in (torch.uint8, torch.int16, torch.int32):
         info = torch.iinfo(dtype)
         if info.min <= lo and hi <= info.max:
@@ -432,8 +432,5 @@ class ActivationCompression(Callback):
 
     def on_epoch_end(self, state: TrainState, record: dict[str, Any]) -> None:
         if self.last is not None:
-            s = self.last
-            record["saved_activations"] = {
-                "bits": s.bits, "float_bytes": s.float_bytes, "stored_bytes": s.stored_bytes,
-                "exact_bytes": s.exact_bytes, "saved_bytes": s.saved_bytes,
-            }  # fmt: skip
+            keys = ("bits", "float_bytes", "stored_bytes", "exact_bytes", "saved_bytes")
+            record["saved_activations"] = {k: self.last.to_dict()[k] for k in keys}

@@ -319,15 +319,6 @@ def _fresh() -> dict[str, Any]:
     return {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
 
 
-@contextlib.contextmanager
-def _progress(total: int, desc: str, enabled: bool) -> Iterator[Any]:
-    bar = progress_bar(total, desc, enabled, leave=False, dynamic_ncols=True)
-    try:
-        yield bar
-    finally:
-        bar.close()
-
-
 def _resolve_config(
     config: TrainConfig | None, run: RunDir, *, resume: bool, epochs: int | None
 ) -> tuple[TrainConfig, dict[str, Any] | None]:
@@ -501,7 +492,9 @@ def _train_epoch(
     state.batch_index = first
     started = time.perf_counter() - partial["seconds"]
     desc = f"epoch {state.epoch + 1}/{config.epochs}"
-    with _progress(state.steps_per_epoch, desc, bar) as progress:
+    with progress_bar(
+        state.steps_per_epoch, desc, bar, leave=False, dynamic_ncols=True
+    ) as progress:
         progress.update(first)
         for x, y in built.train_loader:
             state.x, state.y = _inputs(x, config.channels_last), y

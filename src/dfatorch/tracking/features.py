@@ -200,7 +200,7 @@ def load_backbone(
                 "--model track_cnn --out RUN` and pass RUN/checkpoint.pt)"
             )
         blob = read_torch_file(path, "backbone checkpoint")
-        state = blob.get("model", blob) if isinstance(blob, dict) else None
+        state = blob.get("model", blob)
         if not isinstance(state, Mapping):
             raise CheckpointError(f"{path}: expected a state dict or a dict with key 'model'")
         module = _matching_features(state)

@@ -17,7 +17,7 @@ import torch
 
 from .._console import warn
 from .._io import write_json
-from ..engine import Rule
+from ..engine import Rule, _enum
 from .evaluate import Experiment, SequenceResult, plot_report, run_sequence
 from .features import Backbone, load_backbone
 from .otb import load_sequence, write_boxes
@@ -31,14 +31,6 @@ BackboneSpec = str | Path | Backbone | None
 def tracker_label(update: Rule | str) -> str:
     """The tracker's name for update rule ``update`` (``"mdnet-bdfa"``); a result folder name."""
     return f"mdnet-{Rule(update).value}"
-
-
-def _rule(update: Rule | str) -> Rule:
-    try:
-        return Rule(update)
-    except ValueError:
-        choices = ", ".join(r.value for r in Rule)
-        raise ValueError(f"unknown update rule {update!r} (choose from {choices})") from None
 
 
 def resolve_backbone(
@@ -209,9 +201,10 @@ def evaluate_updates(
     out = Path(out_dir)
     # every input checked before anything is written or warned about
     experiment = Experiment(root, sequences, out_dir=out)
-    names = {_rule(u).value: tracker_label(u) for u in updates}
+    names = {r.value: tracker_label(r) for r in (_enum(Rule, u, "update") for u in updates)}
     if not names:
-        raise ValueError("no update rule to evaluate (choose from bp, dfa, bdfa)")
+        choices = ", ".join(r.value for r in Rule)
+        raise ValueError(f"no update rule to evaluate (choose from {choices})")
     bb = resolve_backbone(backbone, seed=backbone_seed)
     cfg = config or TrackerConfig()
     _check_provenance(out, {"backbone": bb.info, "config": cfg.to_dict()})
