@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .alignment import gradient_alignment
+from .distributed import ProcessGroup, gather_batch
 from .engine import DFAEngine, get_rng_states
 from .rundir import RunDir
 
@@ -61,7 +62,9 @@ class NonFiniteLossError(TrainingDiverged):
 class TrainState:
     """What the loop knows at a callback point. ``x``, ``y``, ``logits``, ``loss`` and
     ``loss_value`` describe the step in progress; ``partial`` holds the epoch's running sums and
-    is saved in the checkpoint (a callback may keep per-epoch lists there)."""
+    is saved in the checkpoint (a callback may keep per-epoch lists there). When data-parallel,
+    ``x``, ``y``, ``logits`` and ``loss`` are this rank's share and ``loss_value`` (set after the
+    backward pass) is the whole batch's mean loss, the same on every rank."""
 
     config: TrainConfig
     run_dir: Path
@@ -78,6 +81,8 @@ class TrainState:
     partial: dict[str, Any] = field(default_factory=dict)
     x: Tensor | None = None
     y: Tensor | None = None
+    #: the data-parallel process group (``x`` and ``y`` are this rank's share of the batch)
+    group: ProcessGroup = field(default_factory=ProcessGroup)
     logits: Tensor | None = None
     loss: Tensor | None = None
     loss_value: float = math.nan
@@ -123,11 +128,14 @@ class Callback:
 
 
 class NormMatchedCalibration(Callback):
-    """``init="norm_matched"``: calibrate the feedback scales on the first batch."""
+    """``init="norm_matched"``: calibrate the feedback scales on the first batch (the whole
+    global batch on every rank when data-parallel, so that the ranks' scales agree)."""
 
     def on_batch_start(self, state: TrainState) -> None:
         if not state.engine.calibrated:
-            state.engine.calibrate(state.x, state.y, state.loss_fn)
+            assert state.x is not None and state.y is not None
+            x, y = gather_batch(state.x, state.y, state.group)
+            state.engine.calibrate(x, y, state.loss_fn)
 
 
 class AlignmentProbe(Callback):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -72,9 +73,40 @@ def _print_summary(rows: list[tuple[str, list[dict[str, Any]]]]) -> None:
     print(summary_table(rows))
 
 
+def _rank() -> int:
+    """This process's rank under torchrun or ``--nproc`` (0 when not data-parallel)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _without_option(argv: Sequence[str], flag: str) -> list[str]:
+    """``argv`` less ``flag VALUE`` / ``flag=VALUE``."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == flag:
+            skip = True
+        elif not token.startswith(flag + "="):
+            out.append(token)
+    return out
+
+
+def _launch(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run this command again in ``args.nproc`` data-parallel processes."""
+    from .distributed import launch
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise ValueError("--nproc inside a data-parallel job (torchrun): leave it out")
+    return launch(argv, args.nproc)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
+    if args.nproc > 1:
+        if not args.resume:
+            _config_from(args)  # a bad option fails here, once, not in every process
+        return _launch(args, _without_option(args.argv, "--nproc"))
     if args.resume:
         run_dir = Path(args.resume)
         config = None
@@ -91,6 +123,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         on_epoch=None if args.no_progress else _epoch_line,
         callbacks=[_resume_line()],
     )
+    if _rank() != 0:
+        return 130 if result.interrupted else 0
     _print_summary([(str(run_dir), result.history)])
     print(f"run folder: {run_dir}")
     if result.interrupted:
@@ -219,6 +253,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             results_root=args.results_root,
             shard=args.shard,
             progress=not args.no_progress,
+            nproc=args.nproc,
         )
         print(f"{exp.name}: {len(summary['rows'])} rows, {summary['cells_missing']} cells missing")
     return 0
@@ -230,6 +265,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     files = args.files or sorted(str(p) for p in Path("experiments").glob("*.toml"))
     print(f"wrote {write_report(files, results_root=args.results_root, out=args.out)}")
     return 0
+
+
+NPROC_HELP = (
+    "train data-parallel in N processes on this machine (gloo on the CPU, NCCL on GPUs; each "
+    "global batch of --batch-size is shared by the processes); torchrun --nproc-per-node N -m "
+    "dfatorch train ... does the same (default: 1)"
+)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def _int_list(text: str) -> list[int]:
@@ -331,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default: runs/DATASET-MODEL-METHOD-SCOPE-sSEED)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or epoch lines")
+    p.add_argument("--nproc", type=_positive_int, default=1, metavar="N",
+                   help=NPROC_HELP)  # fmt: skip
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -419,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--list", action="store_true", help="list the cells and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--nproc", type=_positive_int, default=1, metavar="N",
+                   help="train each cell in N data-parallel processes (default: 1)")  # fmt: skip
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser(
@@ -445,16 +501,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version and usage errors
         return exc.code if isinstance(exc.code, int) else 2
     args.epochs_given = "--epochs" in argv
+    args.argv = argv
     from .callbacks import TrainingDiverged
 
+    # in a data-parallel job every rank may report the same error: say which one speaks
+    prefix = f"error (rank {_rank()}): " if _rank() else "error: "
     try:
         return int(args.func(args))
     except TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{prefix}{exc}", file=sys.stderr)
         return 3
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{prefix}{exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        dist = sys.modules.get("torch.distributed")
+        if dist is None or not isinstance(exc, dist.DistError):
+            raise
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"{prefix}lost contact with another process of the job ({cause})", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

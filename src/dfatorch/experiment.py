@@ -269,14 +269,19 @@ def _cell_lock(path: Path) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _run_cell(cell: Cell, runs_dir: Path, results_dir: Path, progress: bool) -> None:
+def _run_cell(
+    cell: Cell, runs_dir: Path, results_dir: Path, progress: bool, nproc: int = 1
+) -> None:
     run_dir = runs_dir / cell.key
     run = RunDir(run_dir)
     resume = run.checkpoint.exists()
     if resume and _comparable(run.read_config()) != _comparable(cell.config.to_dict()):
         shutil.rmtree(run_dir)  # a stale run of an older version of this cell
         resume = False
-    train(None if resume else cell.config, run_dir, resume=resume, progress=progress)
+    if nproc > 1:
+        _train_in_processes(cell, run, resume, progress, nproc)
+    else:
+        train(None if resume else cell.config, run_dir, resume=resume, progress=progress)
     target = results_dir / cell.key
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -285,6 +290,20 @@ def _run_cell(cell: Cell, runs_dir: Path, results_dir: Path, progress: bool) -> 
         shutil.copy2(path, staging / path.name)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
+
+
+def _train_in_processes(cell: Cell, run: RunDir, resume: bool, progress: bool, nproc: int) -> None:
+    """Train a cell data-parallel: its config goes in the run folder, and ``nproc`` processes
+    continue that run (``train --resume`` of a folder without a checkpoint starts it)."""
+    from .distributed import launch
+
+    if not resume:
+        shutil.rmtree(run.path, ignore_errors=True)
+        write_json(run.config, {"config": cell.config.to_dict()})
+    argv = ["train", "--resume", str(run.path), *([] if progress else ["--no-progress"])]
+    code = launch(argv, nproc)
+    if code != 0:
+        raise RuntimeError(f"cell {cell.key}: the {nproc} training processes failed (code {code})")
 
 
 def select(exp: Experiment, results_dir: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
@@ -324,9 +343,11 @@ def run_experiment(
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
     log: Callable[[str], None] = print,
+    nproc: int = 1,
 ) -> dict[str, Any]:
     """Run every unfinished cell (search first, then the measured cells whose search is done),
-    then aggregate. Returns the summary (also written to ``results_root/NAME/summary.json``)."""
+    then aggregate. Returns the summary (also written to ``results_root/NAME/summary.json``).
+    ``nproc > 1`` trains each cell data-parallel in that many processes."""
     runs_dir = Path(runs_root) / exp.name
     results_dir = Path(results_root) / exp.name
     index, count = shard
@@ -342,7 +363,7 @@ def run_experiment(
                     log(f"[{exp.name}] {what} {n}/{len(todo)}: {cell.key} (another worker's)")
                     continue
                 log(f"[{exp.name}] {what} {n}/{len(todo)}: {cell.key}")
-                _run_cell(cell, runs_dir, results_dir, progress)
+                _run_cell(cell, runs_dir, results_dir, progress, nproc)
 
     run(exp.tuning_cells(), "search")
     chosen, _ = select(exp, results_dir)

@@ -34,11 +34,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import __version__
-from ._console import progress_bar
+from ._console import progress_bar, warn
 from ._io import atomic_write, portable_path
 from .callbacks import Callback, NonFiniteLossError, TrainingDiverged, TrainState, default_callbacks
 from .config import OptimizerName, Schedule, TrainConfig
 from .data import BatchLoader, DatasetSplits, load_dataset, stratified_subset, train_val_split
+from .data.loader import derive_seed
+from .distributed import (
+    DDPOptions,
+    ProcessGroup,
+    all_reduce_sum,
+    check_identical,
+    gather_objects,
+    process_group,
+    shard_loss_scale,
+)
 from .engine import DFAEngine, Transform, attach, get_rng_states, set_rng_states
 from .models import build_model, model_stats
 from .rundir import CheckpointError, RunDir, load_checkpoint
@@ -107,6 +117,10 @@ class _Run:
     engine: DFAEngine
     optimizer: torch.optim.Optimizer
     device: torch.device
+    eval_sizes: dict[str, int] = field(default_factory=dict)
+    group: ProcessGroup = field(default_factory=ProcessGroup)
+    #: what the training forward pass calls: the model, or its DistributedDataParallel wrapper
+    forward: nn.Module | None = None
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -123,8 +137,13 @@ def _build(
     config: TrainConfig,
     optimizer_factory: OptimizerFactory | None = None,
     transforms: tuple[Sequence[Transform], Sequence[Transform]] = ((), ()),
+    group: ProcessGroup | None = None,
+    ddp: DDPOptions | None = None,
 ) -> _Run:
+    group = group or ProcessGroup()
     device = resolve_device(config.device)
+    if group.enabled and device.type == "cuda":
+        device = torch.device("cuda", group.local_rank)  # one GPU per process
     splits = load_dataset(
         config.dataset, config.data_dir, download=config.download, label=config.label
     )
@@ -141,9 +160,17 @@ def _build(
         eval_sets["test"] = splits.test
     augment = config.augment if config.augment is not None else splits.name.startswith("cifar")
     norm = {"mean": splits.mean, "std": splits.std, "seed": config.seed, "device": device}
-    train_loader = BatchLoader(train_set, config.batch_size, shuffle=True, augment=augment, **norm)
+    shard = (group.rank, group.world_size)
+    train_loader = BatchLoader(
+        train_set, config.batch_size, shuffle=True, augment=augment, shard=shard, **norm
+    )
+    # each rank evaluates every world_size-th example; the sums are all-reduced
+    mine = {
+        k: v.subset(torch.arange(group.rank, len(v), group.world_size))
+        for k, v in eval_sets.items()
+    }
     eval_loaders = {
-        k: BatchLoader(v, 500, shuffle=False, augment=False, **norm) for k, v in eval_sets.items()
+        k: BatchLoader(v, 500, shuffle=False, augment=False, **norm) for k, v in mine.items()
     }
     torch.manual_seed(config.seed)
     options: dict[str, Any] = {
@@ -171,8 +198,17 @@ def _build(
         error_transforms=transforms[0],
         signal_transforms=transforms[1],
     )
+    forward: nn.Module = model
+    if group.enabled:
+        # the feedback is drawn lazily: draw it now and make sure every rank drew the same
+        engine.materialize(torch.zeros((2, *splits.input_shape), device=device))
+        check_identical("feedback", engine, group)
+        forward = (ddp or DDPOptions()).wrap(model, device)
+        torch.manual_seed(derive_seed(config.seed, group.rank))  # dropout masks differ by rank
     optimizer = (optimizer_factory or make_optimizer)(model, config)
-    return _Run(splits, train_loader, eval_loaders, model, engine, optimizer, device)
+    sizes = {k: len(v) for k, v in eval_sets.items()}
+    return _Run(splits, train_loader, eval_loaders, model, engine, optimizer, device, sizes,
+                group, forward)  # fmt: skip
 
 
 def _learning_rate(config: TrainConfig, progress: float) -> float:
@@ -196,6 +232,14 @@ def evaluate(
 ) -> tuple[float, float]:
     """Mean loss (cross-entropy unless ``loss_fn``, a batch-mean loss, is given) and accuracy of
     ``model`` over ``loader`` (eval mode, no gradients)."""
+    loss_sum, correct, seen = _evaluation_sums(model, loader, channels_last, loss_fn)
+    return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+
+def _evaluation_sums(
+    model: nn.Module, loader: BatchLoader, channels_last: bool, loss_fn: LossFn | None
+) -> tuple[float, int, int]:
+    """Summed loss, correct predictions and examples seen over ``loader``."""
     was_training = model.training
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
@@ -210,7 +254,7 @@ def evaluate(
             seen += len(y)
     finally:
         model.train(was_training)
-    return loss_sum / max(seen, 1), correct / max(seen, 1)
+    return loss_sum, correct, seen
 
 
 # -- files -------------------------------------------------------------------------------------
@@ -262,14 +306,19 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 def _save(
     run: RunDir, built: _Run, state: TrainState, callbacks: Sequence[Callback], batch: int
 ) -> None:
-    """Checkpoint: ``state.epoch`` epochs done plus ``batch`` batches of the next."""
+    """Checkpoint: ``state.epoch`` epochs done plus ``batch`` batches of the next. Written by rank
+    0 (every rank holds the same weights, optimiser and engine) with every rank's RNG states."""
+    rng = gather_objects(get_rng_states(), built.group)
+    if not built.group.is_main:
+        return
     checkpoint = {
         "format": 1,
         "config": state.config.to_dict(),
         "model": built.model.state_dict(),
         "optimizer": built.optimizer.state_dict(),
         "engine": built.engine.state_dict(),
-        "rng": get_rng_states(),
+        "rng": rng[0],
+        "rank_rng": rng,
         "epoch": state.epoch,
         "batch": batch,
         "history": state.history,
@@ -281,7 +330,9 @@ def _save(
     state.checkpoint_at = where if not batch else f"{where} and {batch} batches of the next"
 
 
-def _write_metrics(run: RunDir, history: list[dict[str, Any]]) -> None:
+def _write_metrics(run: RunDir, history: list[dict[str, Any]], group: ProcessGroup) -> None:
+    if not group.is_main:
+        return
     text = "".join(json.dumps(h) + "\n" for h in history)
     atomic_write(run.metrics, lambda fh: fh.write(text), mode="w")
 
@@ -291,6 +342,11 @@ def _write_metrics(run: RunDir, history: list[dict[str, Any]]) -> None:
 
 class _StopRequest:
     requested = False
+
+
+def _agreed_stop(stop: _StopRequest, built: _Run) -> bool:
+    """Whether any rank was asked to stop (all ranks must stop at the same step)."""
+    return bool(all_reduce_sum([float(stop.requested)], built.group, built.device)[0])
 
 
 @contextlib.contextmanager
@@ -351,7 +407,13 @@ def _restore(
     built.model.load_state_dict(checkpoint["model"])
     built.engine.load_state_dict(checkpoint["engine"])
     built.optimizer.load_state_dict(checkpoint["optimizer"])
-    set_rng_states(checkpoint["rng"])
+    group, saved_rng = built.group, checkpoint.get("rank_rng") or [checkpoint["rng"]]
+    if len(saved_rng) != group.world_size and group.is_main:
+        warn(
+            f"resuming a run of {len(saved_rng)} process(es) with {group.world_size}: same data "
+            "and updates, but dropout draws differ from an uninterrupted run"
+        )
+    set_rng_states(saved_rng[group.rank] if len(saved_rng) == group.world_size else saved_rng[0])
     state.history = list(checkpoint["history"])
     state.start_epoch, state.start_batch = checkpoint["epoch"], checkpoint["batch"]
     state.partial = {**_fresh(), **checkpoint["partial"]}
@@ -369,10 +431,13 @@ def _restore(
 
 
 def _write_meta(run: RunDir, built: _Run, config: TrainConfig) -> None:
+    if not built.group.is_main:
+        return
     stats = model_stats(built.model, built.splits.input_shape)
     meta = {
         "config": config.to_dict(),
         "environment": environment(),
+        "distributed": built.group.to_dict(),
         "model": {"params": stats.params, "macs_per_sample": stats.macs},
         "engine": {
             "rules": {k: v.value for k, v in built.engine.rules.items()},
@@ -380,7 +445,7 @@ def _write_meta(run: RunDir, built: _Run, config: TrainConfig) -> None:
         },
         "data": {
             "train_examples": len(built.train_loader.dataset),
-            "eval_examples": {k: len(v.dataset) for k, v in built.eval_loaders.items()},
+            "eval_examples": built.eval_sizes,
             "augment": built.train_loader.augment,
         },
     }
@@ -400,8 +465,16 @@ def train(
     callbacks: Sequence[Callback] = (),
     error_transforms: Sequence[Transform] = (),
     signal_transforms: Sequence[Transform] = (),
+    ddp: DDPOptions | None = None,
 ) -> RunResult:
     """Train a model as ``config`` says, writing ``run_dir`` (see the module docstring).
+
+    Data-parallel when started in several processes (``torchrun --nproc-per-node N``, ``dfatorch
+    train --nproc N``, or a process group the caller initialised; see
+    :mod:`dfatorch.distributed`): each global batch of ``config.batch_size`` examples is shared by
+    the ranks, gradients are averaged by ``DistributedDataParallel`` so that the update is the
+    one-process update on the same batch, evaluation is summed over the ranks, and rank 0 alone
+    writes the run folder. Every rank returns the same result.
 
     Args:
         config: the run's configuration; ``None`` with ``resume=True`` reads ``config.json``.
@@ -420,6 +493,7 @@ def train(
         error_transforms, signal_transforms: passed to :func:`~dfatorch.engine.attach`; their
             state (a noise generator) is saved in the checkpoint with the engine's. A resume needs
             the same ``loss_fn``, ``optimizer_factory``, callbacks and transforms.
+        ddp: how the model is wrapped in ``DistributedDataParallel`` when data-parallel.
 
     Raises:
         TrainingDiverged: the loss exploded or became NaN/inf (``NonFiniteLossError``); the last
@@ -429,7 +503,29 @@ def train(
     """
     run = RunDir(run_dir)
     config, checkpoint = _resolve_config(config, run, resume=resume, epochs=epochs)
-    built = _build(config, optimizer_factory, (error_transforms, signal_transforms))
+    with process_group(resolve_device(config.device)) as group:
+        return _train(
+            config, run, checkpoint, group,
+            _build(config, optimizer_factory, (error_transforms, signal_transforms), group, ddp),
+            progress=progress and group.is_main,
+            on_epoch=on_epoch if group.is_main else None,
+            loss_fn=loss_fn,
+            callbacks=callbacks,
+        )  # fmt: skip
+
+
+def _train(
+    config: TrainConfig,
+    run: RunDir,
+    checkpoint: dict[str, Any] | None,
+    group: ProcessGroup,
+    built: _Run,
+    *,
+    progress: bool,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+    loss_fn: LossFn | None,
+    callbacks: Sequence[Callback],
+) -> RunResult:
     hooks = [*default_callbacks(config), *callbacks]
     eval_loss = loss_fn  # None: cross-entropy summed exactly, as evaluate() does by default
     state = TrainState(
@@ -441,12 +537,15 @@ def train(
         loss_fn=loss_fn or F.cross_entropy,
         steps_per_epoch=len(built.train_loader),
         partial=_fresh(),
+        group=group,
     )
     if checkpoint is not None:
         _restore(built, state, checkpoint, hooks)
-    run.path.mkdir(parents=True, exist_ok=True)
+    if group.is_main:
+        run.path.mkdir(parents=True, exist_ok=True)
     _write_meta(run, built, config)
-    _write_metrics(run, state.history)  # the checkpoint's history is the truth after a kill -9
+    # the checkpoint's history is the truth after a kill -9
+    _write_metrics(run, state.history, built.group)
     for callback in hooks:
         callback.on_train_start(state)
 
@@ -465,10 +564,10 @@ def train(
             state.history.append(record)
             state.epoch = epoch + 1
             _save(run, built, state, hooks, batch=0)
-            _write_metrics(run, state.history)
+            _write_metrics(run, state.history, built.group)
             if on_epoch is not None:
                 on_epoch(record)
-            if stop.requested:
+            if _agreed_stop(stop, built):
                 interrupted = epoch + 1 < config.epochs
                 break
     return RunResult(run.path, config, state.history, interrupted=interrupted)
@@ -485,7 +584,7 @@ def _train_epoch(
     bar: bool,
 ) -> bool:
     """Train one epoch from batch ``first``; ``False`` if Ctrl-C stopped it (checkpoint saved)."""
-    config, model, optimizer = state.config, built.model, built.optimizer
+    config, optimizer, group = state.config, built.optimizer, built.group
     partial = state.partial
     total_steps = state.steps_per_epoch * config.epochs
     built.train_loader.set_epoch(state.epoch, start_batch=first)
@@ -500,16 +599,31 @@ def _train_epoch(
             state.x, state.y = _inputs(x, config.channels_last), y
             for callback in callbacks:
                 callback.on_batch_start(state)
-            for group in optimizer.param_groups:
-                group["lr"] = _learning_rate(config, state.step / total_steps)
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = _learning_rate(config, state.step / total_steps)
             optimizer.zero_grad(set_to_none=True)
             with contextlib.ExitStack() as around:
                 for callback in callbacks:
                     around.enter_context(callback.step_context(state))
-                state.logits = model(state.x)
+                state.logits = built.forward(state.x)
                 state.loss = state.loss_fn(state.logits, y)
-                state.loss_value = state.loss.item()
-                state.loss.backward()
+                if group.enabled:  # DDP averages the ranks' gradients: scale to the global mean
+                    total = built.train_loader.global_batch_size(state.batch_index)
+                    (state.loss * shard_loss_scale(len(y), total, group.world_size)).backward()
+                else:
+                    state.loss.backward()
+            # every rank sees the global batch's loss (callbacks decide alike) and the same stop
+            loss_sum, seen, correct, stops = all_reduce_sum(
+                [
+                    state.loss.item() * len(y),
+                    len(y),
+                    int((state.logits.detach().argmax(1) == y).sum()),
+                    float(stop.requested),
+                ],
+                group,
+                built.device,
+            )
+            state.loss_value = loss_sum / seen if group.enabled else state.loss.item()
             for callback in callbacks:
                 callback.after_backward(state)
             for callback in callbacks:
@@ -517,9 +631,9 @@ def _train_epoch(
             optimizer.step()
             for callback in callbacks:
                 callback.after_step(state)
-            partial["loss_sum"] += state.loss_value * len(y)
-            partial["correct"] += int((state.logits.detach().argmax(1) == y).sum())
-            partial["seen"] += len(y)
+            partial["loss_sum"] += loss_sum
+            partial["correct"] += int(correct)
+            partial["seen"] += int(seen)
             state.logits = state.loss = None  # let the graph go
             state.batch_index += 1
             elapsed = time.perf_counter() - started
@@ -530,7 +644,7 @@ def _train_epoch(
                 img_s=f"{partial['seen'] / max(elapsed, 1e-9):.0f}",
                 refresh=False,
             )
-            if stop.requested:  # Ctrl-C: stop at this step boundary, resumable exactly
+            if stops:  # Ctrl-C: stop at this step boundary, resumable exactly
                 partial["seconds"] = elapsed
                 _save(run, built, state, callbacks, batch=state.batch_index)
                 return False
@@ -552,9 +666,10 @@ def _end_epoch(
     for split in ("test", "val"):
         loader = built.eval_loaders.get(split)
         if loader is not None and scheduled:
-            record[f"{split}_loss"], record[f"{split}_acc"] = evaluate(
-                built.model, loader, channels_last=config.channels_last, loss_fn=eval_loss
-            )
+            sums = _evaluation_sums(built.model, loader, config.channels_last, eval_loss)
+            loss_sum, correct, seen = all_reduce_sum(sums, built.group, built.device)
+            record[f"{split}_loss"] = loss_sum / max(seen, 1)
+            record[f"{split}_acc"] = int(correct) / max(seen, 1)
         elif loader is not None or split == "test":
             record[f"{split}_loss"] = record[f"{split}_acc"] = None
     for callback in callbacks:

@@ -7,7 +7,6 @@ is all an exact resume needs.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -108,6 +107,12 @@ class BatchLoader:
     are moved to ``device`` per batch (default: where the dataset lives), and augmentation runs
     there after the (4x smaller) uint8 transfer.
 
+    ``shard=(rank, world_size)``: this loader yields rank ``rank``'s share of every global batch
+    of ``batch_size`` examples, the positions ``rank, rank + world_size, ...`` of it, with the
+    same images and augmentation those positions get without sharding; the shards of all ranks
+    together are the unsharded batch. A final batch with fewer examples than ranks would leave a
+    rank empty-handed and is dropped (on every rank).
+
     Shuffling and augmentation (random crop with ``padding`` and horizontal flip) are drawn from
     generators seeded from ``(seed, epoch)``. The epoch advances by one after each complete pass;
     :meth:`set_epoch` sets it explicitly, and iterating epoch ``e`` always yields the same
@@ -128,9 +133,18 @@ class BatchLoader:
         device: torch.device | str | None = None,
         padding: int = 4,
         hflip: bool = True,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        rank, world_size = shard
+        if not 0 <= rank < world_size:
+            raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, "
+                             f"got {shard}")  # fmt: skip
+        if batch_size < world_size:
+            raise ValueError(
+                f"batch_size {batch_size} is smaller than the {world_size} processes sharing it"
+            )
         if len(mean) != dataset.shape[0] or len(std) != dataset.shape[0]:
             raise ValueError(
                 f"{dataset.name}: need {dataset.shape[0]} mean/std values, "
@@ -147,6 +161,7 @@ class BatchLoader:
         self.device = torch.device(device) if device is not None else dataset.images.device
         self.padding = padding
         self.hflip = hflip
+        self.shard = (rank, world_size)
         self._epoch = 0
         self._start_batch = 0
         # Cached on the target device: rebuilding them per batch would cost a transfer each time.
@@ -177,7 +192,12 @@ class BatchLoader:
 
     def __len__(self) -> int:
         n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        full, rest = divmod(n, self.batch_size)
+        return full + int(rest > 0 and not self.drop_last and rest >= self.shard[1])
+
+    def global_batch_size(self, index: int) -> int:
+        """The number of examples in batch ``index`` over all shards."""
+        return min(self.batch_size, len(self.dataset) - index * self.batch_size)
 
     def __repr__(self) -> str:
         return (
@@ -207,8 +227,9 @@ class BatchLoader:
             offsets = random_crop_offsets(n, self.padding, aug_gen)
             flips = random_flip_mask(n, aug_gen) if self.hflip else None
         images, labels = self.dataset.images, self.dataset.labels
+        rank, world_size = self.shard
         for b in range(start, len(self)):
-            pos = slice(b * self.batch_size, min((b + 1) * self.batch_size, n))
+            pos = slice(b * self.batch_size + rank, min((b + 1) * self.batch_size, n), world_size)
             idx = order[pos].to(images.device)
             x = images[idx].to(self.device, non_blocking=True)
             y = labels[idx].to(self.device, non_blocking=True)
