@@ -503,6 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.epochs_given = "--epochs" in argv
     args.argv = argv
     from .callbacks import TrainingDiverged
+    from .distributed import RankLost
 
     # in a data-parallel job every rank may report the same error: say which one speaks
     prefix = f"error (rank {_rank()}): " if _rank() else "error: "
@@ -514,12 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
         print(f"{prefix}{exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:
-        dist = sys.modules.get("torch.distributed")
-        if dist is None or not isinstance(exc, dist.DistError):
-            raise
-        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"{prefix}lost contact with another process of the job ({cause})", file=sys.stderr)
+    except RankLost as exc:
+        print(f"{prefix}{exc}", file=sys.stderr)
         return 4
 
 

@@ -39,11 +39,13 @@ from torch import Tensor, nn
 __all__ = [
     "DDPOptions",
     "ProcessGroup",
+    "RankLost",
     "all_reduce_sum",
     "check_identical",
     "gather_batch",
     "gather_objects",
     "launch",
+    "lost_contact",
     "process_group",
     "shard_loss_scale",
     "state_digest",
@@ -92,6 +94,21 @@ class DDPOptions:
             find_unused_parameters=self.find_unused_parameters,
             bucket_cap_mb=self.bucket_cap_mb,
         )
+
+
+class RankLost(RuntimeError):
+    """Another process of a data-parallel job stopped (killed, crashed): this one cannot go on."""
+
+
+#: what gloo's and NCCL's errors say when the process at the other end has gone away
+_LOST_MARKERS = ("Connection reset", "Connection closed", "Broken pipe", "NCCL communicator",
+                 "Socket Timeout", "timed out")  # fmt: skip
+
+
+def lost_contact(exc: BaseException) -> bool:
+    """Whether ``exc`` says that another rank of the job is gone."""
+    dist_error = getattr(dist, "DistError", ())
+    return isinstance(exc, dist_error) or any(m in str(exc) for m in _LOST_MARKERS)
 
 
 def _env_world_size() -> int:

@@ -43,9 +43,11 @@ from .data.loader import derive_seed
 from .distributed import (
     DDPOptions,
     ProcessGroup,
+    RankLost,
     all_reduce_sum,
     check_identical,
     gather_objects,
+    lost_contact,
     process_group,
     shard_loss_scale,
 )
@@ -498,20 +500,34 @@ def train(
     Raises:
         TrainingDiverged: the loss exploded or became NaN/inf (``NonFiniteLossError``); the last
             checkpoint is kept.
+        RankLost: data-parallel, another process of the job stopped; the last checkpoint is
+            kept.
         FileExistsError: ``run_dir`` holds another run and ``resume`` is false.
         CheckpointError: the checkpoint to resume from is unreadable.
     """
     run = RunDir(run_dir)
     config, checkpoint = _resolve_config(config, run, resume=resume, epochs=epochs)
     with process_group(resolve_device(config.device)) as group:
-        return _train(
-            config, run, checkpoint, group,
-            _build(config, optimizer_factory, (error_transforms, signal_transforms), group, ddp),
-            progress=progress and group.is_main,
-            on_epoch=on_epoch if group.is_main else None,
-            loss_fn=loss_fn,
-            callbacks=callbacks,
-        )  # fmt: skip
+        try:
+            return _train(
+                config, run, checkpoint, group,
+                _build(config, optimizer_factory, (error_transforms, signal_transforms), group,
+                       ddp),
+                progress=progress and group.is_main,
+                on_epoch=on_epoch if group.is_main else None,
+                loss_fn=loss_fn,
+                callbacks=callbacks,
+            )  # fmt: skip
+        except RuntimeError as exc:
+            if not (group.enabled and lost_contact(exc)):
+                raise
+            kept = f"the last checkpoint is kept: {run.checkpoint}" if run.checkpoint.exists() \
+                else "no checkpoint was written yet"  # fmt: skip
+            cause = str(exc).strip().splitlines()[0].split("] ", 1)[-1].split(". ")[0][:120]
+            raise RankLost(
+                f"rank {group.rank} lost contact with the other processes of the job ({cause}); "
+                f"{kept}"
+            ) from exc
 
 
 def _train(
