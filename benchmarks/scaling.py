@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {
         "benchmark": "scaling",
         "command": command(__file__, argv),
-        "options": options(args, skip=("out",)),
-        "environment": {**environment(), "threads_per_process": 1},
+        "config": options(args, skip=("out",)),
+        "machine": {**environment(), "threads_per_process": 1},
         "results": results,
     }
     emit(report, args.out)

@@ -371,6 +371,7 @@ def _speed_section(folder: Path) -> list[str]:
                 )
         lines.append("")
     lines += _activation_memory_section(folder / "activation_memory.json")
+    lines += _scaling_section(folder / "scaling.json")
     track = folder / "tracking_speed.json"
     if track.exists():
         data = json.loads(track.read_text())
@@ -391,6 +392,56 @@ def _speed_section(folder: Path) -> list[str]:
             )
         lines.append("")
     return lines
+
+
+def _scaling_section(path: Path) -> list[str]:
+    """The table of ``benchmarks/scaling.py``'s JSON: data-parallel images per second."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    m, cfg = data["machine"], data["config"]
+    n = cfg["nproc"]
+    mib = 2**20
+    lines = [
+        "## Speed: data-parallel training",
+        "",
+        f"`{data['command']}` ({m['processor']}, one thread per process, torch {m['torch']}; "
+        f"global batch {cfg['batch_size']}, {cfg['rounds']} interleaved rounds after "
+        f"{cfg['warmup']} warm-up, medians). Speed-up: one process's step time (the mean of the "
+        f"medians measured before and after the {n}-process phase) over {n} processes' step time "
+        f"on the same global batch. *Unhidden comm.*: the {n}-process step minus the same step "
+        "without gradient communication (DDP's `no_sync`); negative values are timing noise. "
+        "*All-reduce*: one bare all-reduce of all the gradients. *Last grad*: when, after the "
+        "backward pass started, the last parameter gradient was ready.",
+        "",
+        f"| model | method | 1 process img/s (before, after) | {n} processes img/s | speed-up | "
+        "unhidden comm. ms | all-reduce ms | last grad ms (1 process) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for model, entry in data["results"].items():
+        for method, r in entry["methods"].items():
+            one, many = r["one_process"], r[f"{n}_processes"]
+            lines.append(
+                f"| {model} | {method} | {one['before']['images_per_second']:.0f}, "
+                f"{one['after']['images_per_second']:.0f} | {many['images_per_second']:.0f} | "
+                f"{r['speedup']:.2f}x | {many['unhidden_communication_ms']:.1f} | "
+                f"{many['bare_all_reduce_ms']:.1f} | "
+                f"{one['before']['last_gradient_ready_ms']:.0f} |"
+            )
+    lines += [
+        "",
+        "Communication volume per step (the same for every method: DFA changes how gradients are "
+        "computed, not how many there are):",
+        "",
+        "| model | parameters | gradient MiB per step | ring all-reduce MiB sent per process |",
+        "|---|---|---|---|",
+    ]
+    for model, entry in data["results"].items():
+        lines.append(
+            f"| {model} | {entry['parameters']:,} | {entry['gradient_bytes_per_step'] / mib:.2f} "
+            f"| {entry['ring_all_reduce_bytes_sent_per_process'] / mib:.2f} |"
+        )
+    return [*lines, ""]
 
 
 def _activation_memory_section(path: Path) -> list[str]:
