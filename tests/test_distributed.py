@@ -194,7 +194,15 @@ def _trainer_worker(rank: int, world: int, root: str, config: dict[str, Any]) ->
 @pytest.mark.parametrize(
     "options",
     [
-        dict(method="dfa", scope="all", optimizer="sgd", lr=0.05, init="norm_matched"),
+        dict(
+            method="dfa",
+            scope="all",
+            optimizer="sgd",
+            lr=0.05,
+            init="norm_matched",
+            fraction=0.7,
+            val_fraction=0.2,
+        ),
         dict(method="bdfa", scope="all", optimizer="adam", lr=1e-3, dropout=0.2),
     ],
     ids=["dfa-sgd-norm-matched", "bdfa-adam-dropout"],
@@ -209,12 +217,16 @@ def test_trainer_on_two_processes_matches_one_and_resumes_exactly(tmp_path, opti
     assert strip_timing(split) == strip_timing(two)
     meta = RunDir(tmp_path / "two" / "whole").read_meta()
     assert meta["distributed"] == {"world_size": 2, "backend": "gloo"}
-    assert meta["data"]["eval_examples"] == {"test": 359}  # the whole test set, not a shard
+    # the same subset, split and evaluation sets as one process (whole sets, not one shard)
+    assert meta["data"] == RunDir(tmp_path / "one").read_meta()["data"]
+    assert meta["data"]["eval_examples"]["test"] == 359
     if options.get("dropout", 0) == 0:
         # no per-rank randomness: the same run as one process, up to summation order
         for a, b in zip(one, two):
-            for key in ("train_loss", "test_loss"):
-                assert a[key] == pytest.approx(b[key], rel=1e-5)
+            for key in ("train_loss", "test_loss", "val_loss"):
+                assert (a.get(key) is None) == (b.get(key) is None)
+                if a.get(key) is not None:
+                    assert a[key] == pytest.approx(b[key], rel=1e-5)
             assert a["test_acc"] == pytest.approx(b["test_acc"], abs=1 / 359)
         w1 = load_checkpoint(tmp_path / "one" / "checkpoint.pt")["model"]
         w2 = load_checkpoint(tmp_path / "two" / "whole" / "checkpoint.pt")["model"]
