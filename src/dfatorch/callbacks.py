@@ -83,6 +83,8 @@ class TrainState:
     y: Tensor | None = None
     #: the data-parallel process group (``x`` and ``y`` are this rank's share of the batch)
     group: ProcessGroup = field(default_factory=ProcessGroup)
+    #: training examples (the whole training set, not one rank's share)
+    train_size: int = 0
     logits: Tensor | None = None
     loss: Tensor | None = None
     loss_value: float = math.nan
@@ -239,6 +241,19 @@ def default_callbacks(config: TrainConfig) -> list[Callback]:
     if config.align_every > 0:
         callbacks.append(AlignmentProbe(config.align_every))
     callbacks.append(DivergenceGuard(config.divergence_factor))
+    if config.private:
+        from .privacy import DifferentialPrivacy  # it imports this module
+
+        callbacks.append(
+            DifferentialPrivacy(
+                clip=config.clip,
+                delta=config.delta,
+                batch_size=config.batch_size,
+                noise_multiplier=config.noise_multiplier,
+                target_epsilon=config.target_epsilon,
+                seed=config.seed,
+            )
+        )
     if config.activation_bits != 32:
         from .compression import ActivationCompression  # it imports this module
 

@@ -126,6 +126,19 @@ class TrainConfig:
         "stop when the moving average of the training loss exceeds this multiple of the first "
         "step's loss (0: off; a non-finite loss always stops)",
     )
+    private: bool = _field(
+        False,
+        "differentially private training: Poisson-sampled batches, each example's update clipped "
+        "to --clip, Gaussian noise, epsilon logged (DP-SGD for bp, DP-DFA/DP-BDFA otherwise)",
+    )
+    target_epsilon: float | None = _field(
+        None, "private: the epsilon to end training at (the noise multiplier is found for it)"
+    )
+    noise_multiplier: float | None = _field(
+        None, "private: the noise's standard deviation over --clip (instead of --target-epsilon)"
+    )
+    delta: float = _field(1e-5, "private: the delta of (epsilon, delta); must be below 1/N")
+    clip: float = _field(1.0, "private: the bound on each example's update norm")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -158,6 +171,28 @@ class TrainConfig:
             raise ValueError(f"dropout must be < 1, got {self.dropout}")
         if not self.width > 0:
             raise ValueError(f"width must be > 0, got {self.width}")
+        if self.private:
+            self._check_private()
+
+    def _check_private(self) -> None:
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("private: give exactly one of target_epsilon and noise_multiplier")
+        if self.target_epsilon is not None and not self.target_epsilon > 0:
+            raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon}")
+        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+            raise ValueError(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        if not self.clip > 0:
+            raise ValueError(f"clip must be > 0, got {self.clip}")
+        if self.batch_norm:
+            raise ValueError(
+                "private: batch norm mixes the examples of a batch, which is not differentially "
+                "private; train without it (--no-batch-norm)"
+            )
+        if self.align_every:
+            raise ValueError("private: alignment probes (align_every) look at the training data "
+                             "outside the privacy accounting; turn them off")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (enums as strings), as saved in ``config.json`` and checkpoints."""

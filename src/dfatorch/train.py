@@ -163,9 +163,8 @@ def _build(
     augment = config.augment if config.augment is not None else splits.name.startswith("cifar")
     norm = {"mean": splits.mean, "std": splits.std, "seed": config.seed, "device": device}
     shard = (group.rank, group.world_size)
-    train_loader = BatchLoader(
-        train_set, config.batch_size, shuffle=True, augment=augment, shard=shard, **norm
-    )
+    train_loader = BatchLoader(train_set, config.batch_size, shuffle=True, augment=augment,
+                               shard=shard, poisson=config.private, **norm)  # fmt: skip
     # each rank evaluates every world_size-th example; the sums are all-reduced
     mine = {
         k: v.subset(torch.arange(group.rank, len(v), group.world_size))
@@ -554,6 +553,7 @@ def _train(
         steps_per_epoch=len(built.train_loader),
         partial=_fresh(),
         group=group,
+        train_size=len(built.train_loader.dataset),
     )
     if checkpoint is not None:
         _restore(built, state, checkpoint, hooks)

@@ -113,6 +113,10 @@ class BatchLoader:
     together are the unsharded batch. A final batch with fewer examples than ranks would leave a
     rank empty-handed and is dropped (on every rank).
 
+    ``poisson=True`` (private training): each of the ``round(N / batch_size)`` batches of an
+    epoch holds every example independently with probability ``batch_size / N`` (Poisson
+    sampling, what the privacy accountant assumes), so batch sizes vary around ``batch_size``.
+
     Shuffling and augmentation (random crop with ``padding`` and horizontal flip) are drawn from
     generators seeded from ``(seed, epoch)``. The epoch advances by one after each complete pass;
     :meth:`set_epoch` sets it explicitly, and iterating epoch ``e`` always yields the same
@@ -134,6 +138,7 @@ class BatchLoader:
         padding: int = 4,
         hflip: bool = True,
         shard: tuple[int, int] = (0, 1),
+        poisson: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -162,6 +167,9 @@ class BatchLoader:
         self.padding = padding
         self.hflip = hflip
         self.shard = (rank, world_size)
+        if poisson and world_size > 1:
+            raise ValueError("Poisson sampling is not sharded across processes")
+        self.poisson = poisson
         self._epoch = 0
         self._start_batch = 0
         # Cached on the target device: rebuilding them per batch would cost a transfer each time.
@@ -192,6 +200,8 @@ class BatchLoader:
 
     def __len__(self) -> int:
         n = len(self.dataset)
+        if self.poisson:
+            return max(1, round(n / self.batch_size))
         full, rest = divmod(n, self.batch_size)
         return full + int(rest > 0 and not self.drop_last and rest >= self.shard[1])
 
@@ -230,6 +240,9 @@ class BatchLoader:
         rank, world_size = self.shard
         for b in range(start, len(self)):
             pos = slice(b * self.batch_size + rank, min((b + 1) * self.batch_size, n), world_size)
+            if self.poisson:  # each example in with probability q, drawn per (epoch, batch)
+                gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 2, b))
+                pos = torch.nonzero(torch.rand(n, generator=gen) * n < self.batch_size)[:, 0]
             idx = order[pos].to(images.device)
             x = images[idx].to(self.device, non_blocking=True)
             y = labels[idx].to(self.device, non_blocking=True)
