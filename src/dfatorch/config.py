@@ -87,7 +87,12 @@ class TrainConfig:
     trainable_units: int | None = _field(
         None, "MLPs: train only this many units of the middle hidden layer"
     )
-    method: Rule = _field("bdfa", "training rule of the hidden layers", choices=Rule)
+    method: Rule = _field(
+        "bdfa",
+        "training rule of the hidden layers (direct: dfa, bdfa, dkp; layer-wise: fa, usf, brsf, "
+        "frsf, kp)",
+        choices=Rule,
+    )
     scope: Scope = _field(
         "fc", "all (every hidden layer) or fc (Han & Yoo's hybrid: conv layers by BP)",
         choices=Scope,

@@ -39,7 +39,7 @@ from ._io import atomic_write, portable_path
 from .callbacks import Callback, NonFiniteLossError, TrainingDiverged, TrainState, default_callbacks
 from .config import OptimizerName, Schedule, TrainConfig
 from .data import BatchLoader, DatasetSplits, load_dataset, stratified_subset, train_val_split
-from .engine import DFAEngine, Transform, attach, get_rng_states, set_rng_states
+from .engine import DFAEngine, Rule, Transform, attach, get_rng_states, set_rng_states
 from .models import build_model, model_stats
 from .rundir import CheckpointError, RunDir, load_checkpoint
 
@@ -170,9 +170,31 @@ def _build(
         seed=config.seed,
         error_transforms=transforms[0],
         signal_transforms=transforms[1],
+        example_input=_example_input(config, splits.input_shape, device),
     )
     optimizer = (optimizer_factory or make_optimizer)(model, config)
+    _add_learned_feedback(optimizer, engine)
     return _Run(splits, train_loader, eval_loaders, model, engine, optimizer, device)
+
+
+def _example_input(
+    config: TrainConfig, input_shape: Sequence[int], device: torch.device
+) -> torch.Tensor | None:
+    """A zero batch for rules whose feedback must exist before the optimiser (``dkp``)."""
+    if not Rule(config.method).is_direct or not Rule(config.method).learns_feedback:
+        return None
+    x = torch.zeros(2, *input_shape, device=device)
+    return x.contiguous(memory_format=torch.channels_last) if config.channels_last else x
+
+
+def _add_learned_feedback(optimizer: torch.optim.Optimizer, engine: DFAEngine) -> None:
+    """Learned feedback (``kp``, ``dkp``) joins the optimiser as one more parameter group with its
+    defaults (learning rate, weight decay, momentum: the Kolen-Pollack rule needs ``B`` to receive
+    the same update as ``W``), unless the optimiser already holds it."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    learned = [p for p in engine.parameters() if p.requires_grad and id(p) not in held]
+    if learned:
+        optimizer.add_param_group({"params": learned})
 
 
 def _learning_rate(config: TrainConfig, progress: float) -> float:
