@@ -17,7 +17,8 @@ from torch import nn
 import dfatorch
 from dfatorch.alignment import gradient_alignment, weight_alignment
 from dfatorch.cli import main
-from dfatorch.train import TrainConfig, read_metrics, train
+from dfatorch.models import build_model
+from dfatorch.train import TrainConfig, load_checkpoint, read_metrics, train
 
 LAYERWISE = ["fa", "usf", "brsf", "frsf", "kp"]
 ALL_RULES = [*LAYERWISE, "dkp"]
@@ -437,6 +438,20 @@ def step_keep(model, x, t):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def test_learned_feedback_matrix_round_trips_through_its_layout():
+    """A matrix rebuilt from the saved layout has the learned blocks to load into."""
+    x, _ = batch()
+    engine = attach(make_mlp(), "dfa", x, rules={"2": "dkp"})
+    fm = engine.feedback
+    assert fm.learned == [False, True] and fm.layout()["learned"] == [False, True]
+    with torch.no_grad():
+        fm.learned_blocks[0].mul_(3)  # a trained block, no longer pattern * scale
+    clone = dfatorch.FeedbackMatrix.from_layout(fm.layout())
+    clone.load_state_dict(fm.state_dict())
+    assert torch.equal(clone.matrix(torch.float64), fm.matrix(torch.float64))
+    assert clone.learned_blocks[0].dtype == torch.float64  # took the saved precision
+
+
 def test_dkp_update_uses_the_transformed_error_on_a_cnn():
     """With an error transform, the projection and the update both use the transformed e; the
     conv point's h is flattened in C x H x W order like its block's columns."""
@@ -516,6 +531,23 @@ def test_trainer_resume_is_exact(tmp_path, method, float32):
     assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == [
         {k: v for k, v in r.items() if k not in timing} for r in ref
     ]
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    groups = checkpoint["optimizer"]["param_groups"]
+    learned = {k: v for k, v in checkpoint["engine"].items() if "weight" in k or "learned" in k}
+    if method == "brsf":
+        assert len(groups) == 1 and not learned
+        return
+    # the feedback has its own group with the weights' hyper-parameters, and it was trained
+    assert len(groups) == 2 and len(groups[1]["params"]) == len(learned) == 2
+    assert {k: groups[1][k] for k in ("lr", "weight_decay", "momentum")} == {
+        k: groups[0][k] for k in ("lr", "weight_decay", "momentum")
+    }
+    assert groups[1]["weight_decay"] == 1e-3
+    model = build_model("mlp", (1, 8, 8), 10, activation="tanh")  # the initial B's: same seed
+    fresh = dfatorch.attach(model, method, seed=0, example_input=torch.zeros(2, 1, 8, 8))
+    for key, value in learned.items():
+        assert value.shape == fresh.state_dict()[key].shape
+        assert not torch.equal(value, fresh.state_dict()[key]), key
 
 
 def test_state_dict_refuses_another_rule_or_shape():
