@@ -324,6 +324,8 @@ class _ThroughHook:
         if x is None or not isinstance(y, Tensor):
             return None
         feedback = self.engine.layerwise[self.position]
+        if feedback.scales.device != y.device:  # the model moved: the feedback follows
+            feedback.to(y.device)
         learned = (feedback.weight,) if feedback.learned else ()
         return _SendBack.apply(feedback, module, y, x, *learned)
 

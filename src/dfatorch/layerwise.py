@@ -238,10 +238,10 @@ class RandomFeedback(LayerFeedback):
         self.store = storage
         if learned:
             start = (self.generate() * self.scales).view(self.shape)
-            self.weight = nn.Parameter(start.to(device=weight.device, dtype=weight.dtype))
+            self.weight = nn.Parameter(start.to(dtype=weight.dtype))
         else:
             storage.store(self, self.generate)
-            self.to(weight.device)
+        self.to(weight.device)
 
     def matrix(self, weight: Tensor, *, advance: bool = True) -> Tensor:
         if self.learned:
