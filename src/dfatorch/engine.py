@@ -1028,21 +1028,24 @@ def set_rng_states(state: dict[str, Any]) -> None:
 @contextlib.contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
     """Run a probe pass and leave no trace: buffers (batch-norm statistics), parameter gradients
-    and the CPU/accelerator RNG states are restored on exit; so are those of the engine attached to
-    ``model`` (``brsf``'s generator states, learned feedback's gradients)."""
+    and the CPU/accelerator RNG states are restored on exit; so are the layer-wise feedback's
+    buffers (``brsf``'s generator states) and the learned feedback's gradients of the engine
+    attached to ``model``."""
     engine = attached_engine(model)
-    owners = [model] if engine is None else [model, engine]
+    # (module whose buffers, module whose parameters' gradients): the direct feedback's buffers
+    # are left out, no pass changes them and they can be large
+    owners = [(model, model)] if engine is None else [(model, model), (engine.layerwise, engine)]
     buffers = [
         {
             k: v.detach().clone()
-            for k, v in owner.state_dict(keep_vars=True).items()
+            for k, v in held.state_dict(keep_vars=True).items()
             if not isinstance(v, nn.Parameter) and isinstance(v, Tensor)
         }
-        for owner in owners
+        for held, _ in owners
     ]
     grads = [
         {n: (None if p.grad is None else p.grad.detach().clone()) for n, p in o.named_parameters()}
-        for o in owners
+        for _, o in owners
     ]
     devices = [d for d in {p.device for p in model.parameters()} if d.type != "cpu"]
     with torch.random.fork_rng(devices=devices, device_type=devices[0].type if devices else "cuda"):
@@ -1050,10 +1053,10 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             yield
         finally:
             with torch.no_grad():
-                for owner, saved, grad in zip(owners, buffers, grads):
-                    state = owner.state_dict(keep_vars=True)
+                for (held, owner), saved, grad in zip(owners, buffers, grads):
+                    state = held.state_dict(keep_vars=True)
                     for k, v in saved.items():
-                        if k in state and not torch.equal(state[k], v):
-                            state[k].copy_(v)
+                        state[k].copy_(v)
                     for n, p in owner.named_parameters():
-                        p.grad = grad.get(n)
+                        if n in grad:  # not one the pass created (materialize builds dkp's)
+                            p.grad = grad[n]
