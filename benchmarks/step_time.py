@@ -1,6 +1,7 @@
 """Time one training step (forward + backward + SGD step) per model and rule; print JSON.
 
-    python benchmarks/step_time.py [--rounds 7] [--batch-size 128] [--models ...] [--out FILE]
+    python benchmarks/step_time.py [--rounds 7] [--batch-size 128] [--models ...] [--rules ...]
+                                   [--out FILE]
 
 Conv nets are timed in both memory layouts (contiguous NCHW and channels-last), each layout with
 its own BP baseline. Every rule of a model is timed in the same run, interleaved round by round
@@ -8,7 +9,10 @@ its own BP baseline. Every rule of a model is timed in the same run, interleaved
 excluded. Reported: the median milliseconds per step, each rule's ratio to ``bp`` (the median over
 rounds of the per-round ratio), the floor that counting multiply-adds gives for that ratio
 (forward + weight gradients + input gradients where computed + projections, over BP's forward +
-weight + input gradients), the gap between the two, and the bytes of feedback each rule stores.
+weight + input gradients; ``kp`` adds one more weight gradient per learned ``B``, ``dkp`` one
+``e^T h`` per learned block), the gap between the two, and the bytes of feedback each rule stores.
+The feedback-alignment family (``fa``, ``usf``, ``brsf``, ``frsf``, ``kp``, ``dkp``) is timed in
+the same rounds; learned feedback is in the optimiser, as in training.
 """
 
 from __future__ import annotations
@@ -39,6 +43,13 @@ RULES: dict[str, dict[str, Any]] = {
     "bdfa_fc_packed": {"method": "bdfa", "scope": "fc", "storage": "packed"},
     "bdfa_fc_seeded": {"method": "bdfa", "scope": "fc", "storage": "seeded"},
     "bdfa_all_packed": {"method": "bdfa", "scope": "all", "storage": "packed"},
+    # the feedback-alignment family, every hidden layer
+    "fa_all": {"method": "fa", "scope": "all"},
+    "usf_all": {"method": "usf", "scope": "all"},
+    "brsf_all": {"method": "brsf", "scope": "all"},
+    "frsf_all": {"method": "frsf", "scope": "all"},
+    "kp_all": {"method": "kp", "scope": "all"},
+    "dkp_all": {"method": "dkp", "scope": "all"},
 }
 INPUT_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10
@@ -51,7 +62,8 @@ def make_step(model_key: str, rule: dict[str, Any], x: torch.Tensor, y: torch.Te
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         model = model.to(memory_format=torch.channels_last)
     engine = dfatorch.attach(model, example_input=x[:2], **rule)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    params = [*model.parameters(), *engine.parameters()]  # learned feedback (kp, dkp) trains too
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -61,19 +73,37 @@ def make_step(model_key: str, rule: dict[str, Any], x: torch.Tensor, y: torch.Te
     return model, engine, step
 
 
+def learned_macs(engine: dfatorch.DFAEngine, costs: list[Any], num_classes: int) -> int:
+    """Multiply-adds per sample of the learned feedback's gradients: a second weight gradient of
+    every layer whose ``B`` is learned (``kp``), ``e^T h`` of every learned block (``dkp``)."""
+    total = 0
+    for i, info in enumerate(engine.layers[:-1]):
+        if info.rule.value == "kp":
+            total += costs[i + 1].macs
+        elif info.rule.value == "dkp":
+            total += num_classes * costs[i + 1].in_units
+    return total
+
+
 def measure(
-    model_key: str, rounds: int, warmup: int, batch: int, channels_last: bool
+    model_key: str,
+    rounds: int,
+    warmup: int,
+    batch: int,
+    channels_last: bool,
+    rules_wanted: list[str],
 ) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *INPUT_SHAPE, generator=g)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
-    built = {key: make_step(model_key, rule, x, y) for key, rule in RULES.items()}
+    chosen = {key: RULES[key] for key in ["bp", *rules_wanted] if key in RULES}
+    built = {key: make_step(model_key, rule, x, y) for key, rule in chosen.items()}
     for _, _, step in built.values():
         for _ in range(warmup):
             step()
-    times: dict[str, list[float]] = {key: [] for key in RULES}
+    times: dict[str, list[float]] = {key: [] for key in chosen}
     for _ in range(rounds):
         for key, (_, _, step) in built.items():
             start = time.perf_counter()
@@ -91,8 +121,9 @@ def measure(
     }
     rules: dict[str, Any] = {}
     for key, (_, engine, _) in built.items():
-        cut = [False] + [prev.rule.is_feedback for prev in engine.layers[:-1]]
+        cut = [False] + [prev.rule.is_direct for prev in engine.layers[:-1]]
         macs = training_macs(costs, cut, NUM_CLASSES)
+        macs["total"] += learned_macs(engine, costs, NUM_CLASSES)
         ratios = [t / b for t, b in zip(times[key], times["bp"])]
         fb = engine.storage_bytes()
         if key == "dfa_all":
@@ -107,6 +138,7 @@ def measure(
             "floor_from_macs": round(floor, 3),
             "gap": round(ratio - floor, 3),
             "feedback_points": engine.feedback_layers,
+            "layerwise_feedback": list(engine.layer_feedback),
             "feedback_units": 0 if engine.feedback is None else engine.feedback.total_size,
             "feedback_pattern_bytes": fb["pattern"],
             "feedback_scale_bytes": fb["scales"],
@@ -124,6 +156,9 @@ def measure(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument(
+        "--rules", nargs="+", default=list(RULES), choices=list(RULES), help="bp is always timed"
+    )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -147,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{key}/{'channels_last' if channels_last else 'contiguous'}"
             print(f"timing {name} ...", file=sys.stderr, flush=True)
             report["models"][name] = measure(
-                key, args.rounds, args.warmup, args.batch_size, channels_last
+                key, args.rounds, args.warmup, args.batch_size, channels_last, args.rules
             )
     emit(report, args.out)
     return 0

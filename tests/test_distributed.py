@@ -204,8 +204,9 @@ def _trainer_worker(rank: int, world: int, root: str, config: dict[str, Any]) ->
             val_fraction=0.2,
         ),
         dict(method="bdfa", scope="all", optimizer="adam", lr=1e-3, dropout=0.2),
+        dict(method="dkp", scope="all", optimizer="sgd", lr=0.05, weight_decay=1e-4),
     ],
-    ids=["dfa-sgd-norm-matched", "bdfa-adam-dropout"],
+    ids=["dfa-sgd-norm-matched", "bdfa-adam-dropout", "dkp-learned-feedback"],
 )
 def test_trainer_on_two_processes_matches_one_and_resumes_exactly(tmp_path, options):
     config = {**DIGITS, **options, "epochs": 3}

@@ -7,9 +7,13 @@ weights, the same batch and the same randomness (dropout masks); reported as the
 deviation over the batch. BP layers under plain BP score 1; a DFA layer scores near 0 before its
 forward weights have aligned with its feedback.
 
-*Weight alignment*: the angle between the output layer's weights ``W_out`` (``C x d``) and the
-feedback ``B_l`` of the hidden layer just below it, which has the same shape; for deeper layers the
-forward path is not one matrix (nonlinearities in between), and no angle is reported.
+*Weight alignment*: for a direct rule (``dfa``, ``bdfa``, ``dkp``), the angle between the output
+layer's weights ``W_out`` (``C x d``) and the feedback ``B_l`` of the hidden layer just below it,
+which has the same shape; for deeper layers the forward path is not one matrix (nonlinearities in
+between), and no angle is reported. For a layer-wise rule (``fa``, ``usf``, ``brsf``, ``frsf``,
+``kp``), every hidden layer gets the angle between the next layer's ``W`` and the ``B`` that
+replaces it (Lillicrap et al. 2016; Akrout et al. 2019), ``B`` as the current step would use it
+(``brsf``: a draw that leaves the saved generator state unchanged).
 
 One probe costs one extra forward and backward pass (plain BP, no cuts) on the probe batch; model
 parameters, gradients, buffers and RNG states are left exactly as they were. Without probes the
@@ -40,7 +44,8 @@ class LayerAlignment:
     mean: float  #: mean over samples of cos(delivered, true)
     std: float
     samples: int  #: samples where both gradients are non-zero
-    weight_angle: float | None = None  #: degrees between W_out and B_l (last hidden layer only)
+    #: degrees between the forward weights and the feedback that stands for them (module docstring)
+    weight_angle: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,20 +59,31 @@ def _cosines(delivered: Tensor, true: Tensor) -> Tensor:
     return (a[keep] * b[keep]).sum(1) / (na[keep] * nb[keep])
 
 
+def _angle(w: Tensor, b: Tensor) -> float:
+    w = w.detach().to(b.dtype)
+    cos = (w * b).sum() / (w.norm() * b.norm()).clamp_min(1e-30)
+    return math.degrees(math.acos(max(-1.0, min(1.0, cos.item()))))
+
+
 def weight_alignment(engine: DFAEngine) -> dict[str, float]:
-    """Degrees between the output layer's weights and the feedback of the hidden layer feeding
-    it, when that layer has feedback and the shapes match (see the module docstring)."""
+    """Degrees between forward weights and the feedback standing for them, by hidden layer: the
+    output layer's weights against the direct feedback of the hidden layer feeding it (when the
+    shapes match), and every layer-wise rule's ``B`` against the weight it replaces (see the
+    module docstring)."""
+    angles = {}
+    with torch.no_grad():
+        for name, fb in engine.layer_feedback.items():
+            weight = next(i.module for i in engine.layers if i.name == fb.name).weight
+            angles[name] = _angle(weight, fb.matrix(weight, advance=False))
     out = engine.layers[-1].module
     if engine.feedback is None or not isinstance(out, nn.Linear):
-        return {}
+        return angles
     blocks = dict(zip(engine.feedback.names, engine.feedback.blocks()))
     last = engine.layers[-2].name
     b = blocks.get(last)
-    if b is None or b.shape != out.weight.shape:
-        return {}
-    w = out.weight.detach().to(b.dtype)
-    cos = (w * b).sum() / (w.norm() * b.norm()).clamp_min(1e-30)
-    return {last: math.degrees(math.acos(max(-1.0, min(1.0, cos.item()))))}
+    if b is not None and b.shape == out.weight.shape:
+        angles[last] = _angle(out.weight, b)
+    return angles
 
 
 def gradient_alignment(

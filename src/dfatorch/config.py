@@ -87,7 +87,12 @@ class TrainConfig:
     trainable_units: int | None = _field(
         None, "MLPs: train only this many units of the middle hidden layer"
     )
-    method: Rule = _field("bdfa", "training rule of the hidden layers", choices=Rule)
+    method: Rule = _field(
+        "bdfa",
+        "training rule of the hidden layers (direct: dfa, bdfa, dkp; layer-wise: fa, usf, brsf, "
+        "frsf, kp)",
+        choices=Rule,
+    )
     scope: Scope = _field(
         "fc", "all (every hidden layer) or fc (Han & Yoo's hybrid: conv layers by BP)",
         choices=Scope,
@@ -189,6 +194,11 @@ class TrainConfig:
             raise ValueError(
                 "private: batch norm mixes the examples of a batch, which is not differentially "
                 "private; train without it (--no-batch-norm)"
+            )
+        if Rule(self.method).learns_feedback:
+            raise ValueError(
+                f"private: {self.method} learns its feedback from the data outside the clipped "
+                "and noised update; use a fixed-feedback method"
             )
         if self.align_every:
             raise ValueError("private: alignment probes (align_every) look at the training data "

@@ -28,7 +28,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,7 @@ __all__ = [
     "ProcessGroup",
     "RankLost",
     "all_reduce_sum",
+    "average_gradients",
     "check_identical",
     "gather_batch",
     "gather_objects",
@@ -167,6 +168,21 @@ def all_reduce_sum(
     tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def average_gradients(params: Iterable[nn.Parameter], group: ProcessGroup) -> None:
+    """Average the ``.grad`` of ``params`` over the ranks (what DDP does for the model's own
+    parameters), one collective for all of them. Every rank must pass the same parameters."""
+    grads = [p.grad for p in params if p.requires_grad and p.grad is not None]
+    if not group.enabled or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= group.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def gather_objects(obj: Any, group: ProcessGroup) -> list[Any]:

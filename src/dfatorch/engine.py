@@ -1,4 +1,5 @@
-"""Attach DFA, binary DFA or the hybrid BP+DFA of Han & Yoo (2019) to an unchanged model.
+"""Attach DFA, binary DFA, the hybrid BP+DFA of Han & Yoo (2019) and the feedback-alignment
+family (FA, sign-symmetry, Kolen-Pollack, Direct Kolen-Pollack) to an unchanged model.
 
 How it works (one ordinary ``loss.backward()`` does everything):
 
@@ -14,6 +15,15 @@ How it works (one ordinary ``loss.backward()`` does everything):
   point, computed as one matmul ``e @ [B_1 | B_2 | ...]`` and split into views. Autograd then runs
   each segment's own backward: ``f'(a_l)``, batch norm, pooling and the weight gradients, unchanged.
 - A layer under ``bp`` places no cut: its output's gradient is back-propagated from the next layer.
+- A hidden layer under a *layer-wise* rule (``fa``, ``usf``, ``brsf``, ``frsf``, ``kp``; see
+  :mod:`dfatorch.layerwise`) gets the error of the next layer sent back through a matrix ``B`` of
+  that layer's weight shape instead of its weight. The next layer's pre-hook hands it a detached
+  input (so autograd never computes ``W^T delta``), and its forward hook passes its output through
+  an identity autograd Function (:class:`_SendBack`) that also takes the un-detached input: in
+  backward it returns ``delta @ B`` (or the transposed convolution with kernel ``B``) for the input,
+  while autograd computes the exact weight gradient from ``delta`` and the detached input.
+- ``dkp`` (Direct Kolen-Pollack) is ``dfa`` whose ``B_l`` is an ``nn.Parameter`` of the engine; the
+  output Function sets its gradient to ``e^T h_l`` (see :class:`_DeliverFeedback`).
 
 The engine therefore assumes that, along the DFA-trained part of the model, each feedback point
 reaches the output only through the next layer (a chain). Skip connections inside a BP part are
@@ -25,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -43,6 +54,7 @@ from .feedback import (
     make_pattern,
     make_storage,
 )
+from .layerwise import LAYER_FEEDBACK, LayerFeedback, backward_products, conv_geometry
 
 __all__ = [
     "ConvError",
@@ -74,22 +86,64 @@ Transform = Callable[[Tensor], Tensor]
 
 
 class Rule(StrEnum):
-    """How a hidden layer receives the error at its output."""
+    """How a hidden layer receives the error at its output.
+
+    *Direct* rules project the output error ``e`` onto the layer (``e @ B_l``, one matmul for all
+    layers); *layer-wise* rules send the next layer's error back through a matrix ``B`` of that
+    layer's weight shape in place of its weight (:mod:`dfatorch.layerwise` says how each ``B`` is
+    made). ``kp`` and ``dkp`` learn their ``B``: it is a parameter of the engine
+    (``engine.parameters()``), to be put in the optimiser with the model's.
+    """
 
     BP = "bp"  #: back-propagated from the layer above (exact gradient)
     DFA = "dfa"  #: ``e @ B_l`` with a fixed random float matrix (Nøkland 2016)
     BDFA = "bdfa"  #: ``e @ B_l`` with ``B_l`` in ``{-s_l, +s_l}`` (Han & Yoo 2019)
+    FA = "fa"  #: ``delta_{l+1} @ B_{l+1}``, ``B`` fixed random (Lillicrap et al. 2016)
+    USF = "usf"  #: ``B = s * sign(W)`` (uniform sign-concordant feedback, Liao et al. 2016)
+    BRSF = "brsf"  #: ``B = |M_t| o sign(W)``, ``M_t`` redrawn every batch
+    FRSF = "frsf"  #: ``B = |M| o sign(W)``, ``M`` drawn once
+    KP = "kp"  #: ``B`` learned by the Kolen-Pollack rule (Akrout et al. 2019)
+    DKP = "dkp"  #: ``e @ B_l`` with ``B_l`` learned (Webster, Choi & Ahn 2020)
 
     @property
     def is_feedback(self) -> bool:
+        """Any rule but ``bp``."""
         return self is not Rule.BP
+
+    @property
+    def is_direct(self) -> bool:
+        """The output error is projected onto the layer (``dfa``, ``bdfa``, ``dkp``)."""
+        return self in (Rule.DFA, Rule.BDFA, Rule.DKP)
+
+    @property
+    def is_layerwise(self) -> bool:
+        """The next layer's error comes back through its ``B`` (``fa``, ``usf``, ``brsf``,
+        ``frsf``, ``kp``)."""
+        return self.value in LAYER_FEEDBACK
+
+    @property
+    def learns_feedback(self) -> bool:
+        """The feedback is an ``nn.Parameter`` trained alongside the weights (``kp``, ``dkp``)."""
+        return self in (Rule.KP, Rule.DKP)
+
+    @property
+    def feedback_kind(self) -> str:
+        """What the feedback is, for storage messages: ``float``, ``binary``, ``sign-derived`` or
+        ``learned`` (``none`` for ``bp``)."""
+        if self is Rule.BP:
+            return "none"
+        if self.learns_feedback:
+            return "learned"
+        if self in (Rule.USF, Rule.BRSF, Rule.FRSF):
+            return "sign-derived"
+        return "binary" if self is Rule.BDFA else "float"
 
 
 class Scope(StrEnum):
-    """Which hidden layers a ``dfa``/``bdfa`` method covers."""
+    """Which hidden layers a method other than ``bp`` covers."""
 
-    ALL = "all"  #: every hidden layer, convolutional and linear, gets its own projection
-    FC = "fc"  #: the paper's hybrid: hidden linear layers by DFA, the conv part by BP
+    ALL = "all"  #: every hidden layer, convolutional and linear, takes the method
+    FC = "fc"  #: the paper's hybrid: hidden linear layers by the method, the conv part by BP
 
 
 class ConvError(StrEnum):
@@ -97,7 +151,8 @@ class ConvError(StrEnum):
 
     #: (a) back-propagated from the first DFA-trained linear layer's delta, ``W^T delta``
     BACKPROP = "backprop"
-    #: (b) a projection ``e @ B`` of its own, straight onto the conv stack's output
+    #: (b) by the method too: a projection ``e @ B`` of its own, straight onto the conv stack's
+    #: output, for a direct rule; ``B^T delta`` of the first linear layer for a layer-wise rule
     PROJECT = "project"
 
 
@@ -112,32 +167,81 @@ class LayerInfo:
 
 
 class _DeliverFeedback(torch.autograd.Function):
-    """Identity on ``y``; backward returns ``e @ B_l`` as the gradient of each feedback point."""
+    """Identity on ``y``; backward returns ``e @ B_l`` as the gradient of each feedback point.
+
+    The learned blocks of ``dkp`` points come after the ``count`` points; their gradient is the
+    Direct Kolen-Pollack update ``dB_l = e^T h_l`` (``e`` after the error transforms, ``h_l`` the
+    point, ``(N, d_l)`` in logical order): the gradient a direct forward connection ``h_l -> y``
+    would receive (Webster, Choi & Ahn 2020; the authors' code, ``webstah/dkp-gist``,
+    ``utils/gradfunctions.py``).
+    """
 
     @staticmethod
-    def forward(ctx: Any, engine: DFAEngine, y: Tensor, *points: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.engine = engine
+    def forward(ctx: Any, engine: DFAEngine, count: int, y: Tensor, *rest: Tensor) -> Tensor:  # type: ignore[override]
+        points = rest[:count]
+        ctx.engine, ctx.count = engine, count
         # shape and strides of each point, to hand back its gradient in the same layout
         ctx.layouts = [(p.shape, p.stride()) for p in points]
+        if len(rest) > count:
+            assert engine.feedback is not None
+            ctx.save_for_backward(*(points[i] for i in engine.feedback.learned_index))
         return y.clone()
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        needs = ctx.needs_input_grad[2:]
-        if not any(needs):
-            return (None, grad_y, *([None] * len(needs)))
-        signals = ctx.engine._project(grad_y, ctx.layouts)  # views of one (N, D) product
-        return (None, grad_y, *(s if n else None for s, n in zip(signals, needs)))
+        needs = ctx.needs_input_grad[3 : 3 + ctx.count]
+        learned = ctx.needs_input_grad[3 + ctx.count :]
+        if not any(needs) and not any(learned):
+            return (None, None, grad_y, *([None] * (len(needs) + len(learned))))
+        signals, error = ctx.engine._project(grad_y, ctx.layouts)  # views of one (N, D) product
+        updates = [
+            error.T @ h.reshape(h.shape[0], -1).to(error.dtype) if n else None
+            for h, n in zip(ctx.saved_tensors, learned)
+        ]
+        return (None, None, grad_y, *(s if n else None for s, n in zip(signals, needs)), *updates)
+
+
+class _SendBack(torch.autograd.Function):
+    """Identity on a layer's output ``y`` (marked dirty: no copy); backward passes ``delta`` on to
+    ``y`` unchanged (the layer's exact weight gradient follows) and returns ``delta @ B`` (or the
+    transposed convolution with kernel ``B``) as the gradient of the layer's un-detached input
+    ``x``; for ``kp`` also ``W``'s own gradient ``delta^T x`` as the gradient of ``B``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, feedback: LayerFeedback, module: nn.Module, y: Tensor, x: Tensor, *learned: Tensor
+    ) -> Tensor:
+        ctx.feedback, ctx.module = feedback, module
+        ctx.save_for_backward(x)
+        ctx.mark_dirty(y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        feedback: LayerFeedback = ctx.feedback
+        need_input = ctx.needs_input_grad[3]
+        need_weight = feedback.learned and ctx.needs_input_grad[4]
+        tail = (None,) if feedback.learned else ()
+        if not (need_input or need_weight):
+            return (None, None, grad, None, *tail)
+        (x,) = ctx.saved_tensors
+        weight = ctx.module.weight
+        matrix = feedback.matrix(weight) if need_input else weight.detach()
+        grad_x, grad_b = backward_products(
+            feedback.geometry, grad, x, matrix, need_input=need_input, need_weight=need_weight
+        )
+        return (None, None, grad, grad_x, *((grad_b,) if feedback.learned else ()))
 
 
 class _PassState:
     """What the hooks track during one forward pass (and the switches they read)."""
 
-    __slots__ = ("capture", "checked", "enabled", "next", "recording", "stash")
+    __slots__ = ("capture", "checked", "enabled", "held", "next", "recording", "stash")
 
     def __init__(self) -> None:
         self.next = 0  # index of the layer expected to run next
         self.stash: list[Tensor] = []  # feedback points of the pass in progress
+        self.held: dict[int, Tensor] = {}  # un-detached inputs of layers with a layer-wise B
         self.enabled = True
         self.checked = False  # the chain check ran (first pass only)
         self.capture: list[Tensor] | None = None
@@ -157,12 +261,14 @@ class _PreHook:
     with its engine: the copy trains with its own engine state.
     """
 
-    __slots__ = ("cut", "engine", "index", "name")
+    __slots__ = ("cut", "engine", "index", "name", "through")
 
     def __init__(self, engine: DFAEngine, index: int) -> None:
         self.engine = engine
         self.index = index
-        self.cut = index > 0 and engine.layers[index - 1].rule.is_feedback
+        below = engine.layers[index - 1].rule if index > 0 else Rule.BP
+        self.cut = below.is_direct  # the input is a feedback point: stash and detach
+        self.through = below.is_layerwise  # the error goes back through this layer's B
         self.name = engine.layers[index].name
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> Any:
@@ -170,6 +276,7 @@ class _PreHook:
         if index == 0:
             state.next = 0
             state.stash = []
+            state.held = {}
             if state.capture is not None:
                 state.capture.clear()
         if index != state.next:
@@ -192,10 +299,35 @@ class _PreHook:
         recording = state.recording
         if recording is not None and point.requires_grad:
             point.register_hook(lambda g, i=index - 1: recording.__setitem__(i, g.detach()))
-        if not (self.cut and state.enabled and torch.is_grad_enabled()):
+        if not ((self.cut or self.through) and state.enabled and torch.is_grad_enabled()):
             return None
-        state.stash.append(point)
+        if self.cut:
+            state.stash.append(point)
+        else:
+            state.held[index] = point
         return (point.detach(), *args[1:])
+
+
+class _ThroughHook:
+    """The forward hook of a layer whose input's error comes back through its ``B`` (the
+    ``position``-th entry of ``engine.layerwise``): wraps its output in :class:`_SendBack`."""
+
+    __slots__ = ("engine", "index", "position")
+
+    def __init__(self, engine: DFAEngine, index: int, position: int) -> None:
+        self.engine = engine
+        self.index = index
+        self.position = position
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], y: Any) -> Any:
+        x = self.engine._pass.held.pop(self.index, None)
+        if x is None or not isinstance(y, Tensor):
+            return None
+        feedback = self.engine.layerwise[self.position]
+        if feedback.scales.device != y.device:  # the model moved: the feedback follows
+            feedback.to(y.device)
+        learned = (feedback.weight,) if feedback.learned else ()
+        return _SendBack.apply(feedback, module, y, x, *learned)
 
 
 class _OutputHook:
@@ -210,6 +342,9 @@ class _OutputHook:
         return self.engine._deliver(y)
 
 
+_HOOK_TYPES = (_PreHook, _ThroughHook, _OutputHook)
+
+
 def _hook_dicts(module: nn.Module) -> tuple[dict[int, Any], ...]:
     return (module._forward_pre_hooks, module._forward_hooks)
 
@@ -219,20 +354,28 @@ def attached_engine(model: nn.Module) -> DFAEngine | None:
     for module in model.modules():
         for hooks in _hook_dicts(module):
             for hook in hooks.values():
-                if isinstance(hook, (_PreHook, _OutputHook)):
+                if isinstance(hook, _HOOK_TYPES):
                     return hook.engine
     return None
 
 
 class DFAEngine(nn.Module):
-    """The hooks and feedback that train a model by DFA/BDFA/BP. Create it with :func:`attach`.
+    """The hooks and feedback that train a model by one of the :class:`Rule` s. Create it with
+    :func:`attach`.
 
     The engine is an ``nn.Module`` so that its feedback follows the usual conventions: buffers in
     :meth:`state_dict`, moved by ``.to()``. It is not part of the model (the model's own
-    ``state_dict`` is unchanged); the feedback also follows the model's device on its own.
+    ``state_dict`` is unchanged); the feedback also follows the model's device on its own. The
+    direct feedback (``dfa``, ``bdfa``, ``dkp``) is :attr:`feedback`, built on the first pass; the
+    layer-wise feedback is :attr:`layerwise`, one module per layer whose weight it replaces, built
+    at once. Learned feedback (``kp``, ``dkp``) is in :meth:`parameters`: put it in the optimiser,
+    ``torch.optim.SGD([*model.parameters(), *engine.parameters()], ...)``; its gradient is set by
+    the backward pass like any parameter's, so that the optimiser's learning rate, weight decay
+    and momentum apply to it as to the weights.
     """
 
     feedback: FeedbackMatrix | None
+    layerwise: nn.ModuleList
 
     def __init__(
         self,
@@ -271,8 +414,30 @@ class DFAEngine(nn.Module):
         )
         # mutable per-pass state lives in a plain object: nn.Module.__setattr__ is slow (hot path)
         self._pass = _PassState()
+        # built before any hook is placed: a layer the rule cannot serve leaves the model untouched
+        self.layerwise = nn.ModuleList()
+        through: dict[int, int] = {}
+        for index, (below, info) in enumerate(itertools.pairwise(layers), 1):
+            if below.rule.is_layerwise:
+                rule = below.rule.value
+                through[index] = len(self.layerwise)
+                self.layerwise.append(
+                    LAYER_FEEDBACK[rule](
+                        rule,
+                        info.name,
+                        info.module.weight,
+                        conv_geometry(info.module, info.name, rule),
+                        init=init,
+                        storage=copy.copy(storage),
+                        seed=seed * 1_000_003 + 500_009 + index,
+                        gain=gain,
+                        normalize=normalize,
+                    )
+                )
         for index, info in enumerate(layers):
             info.module.register_forward_pre_hook(_PreHook(self, index))
+            if index in through:
+                info.module.register_forward_hook(_ThroughHook(self, index, through[index]))
         layers[-1].module.register_forward_hook(_OutputHook(self))
 
     # -- public API --------------------------------------------------------------------------
@@ -286,14 +451,22 @@ class DFAEngine(nn.Module):
 
     @property
     def feedback_layers(self) -> list[str]:
-        """Names of the layers whose output receives a projected error, in order."""
-        return [info.name for info in self.layers[:-1] if info.rule.is_feedback]
+        """Names of the layers whose output receives a projected error (direct rules), in
+        order."""
+        return [info.name for info in self.layers[:-1] if info.rule.is_direct]
+
+    @property
+    def layer_feedback(self) -> dict[str, LayerFeedback]:
+        """The layer-wise feedback by the name of the hidden layer it serves (its ``B`` has the
+        shape of the next layer's weight; ``.name`` names that layer)."""
+        served = [info.name for info in self.layers[:-1] if info.rule.is_layerwise]
+        return dict(zip(served, self.layerwise))  # type: ignore[arg-type]
 
     def _own_hooks(self) -> Iterator[tuple[dict[int, Any], int]]:
         for info in self.layers:
             for hooks in _hook_dicts(info.module):
                 for key, hook in list(hooks.items()):
-                    if isinstance(hook, (_PreHook, _OutputHook)) and hook.engine is self:
+                    if isinstance(hook, _HOOK_TYPES) and hook.engine is self:
                         yield hooks, key
 
     @property
@@ -317,10 +490,17 @@ class DFAEngine(nn.Module):
             state.enabled = previous
 
     def storage_bytes(self) -> dict[str, int]:
-        """Bytes of feedback held: ``{"pattern": ..., "scales": ...}`` (0 before the first pass)."""
-        if self.feedback is None:
-            return {"pattern": 0, "scales": 0}
-        return self.feedback.storage_bytes()
+        """Bytes of feedback held: ``{"pattern": ..., "scales": ...}``: the direct feedback (0
+        before the first pass) and the layer-wise feedback's patterns or learned matrices (0 for
+        ``usf``/``brsf``, derived from ``W`` at each step)."""
+        held = {"pattern": 0, "scales": 0}
+        if self.feedback is not None:
+            held = self.feedback.storage_bytes()
+        for fb in self.layerwise:
+            assert isinstance(fb, LayerFeedback)
+            held["pattern"] += fb.stored_bytes()
+            held["scales"] += fb.scales.numel() * fb.scales.element_size()
+        return held
 
     def materialize(self, example_input: Any) -> DFAEngine:
         """Build the feedback now from one forward pass on ``example_input`` (a tensor or a tuple of
@@ -397,10 +577,13 @@ class DFAEngine(nn.Module):
         """Set each feedback point's scale so that ``||e B_l||`` equals BP's ``||dL/dh_l||`` on this
         batch (the *norm-matched* initialisation). Returns the new scales."""
         self.materialize(inputs)
+        if self.feedback is None:
+            raise ValueError("calibrate() scales direct feedback (dfa, bdfa); this engine has none")
+        if any(self.feedback.learned):
+            raise ValueError("calibrate() sets fixed scales; a learned feedback (dkp) has none")
         error, true = self.true_signals(inputs, targets, loss_fn)
-        assert self.feedback is not None
-        true = [t for info, t in zip(self.layers, true) if info.rule.is_feedback]
-        delivered = self._signals(error, None)
+        true = [t for info, t in zip(self.layers, true) if info.rule.is_direct]
+        delivered, _ = self._signals(error, None)
         for i, (d, t) in enumerate(zip(delivered, true)):
             dn, tn = d.norm(), t.norm()
             if dn > 0 and tn > 0:
@@ -437,12 +620,13 @@ class DFAEngine(nn.Module):
         if not state.checked:
             _check_chain(y, points)
             state.checked = True
-        return _DeliverFeedback.apply(self, y, *points)
+        assert self.feedback is not None
+        return _DeliverFeedback.apply(self, len(points), y, *points, *self.feedback.learned_blocks)
 
     # -- internals ---------------------------------------------------------------------------
 
     def _feedback_infos(self) -> list[LayerInfo]:
-        return [info for info in self.layers[:-1] if info.rule.is_feedback]
+        return [info for info in self.layers[:-1] if info.rule.is_direct]
 
     def _build_feedback(self, y: Tensor, points: list[Tensor]) -> None:
         infos = self._feedback_infos()
@@ -458,7 +642,10 @@ class DFAEngine(nn.Module):
             gain=self.gain,
             normalize=self.normalize,
             names=[info.name for info in infos],
+            learned=[info.rule.learns_feedback for info in infos],
         ).to(y.device)
+        for block in self.feedback.learned_blocks:  # learned in the model's precision
+            block.data = block.data.to(y.dtype)
 
     def _check_sizes(self, points: list[Tensor]) -> None:
         assert self.feedback is not None
@@ -472,7 +659,7 @@ class DFAEngine(nn.Module):
 
     def _project(
         self, error: Tensor, like: list[tuple[torch.Size, tuple[int, ...]]]
-    ) -> list[Tensor]:
+    ) -> tuple[list[Tensor], Tensor]:
         if self.structure.name == FeedbackInit.NORM_MATCHED.value and not self.calibrated:
             raise RuntimeError(
                 "init='norm_matched' needs engine.calibrate(inputs, targets, loss_fn) on a batch "
@@ -482,9 +669,10 @@ class DFAEngine(nn.Module):
 
     def _signals(
         self, error: Tensor, like: list[tuple[torch.Size, tuple[int, ...]]] | None
-    ) -> list[Tensor]:
+    ) -> tuple[list[Tensor], Tensor]:
         """The error transforms, one projection ``e @ B``, the signal transforms, then the split
-        into one view per feedback point: the whole feedback path."""
+        into one view per feedback point: the whole feedback path. Returns the views and the
+        transformed error (what ``dkp``'s update multiplies)."""
         assert self.feedback is not None
         if self.feedback.scales.device != error.device:
             self.feedback.to(error.device)
@@ -493,7 +681,7 @@ class DFAEngine(nn.Module):
         signal = self.feedback.signal(error, like)
         for transform in self.signal_transforms:
             signal = transform(signal)
-        return self.feedback.split(signal, like)
+        return self.feedback.split(signal, like), error
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
@@ -684,31 +872,40 @@ def attach(
     error_transforms: Sequence[Transform] = (),
     signal_transforms: Sequence[Transform] = (),
 ) -> DFAEngine:
-    """Train ``model`` by DFA, binary DFA or the hybrid, through hooks; the training loop stays
+    """Train ``model`` by DFA, binary DFA, the hybrid or a rule of the feedback-alignment family,
+    through hooks; the training loop stays
     ``loss = criterion(model(x), y); loss.backward(); optimizer.step()``.
 
     Args:
         model: any module whose ``nn.Linear``/``nn.Conv*d`` layers run once each per forward, in
             registration order, the last one producing ``(batch, classes)`` outputs.
-        method: ``"bp"``, ``"dfa"`` or ``"bdfa"`` for the hidden layers in ``scope``.
+        method: a :class:`Rule` for the hidden layers in ``scope``: ``"bp"``; the direct rules
+            ``"dfa"``, ``"bdfa"``, ``"dkp"`` (learned ``B_l``); the layer-wise rules ``"fa"``,
+            ``"usf"``, ``"brsf"``, ``"frsf"``, ``"kp"`` (learned ``B``). A learned feedback is in
+            ``engine.parameters()``: give it to the optimiser (see :class:`DFAEngine`).
         scope: ``"all"``: every hidden layer; ``"fc"``: the paper's hybrid, hidden ``nn.Linear``
-            layers by ``method`` and the convolutional part by back-propagation.
+            layers by ``method`` and the convolutional part by back-propagation (for a layer-wise
+            rule: the conv stack receives ``W^T delta`` of the first linear layer, exactly).
         conv_error: in the hybrid, how the conv stack gets its error: ``"backprop"`` (from the first
-            DFA layer's delta) or ``"project"`` (a projection of its own onto its output).
+            linear layer's delta, ``W^T delta``) or ``"project"`` (by the method too: a projection
+            of its own onto its output for a direct rule, ``B^T delta`` for a layer-wise one).
         rules: per-layer overrides, ``{name_or_glob: rule}``, applied after the preset.
         init: the feedback structure: a registered name (the built-in ones are listed by
             :class:`~dfatorch.feedback.FeedbackInit`) or a :class:`~dfatorch.feedback.Pattern`
             instance (a structure with options).
         storage: ``"dense"``, ``"packed"`` (binary only, 1 bit a weight) or ``"seeded"`` (nothing
             stored, regenerated each step), or another registered
-            :class:`~dfatorch.feedback.PatternStorage`; all give the same updates.
+            :class:`~dfatorch.feedback.PatternStorage`; all give the same updates. ``fa`` takes
+            ``dense`` or ``seeded``; learned (``kp``, ``dkp``) and sign-derived (``usf``,
+            ``brsf``, ``frsf``) feedback only ``dense``.
         gain: a factor on every feedback scale.
         normalize: width-normalised feedback (entries scaled by ``1/sqrt(d)``); ``False`` for
             entries of order 1.
         seed: seeds the feedback patterns.
         output: the name of the output layer, when it is not the last registered layer.
         example_input: if given, the feedback is built now from one forward pass on it;
-            otherwise on the first training forward pass.
+            otherwise on the first training forward pass. Required by ``dkp``, whose learned
+            matrices must exist before the optimiser is built.
         error_transforms: callables applied in order to the output error ``e`` ``(N, C)`` before
             the projection (for example per-example clipping).
         signal_transforms: callables applied in order to the projected signal ``(N, D)`` of all
@@ -721,7 +918,7 @@ def attach(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: no eligible layer, no hidden layer for a DFA rule, an unsupported parametrised
-            module under a DFA rule, an unknown option.
+            module under a DFA rule, an unknown option, a storage or init the rules cannot use.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach() needs an nn.Module, got {type(model).__name__}")
@@ -752,6 +949,9 @@ def attach(
                 f"{[(n, type(m).__name__) for n, m in found]}"
             )
         _check_unsupported(model, rules)
+        _check_feedback_options(
+            [info.rule for info in layers[:-1]], structure, store, example_input is not None
+        )
     out = found[-1][1]
     num_classes = out.out_features if isinstance(out, nn.Linear) else None
     engine = DFAEngine(
@@ -769,6 +969,37 @@ def attach(
     if example_input is not None:
         engine.materialize(example_input)
     return engine
+
+
+def _check_feedback_options(
+    rules: Sequence[Rule], structure: Pattern, store: PatternStorage, built_now: bool
+) -> None:
+    """Refuse, in one line, a storage or init that a rule in use cannot work with."""
+    used = list(dict.fromkeys(r for r in rules if r.is_feedback))
+    for rule in used:
+        kind = rule.feedback_kind
+        if kind in ("learned", "sign-derived") and store.name != Storage.DENSE.value:
+            raise ValueError(
+                f"storage={store.name!r} cannot hold a {kind} feedback ({rule.value}): "
+                "use storage='dense'"
+            )
+        if rule is Rule.FA and store.binary_only:
+            raise ValueError(
+                f"storage={store.name!r} cannot hold a float feedback (fa): use storage='dense' or "
+                "'seeded'"
+            )
+    if structure.name == FeedbackInit.NORM_MATCHED.value:
+        other = [r.value for r in used if r not in (Rule.DFA, Rule.BDFA)]
+        if other:
+            raise ValueError(
+                f"init='norm_matched' calibrates the fixed scales of dfa/bdfa projections; "
+                f"{', '.join(other)} cannot use it"
+            )
+    if Rule.DKP in used and not built_now:
+        raise ValueError(
+            "dkp learns its feedback matrices, whose shapes come from a forward pass: pass "
+            "example_input=... to attach() so that they exist before the optimiser is built"
+        )
 
 
 def _enum(kind: type[Enum], value: Any, what: str) -> Any:
@@ -797,24 +1028,35 @@ def set_rng_states(state: dict[str, Any]) -> None:
 @contextlib.contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
     """Run a probe pass and leave no trace: buffers (batch-norm statistics), parameter gradients
-    and the CPU/accelerator RNG states are restored on exit."""
-    buffers = {
-        k: v.detach().clone()
-        for k, v in model.state_dict(keep_vars=True).items()
-        if not isinstance(v, nn.Parameter) and isinstance(v, Tensor)
-    }
-    grads = {
-        n: (None if p.grad is None else p.grad.detach().clone())
-        for n, p in model.named_parameters()
-    }
+    and the CPU/accelerator RNG states are restored on exit; so are the layer-wise feedback's
+    buffers (``brsf``'s generator states) and the learned feedback's gradients of the engine
+    attached to ``model``."""
+    engine = attached_engine(model)
+    # (module whose buffers, module whose parameters' gradients): the direct feedback's buffers
+    # are left out, no pass changes them and they can be large
+    owners = [(model, model)] if engine is None else [(model, model), (engine.layerwise, engine)]
+    buffers = [
+        {
+            k: v.detach().clone()
+            for k, v in held.state_dict(keep_vars=True).items()
+            if not isinstance(v, nn.Parameter) and isinstance(v, Tensor)
+        }
+        for held, _ in owners
+    ]
+    grads = [
+        {n: (None if p.grad is None else p.grad.detach().clone()) for n, p in o.named_parameters()}
+        for _, o in owners
+    ]
     devices = [d for d in {p.device for p in model.parameters()} if d.type != "cpu"]
     with torch.random.fork_rng(devices=devices, device_type=devices[0].type if devices else "cuda"):
         try:
             yield
         finally:
             with torch.no_grad():
-                state = model.state_dict(keep_vars=True)
-                for k, v in buffers.items():
-                    state[k].copy_(v)
-                for n, p in model.named_parameters():
-                    p.grad = grads[n]
+                for (held, owner), saved, grad in zip(owners, buffers, grads):
+                    state = held.state_dict(keep_vars=True)
+                    for k, v in saved.items():
+                        state[k].copy_(v)
+                    for n, p in owner.named_parameters():
+                        if n in grad:  # not one the pass created (materialize builds dkp's)
+                            p.grad = grad[n]

@@ -1,11 +1,12 @@
-"""Fixed random feedback matrices: feedback structures, storage strategies and the projection.
+"""Direct feedback matrices: feedback structures, storage strategies and the projection.
 
 A :class:`FeedbackMatrix` holds the feedback of every feedback point of a model side by side, as
 one ``(num_classes, D)`` matrix ``B = [B_1 | B_2 | ...]`` with ``D = sum(d_l)``, so that a single
 matmul ``e @ B`` serves every layer (:meth:`FeedbackMatrix.project`). Each block is
 ``pattern_l * scale_l``: a pattern drawn by a :class:`Pattern` (the *feedback structure*) and one
 scale per feedback point. Binary feedback (BDFA) has a ``{-1, +1}`` pattern, so ``B_l`` takes the
-two values ``-s_l`` and ``+s_l``.
+two values ``-s_l`` and ``+s_l``. A *learned* point (DKP) keeps its block as an ``nn.Parameter``
+that starts at ``pattern_l * scale_l`` and is trained (see :class:`FeedbackMatrix`).
 
 Both strategies are plug-ins, one small class and one registry entry each:
 
@@ -315,7 +316,10 @@ def unpack_signs(packed: Tensor, d: int, dtype: torch.dtype = torch.float32) -> 
 
 
 class PatternStorage:
-    """How a :class:`FeedbackMatrix` keeps its pattern: a strategy the projection does not see.
+    """How a :class:`FeedbackMatrix` (or a layer-wise ``fa`` feedback,
+    :class:`dfatorch.layerwise.RandomFeedback`) keeps its pattern: a strategy the projection does
+    not see. A holder provides ``generate()`` (the whole unscaled pattern), ``scales`` and
+    ``total_size`` (the pattern's columns).
 
     A subclass sets ``name`` and implements :meth:`store` (register buffers on the matrix),
     :meth:`pattern` (the unscaled ``(C, D)`` pattern) and :meth:`nbytes`; ``binary_only`` refuses
@@ -430,6 +434,9 @@ class FeedbackMatrix(nn.Module):
             layer does not receive a larger error than a narrow one); ``False`` multiplies every
             scale by ``sqrt(d)`` (entries of order 1, as in unnormalised DFA).
         names: a label per feedback point (for messages and ``repr``).
+        learned: per feedback point, whether its block is learned (DKP): then ``B_l`` is an
+            ``nn.Parameter`` (in :attr:`learned_blocks`) that starts at ``pattern_l * scale_l``;
+            the storage still keeps the pattern it started from. Learned points are float.
 
     The matrix is held in registered buffers (``pattern`` or ``bits``, and ``scales``), so it
     moves with ``.to()`` and is saved in ``state_dict()``; the layout, the structure's options
@@ -448,6 +455,7 @@ class FeedbackMatrix(nn.Module):
         gain: float = 1.0,
         normalize: bool = True,
         names: Sequence[str] | None = None,
+        learned: Sequence[bool] | None = None,
     ) -> None:
         super().__init__()
         self.num_classes = int(num_classes)
@@ -457,8 +465,11 @@ class FeedbackMatrix(nn.Module):
         self.store = make_storage(storage)
         self.seed = int(seed)
         self.names = list(names) if names is not None else [f"point{i}" for i in range(len(sizes))]
-        if len(self.binary) != len(self.sizes) or len(self.names) != len(self.sizes):
-            raise ValueError("sizes, binary and names must have one entry per feedback point")
+        self.learned = [bool(b) for b in learned] if learned is not None else [False] * len(sizes)
+        if len({len(self.binary), len(self.names), len(self.learned)} | {len(self.sizes)}) != 1:
+            raise ValueError("sizes, binary, names and learned need one entry per feedback point")
+        if any(b and ln for b, ln in zip(self.binary, self.learned)):
+            raise ValueError("a learned feedback point is float: it cannot also be binary")
         if not self.sizes:
             raise ValueError("a FeedbackMatrix needs at least one feedback point")
         if self.num_classes < 1 or min(self.sizes) < 1:
@@ -478,6 +489,18 @@ class FeedbackMatrix(nn.Module):
         ]
         self.register_buffer("scales", torch.tensor(scales, dtype=torch.float32))
         self.store.store(self, self.generate)
+        self.learned_blocks = nn.ParameterList()
+        if any(self.learned):
+            with torch.no_grad():
+                start = self.full_pattern(torch.float32) * self.column_scales(torch.float32)
+                for block, is_learned in zip(start.split(self.sizes, 1), self.learned):
+                    if is_learned:
+                        self.learned_blocks.append(nn.Parameter(block.clone()))
+
+    @property
+    def learned_index(self) -> list[int]:
+        """The indices of the learned points, in the order of :attr:`learned_blocks`."""
+        return [i for i, b in enumerate(self.learned) if b]
 
     # -- the pattern ---------------------------------------------------------------------------
 
@@ -541,7 +564,7 @@ class FeedbackMatrix(nn.Module):
         return value
 
     def _sources(self) -> tuple[Tensor, ...]:
-        return (self.scales, *self.store.sources(self))
+        return (self.scales, *self.store.sources(self), *self.learned_blocks)
 
     def column_scales(self, dtype: torch.dtype | None = None) -> Tensor:
         """The scale of every column of ``B``, ``(D,)``."""
@@ -554,7 +577,8 @@ class FeedbackMatrix(nn.Module):
         return self._cached(("columns", dtype), (self.scales,), build)
 
     def matrix(self, dtype: torch.dtype | None = None) -> Tensor:
-        """``B = pattern * scales``, ``(C, D)``, built by the same operations for every storage.
+        """``B = pattern * scales``, ``(C, D)``, built by the same operations for every storage;
+        the blocks of learned points are their parameters' current values (detached).
 
         Dense storage keeps the product cached (read it, do not modify it); packed and seeded
         storage rebuild it at every call, which is the memory they save.
@@ -562,7 +586,13 @@ class FeedbackMatrix(nn.Module):
         dtype = dtype or self.scales.dtype
 
         def build() -> Tensor:
-            return self.full_pattern(dtype) * self.column_scales(dtype)
+            fixed = self.full_pattern(dtype) * self.column_scales(dtype)
+            if not len(self.learned_blocks):
+                return fixed
+            blocks = list(fixed.split(self.sizes, 1))
+            for i, p in zip(self.learned_index, self.learned_blocks):
+                blocks[i] = p.detach().to(device=fixed.device, dtype=dtype)
+            return torch.cat(blocks, 1)
 
         if not self.store.cache_matrix:
             return build()
@@ -659,6 +689,7 @@ class FeedbackMatrix(nn.Module):
             "seed": self.seed,
             "normalize": self.normalize,
             "names": list(self.names),
+            "learned": list(self.learned),
         }
 
     @classmethod
@@ -679,6 +710,7 @@ class FeedbackMatrix(nn.Module):
             gain=gain,
             normalize=layout.get("normalize", True),
             names=layout["names"],
+            learned=layout.get("learned"),
         )
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -688,14 +720,40 @@ class FeedbackMatrix(nn.Module):
         mine = self.layout()
         # Names are labels; everything else decides the matrix and must agree. Checkpoints saved
         # before an option existed carry its default.
-        state = {"normalize": True, "init_options": {}, **state}
+        state = {
+            "normalize": True,
+            "init_options": {},
+            "learned": [False] * len(state.get("sizes", [])),
+            **state,
+        }
         diff = {k: (state.get(k), v) for k, v in mine.items() if k != "names" and state.get(k) != v}
         if diff:
             detail = ", ".join(f"{k}: saved {s!r}, here {h!r}" for k, (s, h) in diff.items())
             raise ValueError(f"feedback state does not match this feedback layout ({detail})")
 
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # a learned block takes the saved dtype (a float64 run resumes in float64, exactly)
+        for i, p in enumerate(self.learned_blocks):
+            saved = state_dict.get(f"{prefix}learned_blocks.{i}")
+            if isinstance(saved, Tensor) and saved.shape == p.shape and saved.dtype != p.dtype:
+                p.data = p.data.to(saved.dtype)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     def extra_repr(self) -> str:
-        kinds = "".join("b" if b else "f" for b in self.binary)
+        kinds = "".join(
+            "l" if ln else "b" if b else "f" for b, ln in zip(self.binary, self.learned)
+        )
         opts = "".join(f", {k}={v!r}" for k, v in self.structure.options.items())
         return (
             f"C={self.num_classes}, sizes={self.sizes}, kinds={kinds}, init={self.init}{opts}, "

@@ -45,13 +45,14 @@ from .distributed import (
     ProcessGroup,
     RankLost,
     all_reduce_sum,
+    average_gradients,
     check_identical,
     gather_objects,
     lost_contact,
     process_group,
     shard_loss_scale,
 )
-from .engine import DFAEngine, Transform, attach, get_rng_states, set_rng_states
+from .engine import DFAEngine, Rule, Transform, attach, get_rng_states, set_rng_states
 from .models import build_model, model_stats
 from .rundir import CheckpointError, RunDir, load_checkpoint
 
@@ -198,6 +199,7 @@ def _build(
         seed=config.seed,
         error_transforms=transforms[0],
         signal_transforms=transforms[1],
+        example_input=_example_input(config, splits.input_shape, device),
     )
     forward: nn.Module = model
     if group.enabled:
@@ -207,9 +209,30 @@ def _build(
         forward = (ddp or DDPOptions()).wrap(model, device)
         torch.manual_seed(derive_seed(config.seed, group.rank))  # dropout masks differ by rank
     optimizer = (optimizer_factory or make_optimizer)(model, config)
+    _add_learned_feedback(optimizer, engine)
     sizes = {k: len(v) for k, v in eval_sets.items()}
     return _Run(splits, train_loader, eval_loaders, model, engine, optimizer, device, sizes,
                 group, forward)  # fmt: skip
+
+
+def _example_input(
+    config: TrainConfig, input_shape: Sequence[int], device: torch.device
+) -> torch.Tensor | None:
+    """A zero batch for rules whose feedback must exist before the optimiser (``dkp``)."""
+    if not Rule(config.method).is_direct or not Rule(config.method).learns_feedback:
+        return None
+    x = torch.zeros(2, *input_shape, device=device)
+    return x.contiguous(memory_format=torch.channels_last) if config.channels_last else x
+
+
+def _add_learned_feedback(optimizer: torch.optim.Optimizer, engine: DFAEngine) -> None:
+    """Learned feedback (``kp``, ``dkp``) joins the optimiser as one more parameter group with its
+    defaults (learning rate, weight decay, momentum: the Kolen-Pollack rule needs ``B`` to receive
+    the same update as ``W``), unless the optimiser already holds it."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    learned = [p for p in engine.parameters() if p.requires_grad and id(p) not in held]
+    if learned:
+        optimizer.add_param_group({"params": learned})
 
 
 def _learning_rate(config: TrainConfig, progress: float) -> float:
@@ -628,6 +651,8 @@ def _train_epoch(
                     (state.loss * shard_loss_scale(len(y), total, group.world_size)).backward()
                 else:
                     state.loss.backward()
+            if group.enabled:  # learned feedback lives outside the model DDP wraps
+                average_gradients(built.engine.parameters(), group)
             # every rank sees the global batch's loss (callbacks decide alike) and the same stop
             loss_sum, seen, correct, stops = all_reduce_sum(
                 [
