@@ -252,6 +252,7 @@ def default_callbacks(config: TrainConfig) -> list[Callback]:
                 noise_multiplier=config.noise_multiplier,
                 target_epsilon=config.target_epsilon,
                 seed=config.seed,
+                engine=config.private_engine,
             )
         )
     if config.activation_bits != 32:

@@ -144,6 +144,12 @@ class TrainConfig:
     )
     delta: float = _field(1e-5, "private: the delta of (epsilon, delta); must be below 1/N")
     clip: float = _field(1.0, "private: the bound on each example's update norm")
+    private_engine: str = _field(
+        "native",
+        "private: who computes per-example updates: native (linear and conv layers, fast) or "
+        "opacus (any layer opacus supports)",
+        choices=("native", "opacus"),
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

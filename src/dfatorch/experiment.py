@@ -19,6 +19,7 @@ hyper-parameter search on a validation split::
     [[grid]]                    # cross products; several blocks are concatenated
     fraction = [0.1, 0.02]
     seed = [0, 1, 2]
+    methods = ["bp"]            # optional: the block applies to these method labels only
 
     [tune]                      # optional: searched per method (and per `by` axis) on a held-out
     lr = [1e-4, 3e-4, 1e-3]     # split of the training set, never on the test set; lists are
@@ -103,13 +104,16 @@ class Experiment:
         """Every key the grid varies, in order of first appearance."""
         keys: list[str] = []
         for block in self.grid:
-            keys += [k for k in block if k not in keys]
+            keys += [k for k in block if k not in keys and k != "methods"]
         return keys
 
-    def _grid_points(self) -> list[dict[str, Any]]:
+    def _grid_points(self, label: str | None = None) -> list[dict[str, Any]]:
+        """The grid's points (for method ``label``: the blocks that apply to it)."""
         points = []
         for block in self.grid or [{}]:
-            keys = list(block)
+            if label is not None and label not in block.get("methods", [label]):
+                continue
+            keys = [k for k in block if k != "methods"]
             for values in itertools.product(*(block[k] for k in keys)):
                 points.append(dict(zip(keys, values)))
         return points
@@ -125,11 +129,12 @@ class Experiment:
         if not self.tune:
             return []
         by = list(self.tune.get("by", []))
-        groups = sorted({tuple(p.get(k) for k in by) for p in self._grid_points()}, key=str)
         axes = self.tune_axes
         cells = []
         for method in self.methods:
             overrides = {k: v for k, v in method.items() if k != "label"}
+            points = self._grid_points(method["label"])
+            groups = sorted({tuple(p.get(k) for k in by) for p in points}, key=str)
             for group in groups:
                 fixed = dict(zip(by, group))
                 for values in itertools.product(*axes.values()):
@@ -157,7 +162,7 @@ class Experiment:
         cells = []
         for method in self.methods:
             overrides = {k: v for k, v in method.items() if k != "label"}
-            for point in self._grid_points():
+            for point in self._grid_points(method["label"]):
                 picked: dict[str, Any] = {}
                 if self.tune:
                     group = _group_key(method["label"], {k: point.get(k) for k in by})
@@ -200,6 +205,10 @@ def load_experiment(path: str | Path) -> Experiment:
     labels = [m.get("label") for m in data["methods"]]
     if None in labels or len(set(labels)) != len(labels):
         raise ValueError(f"{path}: every [[methods]] entry needs a unique label, got {labels}")
+    for block in data.get("grid", []):
+        stray = sorted(set(block.get("methods", [])) - set(labels))
+        if stray:
+            raise ValueError(f"{path}: a [[grid]] block names unknown methods {stray}")
     exp = Experiment(
         name=data["name"],
         path=path,
@@ -221,7 +230,7 @@ def _all_groups(exp: Experiment) -> list[str]:
     return [
         _group_key(m["label"], {k: p.get(k) for k in by})
         for m in exp.methods
-        for p in exp._grid_points()
+        for p in exp._grid_points(m["label"])
     ]
 
 

@@ -128,6 +128,100 @@ def check_private_model(model: nn.Module) -> None:
         raise ValueError(f"not trainable privately: {str(errors[0]).splitlines()[0]}")
 
 
+class _NativeUpdates:
+    """Per-example updates of ``nn.Linear`` and ``nn.Conv2d`` layers from the layer's input and the
+    gradient at its output, which forward and backward hooks keep for the step.
+
+    A linear layer's per-example update is rank one, ``g_i = d_i h_i^T`` (``d_i`` the gradient at
+    its output: ``(e_i B_l) * f'(a_l,i)`` under DFA, the back-propagated one under BP), so its norm
+    is ``|d_i| sqrt(|h_i|^2 + 1)`` (with a bias) and the clipped sum is one matmul,
+    ``(c * d)^T h``: no per-example gradient is ever stored (opacus stores ``N`` of them). A conv
+    layer's per-example update is summed over positions and is computed explicitly from the
+    unfolded input. Then, as opacus's ``DPOptimizer`` does (same formulas, same noise calls, so the
+    same generator gives the same update; a test checks it): clip factors
+    ``min(1, clip / (norm_i + 1e-6))``, the clipped sum, ``N(0, (sigma clip)^2)`` noise per
+    coordinate, division by the expected batch size.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers: list[nn.Module] = []
+        covered: set[int] = set()
+        for name, module in model.named_modules():
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            if not isinstance(module, (nn.Linear, nn.Conv2d)) or (
+                isinstance(module, nn.Conv2d) and (module.groups != 1 or
+                                                   isinstance(module.padding, str))
+            ):  # fmt: skip
+                raise ValueError(
+                    f"layer {name!r} ({type(module).__name__}): per-example updates are "
+                    "computed for nn.Linear and ungrouped nn.Conv2d layers; use "
+                    "private_engine='opacus' for other layers"
+                )
+            self.layers.append(module)
+            covered.update(id(p) for p in own)
+        self._inputs: dict[nn.Module, torch.Tensor] = {}
+        self._grads: dict[nn.Module, torch.Tensor] = {}
+        self._handles = [m.register_forward_hook(self._forward) for m in self.layers]
+        self.enabled = False
+
+    def _forward(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        if not (self.enabled and torch.is_grad_enabled()) or not out.requires_grad:
+            return
+        self._inputs[module] = args[0].detach()
+
+        def keep(grad: torch.Tensor) -> None:
+            self._grads[module] = grad.detach()
+
+        out.register_hook(keep)
+
+    def clear(self) -> None:
+        self._inputs.clear()
+        self._grads.clear()
+
+    def _per_example(self, module: nn.Module, n: int) -> tuple[Any, torch.Tensor]:
+        """The layer's per-example factors (for the clipped sum) and squared norms; the gradient
+        at the output is multiplied by ``n``: per-example losses, not the batch mean's share."""
+        h, d = self._inputs[module], self._grads[module] * n
+        bias = module.bias is not None and module.bias.requires_grad
+        if isinstance(module, nn.Linear):
+            if h.dim() == 2:
+                norms = d.pow(2).sum(1) * (h.pow(2).sum(1) + float(bias))
+                return ("linear", h, d), norms
+            g = torch.einsum("n...o,n...i->noi", d, h)  # sequences: sum over positions
+            db = d.reshape(n, -1, d.shape[-1]).sum(1)
+            return ("explicit", g, db), g.flatten(1).pow(2).sum(1) + bias * db.pow(2).sum(1)
+        assert isinstance(module, nn.Conv2d)
+        u = torch.nn.functional.unfold(h, module.kernel_size, module.dilation, module.padding,
+                                       module.stride)  # fmt: skip
+        g = torch.einsum("nop,nkp->nok", d.flatten(2), u)
+        db = d.flatten(2).sum(2)
+        return ("explicit", g, db), g.flatten(1).pow(2).sum(1) + bias * db.pow(2).sum(1)
+
+    def clipped_sums(self, clip: float) -> dict[torch.nn.Parameter, torch.Tensor]:
+        """Every parameter's sum of clipped per-example updates (all layers clipped together)."""
+        missing = [m for m in self.layers if m not in self._grads]
+        if missing:
+            raise RuntimeError(f"no gradient reached {len(missing)} layer(s) this step")
+        n = next(iter(self._grads.values())).shape[0]
+        parts = {m: self._per_example(m, n) for m in self.layers}
+        norms = torch.stack([sq for _, sq in parts.values()], 1).sum(1).sqrt()
+        factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+        sums: dict[torch.nn.Parameter, torch.Tensor] = {}
+        for module, ((kind, a, b), _) in parts.items():
+            if kind == "linear":
+                scaled = b * factors[:, None]
+                weight, bias = scaled.t() @ a, scaled.sum(0)
+            else:
+                weight = torch.einsum("n,nok->ok", factors, a)
+                bias = factors @ b
+            sums[module.weight] = weight.view_as(module.weight)
+            if module.bias is not None and module.bias.requires_grad:
+                sums[module.bias] = bias
+        return sums
+
+
 class DifferentialPrivacy(Callback):
     """Clip each example's update, add calibrated Gaussian noise, count the privacy spent.
 
@@ -143,6 +237,10 @@ class DifferentialPrivacy(Callback):
         target_epsilon: the budget; training refuses to start (or resume) if its planned steps
             would spend more.
         seed: seeds the noise generator (its state is saved: a resumed run draws the same noise).
+        engine: who computes the per-example updates: ``"native"`` (linear and conv layers, from
+            the layer's input and output gradient, no per-example gradients stored) or
+            ``"opacus"`` (its ``GradSampleModule``, any layer opacus supports, much slower on
+            wide layers). Both clip, noise and scale alike.
 
     Each epoch's record gains ``epsilon`` and ``noise_multiplier``.
     """
@@ -156,7 +254,10 @@ class DifferentialPrivacy(Callback):
         noise_multiplier: float | None = None,
         target_epsilon: float | None = None,
         seed: int = 0,
+        engine: str = "native",
     ) -> None:
+        if engine not in ("native", "opacus"):
+            raise ValueError(f"engine must be 'native' or 'opacus', got {engine!r}")
         if clip <= 0:
             raise ValueError(f"clip must be > 0, got {clip}")
         if (noise_multiplier is None) == (target_epsilon is None):
@@ -172,8 +273,10 @@ class DifferentialPrivacy(Callback):
         self.seed = seed
         self.generator: torch.Generator | None = None  # on the model's device, at the start
         self._saved_generator: torch.Tensor | None = None
-        self._samples: Any = None  # opacus GradSampleModule: per-example update hooks
-        self._dp: Any = None  # opacus DPOptimizer: clip, noise and scale
+        self.engine = engine
+        self._samples: Any = None  # per-example updates: _NativeUpdates or GradSampleModule
+        self._dp: Any = None  # opacus DPOptimizer: clip, noise and scale (engine="opacus")
+        self._params: list[nn.Parameter] = []
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -209,12 +312,18 @@ class DifferentialPrivacy(Callback):
                     f"{planned:.3f} > the target {self.target_epsilon:g} (delta "
                     f"{self.delta:g}); stop earlier or start a new run with the longer plan"
                 )
-        self._samples = GradSampleModule(state.model, batch_first=True, loss_reduction="mean")
-        self._samples.disable_hooks()  # on only for the step's own forward and backward
         device = next(state.model.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(self.seed)
         if self._saved_generator is not None:
             self.generator.set_state(self._saved_generator)
+        # the optimiser's order: the noise is drawn parameter by parameter in it, as opacus does
+        self._params = [p for g in state.optimizer.param_groups for p in g["params"]
+                        if p.requires_grad]  # fmt: skip
+        if self.engine == "native":
+            self._samples = _NativeUpdates(state.model)
+            return
+        self._samples = GradSampleModule(state.model, batch_first=True, loss_reduction="mean")
+        self._samples.disable_hooks()  # on only for the step's own forward and backward
         self._dp = DPOptimizer(
             state.optimizer,
             noise_multiplier=self.accountant.noise_multiplier,
@@ -227,12 +336,22 @@ class DifferentialPrivacy(Callback):
     # -- each step -------------------------------------------------------------------------
 
     def on_batch_start(self, state: TrainState) -> None:
+        if self.engine == "native":
+            self._samples.clear()
+            return
         for p in state.model.parameters():
             p.grad_sample = None
             p.summed_grad = None
 
     @contextlib.contextmanager
     def step_context(self, state: TrainState) -> Iterator[None]:
+        if self.engine == "native":
+            self._samples.enabled = True
+            try:
+                yield
+            finally:
+                self._samples.enabled = False
+            return
         self._samples.enable_hooks()
         try:
             with warnings.catch_warnings():
@@ -244,8 +363,20 @@ class DifferentialPrivacy(Callback):
             self._samples.disable_hooks()
 
     def before_step(self, state: TrainState) -> None:
-        # per-example clip, sum, noise, divide by q N: p.grad becomes the private update
-        self._dp.pre_step()
+        """Per-example clip, sum, noise, divide by ``q N``: ``p.grad`` becomes the private
+        update."""
+        if self.engine == "opacus":
+            self._dp.pre_step()
+            return
+        assert self.accountant is not None
+        sums = self._samples.clipped_sums(self.clip)
+        std = self.accountant.noise_multiplier * self.clip
+        for p in self._params:
+            total = sums[p]
+            noise = torch.normal(mean=0, std=std, size=total.shape, device=total.device,
+                                 generator=self.generator)  # fmt: skip
+            p.grad = ((total + noise) / self.batch_size).view_as(p).to(p.dtype)
+        self._samples.clear()
 
     def after_step(self, state: TrainState) -> None:
         assert self.accountant is not None
