@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# the CPU build from this machine's disk; a plain `pip install torch` would fetch a CUDA build
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,privacy]"
 	touch $@
 
 # Fashion-MNIST for its loader test comes from Debian (skipped, with a reason, where apt is absent).

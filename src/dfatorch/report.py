@@ -197,10 +197,18 @@ def _axis_plot(exp: Experiment, results_dir: Path, axis: str, path: Path) -> Pat
     align: dict[str, dict[str, dict[float, list[float]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list))
     )
+    level: dict[str, list[float]] = defaultdict(list)  # methods without the axis: a level
     for cell in exp.cells(chosen or None):
         value = cell.labels.get(axis)
         history = cell_results(results_dir, cell)
-        if history is None or not isinstance(value, int | float) or isinstance(value, bool):
+        if history is None:
+            continue
+        if value is None:
+            final = summarize(history)["final_acc"]
+            if final is not None:
+                level[cell.labels["method"]].append(final)
+            continue
+        if not isinstance(value, int | float) or isinstance(value, bool):
             continue
         final = summarize(history)["final_acc"]
         if final is not None:
@@ -218,6 +226,9 @@ def _axis_plot(exp: Experiment, results_dir: Path, axis: str, path: Path) -> Pat
         xs = sorted(per)
         axes[0].plot(xs, [100 * sum(per[x]) / len(per[x]) for x in xs], "o-", color=f"C{i}",
                      label=method)  # fmt: skip
+    for j, (method, finals) in enumerate(level.items(), start=len(acc)):
+        axes[0].axhline(100 * sum(finals) / len(finals), color=f"C{j}", linestyle="--",
+                        label=f"{method} (no {axis})")  # fmt: skip
     axes[0].set_ylabel("final test accuracy (%)")
     for ax, (method, layers) in zip(axes[1:], ((m, v) for m, v in align.items() if v)):
         for j, (layer, per) in enumerate(sorted(layers.items())):
