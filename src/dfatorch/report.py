@@ -383,6 +383,7 @@ def _speed_section(folder: Path) -> list[str]:
         lines.append("")
     lines += _activation_memory_section(folder / "activation_memory.json")
     lines += _scaling_section(folder / "scaling.json")
+    lines += _private_step_section(folder / "private_step_time.json")
     track = folder / "tracking_speed.json"
     if track.exists():
         data = json.loads(track.read_text())
@@ -403,6 +404,34 @@ def _speed_section(folder: Path) -> list[str]:
             )
         lines.append("")
     return lines
+
+
+def _private_step_section(path: Path) -> list[str]:
+    """The table of ``benchmarks/private_step_time.py``'s JSON: what privacy costs a step."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    m, cfg = data["machine"], data["config"]
+    lines = [
+        "## Speed: private training",
+        "",
+        f"`{data['command']}` ({m['processor']}, {m['threads']} threads, torch {m['torch']}; batch "
+        f"{cfg['batch_size']}, {cfg['rounds']} interleaved rounds after {cfg['warmup']} warm-up, "
+        "medians). Milliseconds per training step and the ratio to the same method without "
+        "privacy; *native*: per-example updates from each layer's input and output gradient, "
+        "*opacus*: opacus's per-sample gradients; both clip and noise alike.",
+        "",
+        "| model | method | no privacy ms | native ms (ratio) | opacus ms (ratio) |",
+        "|---|---|---|---|---|",
+    ]
+    for model, methods in data["models"].items():
+        for method, r in methods.items():
+            lines.append(
+                f"| {model} | {method} | {r['off']['ms_median']:.1f} | "
+                f"{r['native']['ms_median']:.1f} ({r['native']['ratio_to_non_private']:.2f}) | "
+                f"{r['opacus']['ms_median']:.1f} ({r['opacus']['ratio_to_non_private']:.2f}) |"
+            )
+    return [*lines, ""]
 
 
 def _scaling_section(path: Path) -> list[str]:
