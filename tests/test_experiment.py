@@ -222,3 +222,30 @@ def test_report_tables_order_numbers_numerically_and_handle_no_axis():
         "|---|---|---|",
         "| dfa | -10.00 | -10.00 |",
     ]
+
+
+def test_a_grid_block_applies_to_the_methods_it_names(tmp_path):
+    path = tmp_path / "dp.toml"
+    path.write_text(
+        'name = "dp"\n[base]\ndataset = "digits"\n'
+        '[[methods]]\nlabel = "bp"\nmethod = "bp"\n'
+        '[[methods]]\nlabel = "dp-sgd"\nmethod = "bp"\nprivate = true\n'
+        '[[grid]]\nmethods = ["bp"]\nseed = [0, 1]\n'
+        '[[grid]]\nmethods = ["dp-sgd"]\ntarget_epsilon = [1.0, 8.0]\nseed = [0]\n'
+        "[tune]\nlr = [0.1, 0.3]\ntarget_epsilon = 3.0\n"
+    )
+    exp = load_experiment(path)
+    assert exp.axes == ["seed", "target_epsilon"]
+    keys = [c.key for c in exp.cells({"bp": {"lr": 0.1}, "dp-sgd": {"lr": 0.3}})]
+    assert keys == ["bp/seed=0", "bp/seed=1", "dp-sgd/target_epsilon=1.0/seed=0",
+                    "dp-sgd/target_epsilon=8.0/seed=0"]  # fmt: skip
+    tuning = [c.key for c in exp.tuning_cells()]
+    assert tuning == [
+        "tune/bp/lr=0.1",
+        "tune/bp/lr=0.3",
+        "tune/dp-sgd/lr=0.1",
+        "tune/dp-sgd/lr=0.3",
+    ]
+    path.write_text(path.read_text().replace('methods = ["bp"]', 'methods = ["bq"]'))
+    with pytest.raises(ValueError, match=r"names unknown methods \['bq'\]"):
+        load_experiment(path)

@@ -212,9 +212,7 @@ def test_poisson_batches_vary_and_include_each_example_with_probability_q():
     assert [len(y) for _, y in loader] == [len(y) for _, y in list(again)[5:]]
 
 
-def test_private_run_logs_epsilon_within_target_and_resumes_bit_identically(
-    tmp_path, monkeypatch
-):
+def test_private_run_logs_epsilon_within_target_and_resumes_bit_identically(tmp_path, monkeypatch):
     config = TrainConfig(**PRIVATE, method="bdfa", scope="all", target_epsilon=2.0)
     whole = train(config, tmp_path / "whole", progress=False).history
     assert all(h["epsilon"] <= 2.0 for h in whole)
