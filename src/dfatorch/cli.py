@@ -506,7 +506,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .distributed import RankLost
 
     # in a data-parallel job every rank may report the same error: say which one speaks
-    prefix = f"error (rank {_rank()}): " if _rank() else "error: "
+    data_parallel = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    prefix = f"error (rank {_rank()}): " if data_parallel else "error: "
     try:
         return int(args.func(args))
     except TrainingDiverged as exc:
