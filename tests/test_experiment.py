@@ -249,3 +249,25 @@ def test_a_grid_block_applies_to_the_methods_it_names(tmp_path):
     path.write_text(path.read_text().replace('methods = ["bp"]', 'methods = ["bq"]'))
     with pytest.raises(ValueError, match=r"names unknown methods \['bq'\]"):
         load_experiment(path)
+
+
+def test_each_plotted_point_is_one_configuration(tmp_path):
+    """An accuracy-against-gain plot must not pool runs that differ in another grid axis (the
+    optimiser here): one series per optimiser, and each point holds one run per seed."""
+    from dfatorch.report import axis_series
+
+    path = tmp_path / "gain.toml"
+    path.write_text(
+        'name = "gain"\n[base]\ndataset = "digits"\nmodel = "mlp"\nwidth = 0.05\nepochs = 1\n'
+        '[[methods]]\nlabel = "bdfa"\nmethod = "bdfa"\n'
+        '[[grid]]\noptimizer = ["sgd", "adam"]\ngain = [0.5, 1.0, 2.0]\nseed = [0]\n'
+    )
+    exp = load_experiment(path)
+    quiet = dict(runs_root=tmp_path / "runs", results_root=tmp_path / "results", progress=False,
+                 log=lambda _: None)  # fmt: skip
+    run_experiment(exp, **quiet)
+    acc, _, level = axis_series(exp, tmp_path / "results" / "gain", "gain")
+    assert sorted(acc) == ["bdfa (optimizer=adam)", "bdfa (optimizer=sgd)"] and not level
+    for series in acc.values():
+        assert sorted(series) == [0.5, 1.0, 2.0]
+        assert all(len(runs) == 1 for runs in series.values())

@@ -189,32 +189,48 @@ def _final_alignment(history: list[dict[str, Any]]) -> dict[str, float]:
     return {}
 
 
-def _axis_plot(exp: Experiment, results_dir: Path, axis: str, path: Path) -> Path | None:
-    """Final test accuracy (and, where probed, final alignment per layer) against a numeric axis
-    with at least three values, one line per method (mean over seeds)."""
+def axis_series(
+    exp: Experiment, results_dir: Path, axis: str
+) -> tuple[dict[str, dict[float, list[float]]], dict[str, dict[str, dict[float, list[float]]]],
+           dict[str, list[float]]]:  # fmt: skip
+    """What an accuracy-against-``axis`` plot draws: per series (a method, with the values of the
+    other grid axes that vary, so that a point never pools two configurations), the final
+    accuracies by axis value (one per seed), the final alignment per layer likewise, and the
+    final accuracies of the series without this axis (drawn as levels)."""
     chosen, _ = select(exp, results_dir)
+    cells = list(exp.cells(chosen or None))
+    others = [a for a in exp.axes if a not in ("seed", axis)
+              and len({format_value(c.labels.get(a)) for c in cells}) > 1]  # fmt: skip
     acc: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     align: dict[str, dict[str, dict[float, list[float]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list))
     )
-    level: dict[str, list[float]] = defaultdict(list)  # methods without the axis: a level
-    for cell in exp.cells(chosen or None):
+    level: dict[str, list[float]] = defaultdict(list)
+    for cell in cells:
         value = cell.labels.get(axis)
         history = cell_results(results_dir, cell)
         if history is None:
             continue
+        setting = ", ".join(f"{a}={format_value(cell.labels.get(a))}" for a in others)
+        series = f"{cell.labels['method']} ({setting})" if setting else cell.labels["method"]
+        final = summarize(history)["final_acc"]
         if value is None:
-            final = summarize(history)["final_acc"]
             if final is not None:
-                level[cell.labels["method"]].append(final)
+                level[series].append(final)
             continue
         if not isinstance(value, int | float) or isinstance(value, bool):
             continue
-        final = summarize(history)["final_acc"]
         if final is not None:
-            acc[cell.labels["method"]][value].append(final)
+            acc[series][value].append(final)
         for layer, a in _final_alignment(history).items():
-            align[cell.labels["method"]][layer][value].append(a)
+            align[series][layer][value].append(a)
+    return acc, align, level
+
+
+def _axis_plot(exp: Experiment, results_dir: Path, axis: str, path: Path) -> Path | None:
+    """Final test accuracy (and, where probed, final alignment per layer) against a numeric axis
+    with at least three values, one line per series of :func:`axis_series` (mean over seeds)."""
+    acc, align, level = axis_series(exp, results_dir, axis)
     values = {v for per in acc.values() for v in per}
     if len(values) < 3:
         return None

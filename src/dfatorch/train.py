@@ -547,8 +547,7 @@ def train(
                 else "no checkpoint was written yet"  # fmt: skip
             cause = str(exc).strip().splitlines()[0].split("] ", 1)[-1].split(". ")[0][:120]
             raise RankLost(
-                f"lost contact with the other processes of the job ({cause}); "
-                f"{kept}"
+                f"lost contact with the other processes of the job ({cause}); {kept}"
             ) from exc
 
 
