@@ -443,19 +443,25 @@ def model_stats(model: nn.Module, input_shape: Sequence[int]) -> ModelStats:
 
 
 def training_macs(
-    costs: Sequence[LayerCost], cut_before: Sequence[bool], num_classes: int
+    costs: Sequence[LayerCost],
+    cut_before: Sequence[bool],
+    num_classes: int,
+    projection: int | None = None,
 ) -> dict[str, int]:
     """Multiply-adds per sample of one training step, counted by layer.
 
     ``cut_before[i]`` says whether layer ``i``'s input is a feedback point (its input gradient is
     not computed). Counted: the forward pass, every weight gradient (as many MACs as the forward),
     every input gradient that is computed (never for the first layer, whose input needs none), and
-    the projection ``e @ B`` (``num_classes`` MACs per unit of every feedback point). For plain BP,
-    pass ``cut_before = [False] * len(costs)``.
+    the projection ``e @ B`` (``num_classes`` MACs per unit of every feedback point, or
+    ``projection`` when given: the engine's own count, ``DFAEngine.feedback_cost()["total_macs"]``,
+    for sparse storage and module-wise DFA, whose feedback points are not layer inputs). For
+    plain BP, pass ``cut_before = [False] * len(costs)``.
     """
     forward = sum(c.macs for c in costs)
     input_grads = sum(c.macs for i, c in enumerate(costs) if i > 0 and not cut_before[i])
-    projection = sum(num_classes * c.in_units for c, cut in zip(costs, cut_before) if cut)
+    if projection is None:
+        projection = sum(num_classes * c.in_units for c, cut in zip(costs, cut_before) if cut)
     total = 2 * forward + input_grads + projection
     return {
         "forward": forward,
