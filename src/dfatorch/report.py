@@ -390,6 +390,9 @@ def _speed_section(folder: Path) -> list[str]:
         ]
         for model, entry in data["models"].items():
             for rule, r in entry["rules"].items():
+                if "refused" in r:
+                    lines.append(f"| {model} | {rule} | {_refusal(r['refused'])} | | | | |")
+                    continue
                 share = r["bytes_vs_float32"]
                 size = f"{r['feedback_pattern_bytes']:,}" + (
                     f" ({share:.5g} of float32)" if share not in (None, 1.0) else ""
