@@ -171,6 +171,46 @@ def test_one_projection_for_all_modules():
     assert len(counter.shapes) == 5 + 1 + 2  # 5 weight gradients, 1 projection, 2 W^T delta
 
 
+def test_copy_trains_alike_and_remove_restores_bp():
+    from dfatorch.engine import attached_engine
+
+    x, t = batch(n=5, shape=(6,))
+    model = toy_mlp()
+    engine = dfatorch.attach(model, "bdfa", scope="module", modules=["m1", "m2"], seed=2)
+    twin = copy.deepcopy(model)
+    twin_engine = attached_engine(twin)
+    assert twin_engine is not engine and twin_engine.module_infos[1].exit is twin.m2
+    want = step(model, x, t)
+    got = step(twin, x, t)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    engine.remove()
+    plain = toy_mlp()
+    plain.load_state_dict(model.state_dict())
+    bp, after = step(plain, x, t), step(model, x, t)
+    assert all(torch.equal(after[n], bp[n]) for n in bp)
+    assert not torch.equal(step(twin, x, t)["m1.0.weight"], bp["m1.0.weight"])  # copy keeps DFA
+
+
+@pytest.mark.parametrize(
+    ("inner", "init", "storage"),
+    [("bp", SparsePattern(density=0.3), "sparse"), ("dfa", ConvPattern(dilation=2), "dense")],
+)
+def test_channels_last_module_outputs_get_the_same_gradients(inner, init, storage):
+    x, t = batch(n=4, shape=(3, 8, 8), classes=10)
+    torch.manual_seed(0)
+    base = build_model("resnet20", (3, 8, 8), 10, width=0.25)
+    results = []
+    for channels_last in (False, True):
+        model, inputs = copy.deepcopy(base), x
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            inputs = x.contiguous(memory_format=torch.channels_last)
+        dfatorch.attach(model, "dfa", scope="module", inner=inner, init=init, storage=storage)
+        results.append(step(model, inputs, t))
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name])
+
+
 # -- a conv toy network: the conv feedback inside modules -------------------------------------
 
 
