@@ -86,7 +86,9 @@ class ModuleInfo:
     entry: nn.Module
     exit: nn.Module
     layers: list[int]
-    members: set[int] = field(default_factory=set, repr=False)  # ids of the modules inside
+    #: ``id()`` of every module inside, for the checks of :func:`~dfatorch.attach` (not valid in
+    #: a deep copy)
+    members: set[int] = field(default_factory=set, repr=False)
 
 
 def _holds(root: nn.Module) -> set[int]:
