@@ -12,7 +12,12 @@ rounds of the per-round ratio), the floor that counting multiply-adds gives for 
 weight + input gradients; ``kp`` adds one more weight gradient per learned ``B``, ``dkp`` one
 ``e^T h`` per learned block), the gap between the two, and the bytes of feedback each rule stores.
 The feedback-alignment family (``fa``, ``usf``, ``brsf``, ``frsf``, ``kp``, ``dkp``) is timed in
-the same rounds; learned feedback is in the optimiser, as in training.
+the same rounds; learned feedback is in the optimiser, as in training. So is module-wise DFA
+(``mod_*``: ``scope="module"`` with each model's default modules, inner BP or inner DFA with dense,
+sparse or conv feedback), the only DFA that trains ``resnet20``; its floor counts the engine's own
+cuts and feedback multiply-adds (``DFAEngine.input_cuts()``, ``feedback_cost()``). A rule the
+engine refuses for a model (plain DFA on ``resnet20``'s skip connections, an inner operator over
+the size limit) is listed with its reason, untimed.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 from _common import command, emit, options
 
 import dfatorch
+from dfatorch.feedback import make_pattern
 from dfatorch.models import build_model, layer_costs, model_stats, training_macs
 from dfatorch.train import environment
 
@@ -35,6 +41,7 @@ MODELS = {
     "mlp_3x800": dict(name="mlp_3x800", options={"activation": "tanh"}),
     "small_cnn": dict(name="small_cnn", options={"activation": "relu"}),
     "nokland_cnn": dict(name="nokland_cnn", options={"activation": "tanh"}),
+    "resnet20": dict(name="resnet20", options={}),
 }
 RULES: dict[str, dict[str, Any]] = {
     "bp": {"method": "bp"},
@@ -50,7 +57,20 @@ RULES: dict[str, dict[str, Any]] = {
     "frsf_all": {"method": "frsf", "scope": "all"},
     "kp_all": {"method": "kp", "scope": "all"},
     "dkp_all": {"method": "dkp", "scope": "all"},
-}
+    # module-wise DFA (the model's default modules)
+    "mod_dfa_bp": {"method": "dfa", "scope": "module", "inner": "bp"},
+    "mod_dfa_bp_sparse": {"method": "dfa", "scope": "module", "inner": "bp", "init": "sparse",
+                          "init_options": {"density": 0.1}, "storage": "sparse"},
+    "mod_bdfa_bp_packed": {"method": "bdfa", "scope": "module", "inner": "bp",
+                           "storage": "packed"},
+    "mod_dfa_dense": {"method": "dfa", "scope": "module", "inner": "dfa"},
+    "mod_dfa_conv": {"method": "dfa", "scope": "module", "inner": "dfa", "init": "conv"},
+    "mod_dfa_conv_d2": {"method": "dfa", "scope": "module", "inner": "dfa", "init": "conv",
+                        "init_options": {"dilation": 2}},
+    "mod_dfa_conv_g4": {"method": "dfa", "scope": "module", "inner": "dfa", "init": "conv",
+                        "init_options": {"groups": 4}},
+    "mod_bdfa_conv": {"method": "bdfa", "scope": "module", "inner": "dfa", "init": "conv"},
+}  # fmt: skip
 INPUT_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10
 
@@ -61,7 +81,9 @@ def make_step(model_key: str, rule: dict[str, Any], x: torch.Tensor, y: torch.Te
     model = build_model(spec["name"], INPUT_SHAPE, NUM_CLASSES, **spec["options"]).to(x.device)
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         model = model.to(memory_format=torch.channels_last)
-    engine = dfatorch.attach(model, example_input=x[:2], **rule)
+    rule = dict(rule)
+    init = make_pattern(rule.pop("init", "uniform"), **rule.pop("init_options", {}))
+    engine = dfatorch.attach(model, init=init, example_input=x[:2], **rule)
     params = [*model.parameters(), *engine.parameters()]  # learned feedback (kp, dkp) trains too
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
 
@@ -99,7 +121,13 @@ def measure(
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
     chosen = {key: RULES[key] for key in ["bp", *rules_wanted] if key in RULES}
-    built = {key: make_step(model_key, rule, x, y) for key, rule in chosen.items()}
+    built, refused = {}, {}
+    for key, rule in chosen.items():
+        try:
+            built[key] = make_step(model_key, rule, x, y)
+        except ValueError as exc:  # not for this model: say why
+            refused[key] = {**RULES[key], "refused": str(exc)}
+    chosen = {key: chosen[key] for key in built}
     for _, _, step in built.values():
         for _ in range(warmup):
             step()
@@ -121,8 +149,9 @@ def measure(
     }
     rules: dict[str, Any] = {}
     for key, (_, engine, _) in built.items():
-        cut = [False] + [prev.rule.is_direct for prev in engine.layers[:-1]]
-        macs = training_macs(costs, cut, NUM_CLASSES)
+        # the engine's cuts and feedback multiply-adds (module outputs, inner operators, sparse B)
+        projection = None if engine.feedback is None else engine.feedback_cost()["total_macs"]
+        macs = training_macs(costs, engine.input_cuts(), NUM_CLASSES, projection=projection)
         macs["total"] += learned_macs(engine, costs, NUM_CLASSES)
         ratios = [t / b for t, b in zip(times[key], times["bp"])]
         fb = engine.storage_bytes()
@@ -148,7 +177,7 @@ def measure(
         entry["float32_bytes_same_points"] = float32
         share = entry["feedback_pattern_bytes"] / float32 if float32 else None
         entry["bytes_vs_float32"] = None if share is None else round(share, 5)
-    result["rules"] = rules
+    result["rules"] = {**rules, **refused}
     result["float32_bytes_dfa_all"] = float_bytes
     return result
 

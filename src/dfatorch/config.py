@@ -17,11 +17,11 @@ from typing import Any
 
 from ._enums import StrEnum
 from .data import DATASET_NAMES, canonical_name
-from .engine import ConvError, Rule, Scope
-from .feedback import PATTERNS, STORAGES
+from .engine import ConvError, Inner, Rule, Scope
+from .feedback import PATTERNS, STORAGES, make_pattern
 from .models import ACTIVATIONS, MODELS
 
-__all__ = ["OptimizerName", "Schedule", "TrainConfig", "choices"]
+__all__ = ["OptimizerName", "Schedule", "TrainConfig", "choices", "parse_options"]
 
 
 class OptimizerName(StrEnum):
@@ -36,6 +36,20 @@ class Schedule(StrEnum):
 
     CONSTANT = "constant"
     COSINE = "cosine"
+
+
+def parse_options(text: str | None) -> dict[str, str]:
+    """``"density=0.1"`` or ``"kernel=3,dilation=2"`` as a dict of strings (the structure's
+    parameters convert them to their types); ``None`` or ``""``: no option."""
+    options: dict[str, str] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"init_options: want KEY=VALUE[,KEY=VALUE...], got {text!r}")
+        options[key.strip()] = value.strip()
+    return options
 
 
 def _field(default: Any, help: str, **choices: Any) -> Any:
@@ -94,17 +108,48 @@ class TrainConfig:
         choices=Rule,
     )
     scope: Scope = _field(
-        "fc", "all (every hidden layer) or fc (Han & Yoo's hybrid: conv layers by BP)",
+        "fc",
+        "all (every hidden layer), fc (Han & Yoo's hybrid: conv layers by BP) or module "
+        "(module-wise DFA: cuts at module outputs only, which receive e @ B_M; dfa/bdfa)",
         choices=Scope,
-    )  # fmt: skip
+    )
+    modules: str | None = _field(
+        None,
+        "scope=module: the modules, comma-separated globs over module names (the outermost match "
+        "is kept) or FIRST..LAST ranges of sibling modules; unset: the model's own (resnet20: "
+        "stem,stage*.*, its stem and residual blocks; the plain CNNs: the conv stack and the FC "
+        "stack)",
+    )
+    inner: Inner = _field(
+        "dfa",
+        "scope=module: how a module trains inside: dfa (each layer's error from the module's "
+        "projected error through a fixed random operator drawn by --init: a dense or sparse "
+        "matrix, or a convolution with --init conv) or bp (exact back-propagation)",
+        choices=Inner,
+    )
     conv_error: ConvError = _field(
         "backprop",
         "hybrid only: backprop (W^T delta of the first DFA layer) or project",
         choices=ConvError,
     )
-    init: str = _field("uniform", "feedback structure", choices=PATTERNS)
-    storage: str = _field("dense", "feedback storage (packed: 1 bit a weight, bdfa only)",
-                          choices=STORAGES)  # fmt: skip
+    init: str = _field(
+        "uniform",
+        "feedback structure (sparse: a sparse B; conv: random convolutions inside modules, "
+        "scope=module with inner=dfa)",
+        choices=PATTERNS,
+    )
+    init_options: str | None = _field(
+        None,
+        "options of the feedback structure, KEY=VALUE[,...]: sparse density=D (each unit "
+        "connected to max(1, round(D x classes)) classes; default 0.1); conv kernel=K,dilation=D,"
+        "groups=G (default 3,1,1)",
+    )
+    storage: str = _field(
+        "dense",
+        "feedback storage (packed: 1 bit a weight, bdfa only; sparse: the non-zeros, for "
+        "init=sparse)",
+        choices=STORAGES,
+    )
     gain: float = _field(1.0, "multiply every feedback scale by this")
     normalize_feedback: bool = _field(True, "scale feedback entries by 1/sqrt(layer width)")
     epochs: int = _field(20, "number of epochs")
@@ -182,6 +227,11 @@ class TrainConfig:
             raise ValueError(f"dropout must be < 1, got {self.dropout}")
         if not self.width > 0:
             raise ValueError(f"width must be > 0, got {self.width}")
+        make_pattern(self.init, **parse_options(self.init_options))  # bad options fail now
+        if self.modules is not None and self.scope is not Scope.MODULE:
+            raise ValueError(f"modules applies to scope=module, not scope={self.scope.value}")
+        if self.scope is Scope.MODULE and self.align_every:
+            raise ValueError("align_every: alignment probes do not support scope=module")
         if self.private:
             self._check_private()
 
@@ -209,6 +259,12 @@ class TrainConfig:
         if self.align_every:
             raise ValueError("private: alignment probes (align_every) look at the training data "
                              "outside the privacy accounting; turn them off")  # fmt: skip
+
+    def module_list(self) -> list[str] | None:
+        """:attr:`modules` as a list (``None``: the model's own)."""
+        if self.modules is None:
+            return None
+        return [m.strip() for m in self.modules.split(",") if m.strip()]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (enums as strings), as saved in ``config.json`` and checkpoints."""

@@ -28,6 +28,12 @@ How it works (one ordinary ``loss.backward()`` does everything):
 The engine therefore assumes that, along the DFA-trained part of the model, each feedback point
 reaches the output only through the next layer (a chain). Skip connections inside a BP part are
 fine; one that bypasses a cut is detected on the first pass and refused.
+
+``scope="module"`` (module-wise DFA, :mod:`dfatorch.modulewise`) cuts at module outputs instead:
+a forward hook on each module (:class:`_ExitHook`) stashes its output, which receives
+``g_M = e @ B_M`` from the same single projection; with ``inner="dfa"`` the inputs of the
+module's later layers are cut too (*inner points*) and receive ``A_l(g_M)``, a fixed random
+operator of the module's projected error, computed in the same backward call.
 """
 
 from __future__ import annotations
@@ -55,10 +61,19 @@ from .feedback import (
     make_storage,
 )
 from .layerwise import LAYER_FEEDBACK, LayerFeedback, backward_products, conv_geometry
+from .modulewise import (
+    FeedbackOperator,
+    Inner,
+    ModuleInfo,
+    make_operator,
+    operator_from_layout,
+    resolve_modules,
+)
 
 __all__ = [
     "ConvError",
     "DFAEngine",
+    "Inner",
     "LayerInfo",
     "Rule",
     "Scope",
@@ -144,6 +159,9 @@ class Scope(StrEnum):
 
     ALL = "all"  #: every hidden layer, convolutional and linear, takes the method
     FC = "fc"  #: the paper's hybrid: hidden linear layers by the method, the conv part by BP
+    #: module-wise DFA (Han et al. 2020, our reading): cuts at module outputs only, which receive
+    #: ``e @ B_M``; inside, DFA from the module's error (``inner="dfa"``) or BP (``"bp"``)
+    MODULE = "module"
 
 
 class ConvError(StrEnum):
@@ -173,32 +191,45 @@ class _DeliverFeedback(torch.autograd.Function):
     Direct Kolen-Pollack update ``dB_l = e^T h_l`` (``e`` after the error transforms, ``h_l`` the
     point, ``(N, d_l)`` in logical order): the gradient a direct forward connection ``h_l -> y``
     would receive (Webster, Choi & Ahn 2020; the authors' code, ``webstah/dkp-gist``,
-    ``utils/gradfunctions.py``).
+    ``utils/gradfunctions.py``). The last ``inner`` inputs are the inner points of module-wise
+    DFA; each gets its operator applied to its module's projected error (``A_l(e @ B_M)``).
     """
 
     @staticmethod
-    def forward(ctx: Any, engine: DFAEngine, count: int, y: Tensor, *rest: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, engine: DFAEngine, count: int, inner: int, y: Tensor, *rest: Tensor
+    ) -> Tensor:
         points = rest[:count]
-        ctx.engine, ctx.count = engine, count
+        ctx.engine, ctx.count, ctx.inner = engine, count, inner
         # shape and strides of each point, to hand back its gradient in the same layout
         ctx.layouts = [(p.shape, p.stride()) for p in points]
-        if len(rest) > count:
+        if len(rest) > count + inner:
             assert engine.feedback is not None
             ctx.save_for_backward(*(points[i] for i in engine.feedback.learned_index))
         return y.clone()
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        needs = ctx.needs_input_grad[3 : 3 + ctx.count]
-        learned = ctx.needs_input_grad[3 + ctx.count :]
-        if not any(needs) and not any(learned):
-            return (None, None, grad_y, *([None] * (len(needs) + len(learned))))
+        needs = ctx.needs_input_grad[4 : 4 + ctx.count]
+        tail = ctx.needs_input_grad[4 + ctx.count :]
+        learned, inner = tail[: len(tail) - ctx.inner], tail[len(tail) - ctx.inner :]
+        if not any(needs) and not any(learned) and not any(inner):
+            return (None, None, None, grad_y, *([None] * (len(needs) + len(tail))))
         signals, error = ctx.engine._project(grad_y, ctx.layouts)  # views of one (N, D) product
         updates = [
             error.T @ h.reshape(h.shape[0], -1).to(error.dtype) if n else None
             for h, n in zip(ctx.saved_tensors, learned)
         ]
-        return (None, None, grad_y, *(s if n else None for s, n in zip(signals, needs)), *updates)
+        inner_grads = ctx.engine._inner_signals(signals, inner)
+        return (
+            None,
+            None,
+            None,
+            grad_y,
+            *(s if n else None for s, n in zip(signals, needs)),
+            *updates,
+            *inner_grads,
+        )
 
 
 class _SendBack(torch.autograd.Function):
@@ -236,11 +267,12 @@ class _SendBack(torch.autograd.Function):
 class _PassState:
     """What the hooks track during one forward pass (and the switches they read)."""
 
-    __slots__ = ("capture", "checked", "enabled", "held", "next", "recording", "stash")
+    __slots__ = ("capture", "checked", "enabled", "held", "inner", "next", "recording", "stash")
 
     def __init__(self) -> None:
         self.next = 0  # index of the layer expected to run next
         self.stash: list[Tensor] = []  # feedback points of the pass in progress
+        self.inner: list[Tensor] = []  # inner points of module-wise DFA
         self.held: dict[int, Tensor] = {}  # un-detached inputs of layers with a layer-wise B
         self.enabled = True
         self.checked = False  # the chain check ran (first pass only)
@@ -261,14 +293,15 @@ class _PreHook:
     with its engine: the copy trains with its own engine state.
     """
 
-    __slots__ = ("cut", "engine", "index", "name", "through")
+    __slots__ = ("cut", "engine", "index", "inner", "name", "through")
 
     def __init__(self, engine: DFAEngine, index: int) -> None:
         self.engine = engine
         self.index = index
-        below = engine.layers[index - 1].rule if index > 0 else Rule.BP
-        self.cut = below.is_direct  # the input is a feedback point: stash and detach
-        self.through = below.is_layerwise  # the error goes back through this layer's B
+        kind = engine._plan[index]
+        self.cut = kind == "cut"  # the input is a feedback point: stash and detach
+        self.through = kind == "through"  # the error goes back through this layer's B
+        self.inner = kind == "inner"  # an inner point of module-wise DFA: stash and detach
         self.name = engine.layers[index].name
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> Any:
@@ -276,6 +309,7 @@ class _PreHook:
         if index == 0:
             state.next = 0
             state.stash = []
+            state.inner = []
             state.held = {}
             if state.capture is not None:
                 state.capture.clear()
@@ -299,10 +333,14 @@ class _PreHook:
         recording = state.recording
         if recording is not None and point.requires_grad:
             point.register_hook(lambda g, i=index - 1: recording.__setitem__(i, g.detach()))
-        if not ((self.cut or self.through) and state.enabled and torch.is_grad_enabled()):
+        if not (
+            (self.cut or self.through or self.inner) and state.enabled and torch.is_grad_enabled()
+        ):
             return None
         if self.cut:
             state.stash.append(point)
+        elif self.inner:
+            state.inner.append(point)
         else:
             state.held[index] = point
         return (point.detach(), *args[1:])
@@ -330,6 +368,38 @@ class _ThroughHook:
         return _SendBack.apply(feedback, module, y, x, *learned)
 
 
+class _ExitHook:
+    """The forward hook of module ``index``'s last module under ``scope="module"``: checks that
+    the module's layers have all run, stashes its output (a feedback point) and returns a detached
+    copy: the graph is cut at the module's output."""
+
+    __slots__ = ("engine", "index")
+
+    def __init__(self, engine: DFAEngine, index: int) -> None:
+        self.engine = engine
+        self.index = index
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        engine = self.engine
+        state, info = engine._pass, engine.module_infos[self.index]
+        if state.next != info.layers[-1] + 1:
+            ran = engine.layers[state.next - 1].name if state.next else None
+            raise RuntimeError(
+                f"module {info.name!r} returned after layer {ran!r}, but its last layer is "
+                f"{engine.layers[info.layers[-1]].name!r}: a module must end right after its last "
+                "layer, once per forward"
+            )
+        if not (state.enabled and torch.is_grad_enabled()):
+            return None
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"module {info.name!r} returned {type(output).__name__}; module-wise DFA needs a "
+                "tensor output"
+            )
+        state.stash.append(output)
+        return output.detach()
+
+
 class _OutputHook:
     """The forward hook of the output layer (see :meth:`DFAEngine._deliver`)."""
 
@@ -342,7 +412,7 @@ class _OutputHook:
         return self.engine._deliver(y)
 
 
-_HOOK_TYPES = (_PreHook, _ThroughHook, _OutputHook)
+_HOOK_TYPES = (_PreHook, _ThroughHook, _ExitHook, _OutputHook)
 
 
 def _hook_dicts(module: nn.Module) -> tuple[dict[int, Any], ...]:
@@ -390,10 +460,42 @@ class DFAEngine(nn.Module):
         normalize: bool = True,
         error_transforms: Sequence[Transform] = (),
         signal_transforms: Sequence[Transform] = (),
+        modules: Sequence[ModuleInfo] | None = None,
+        inner: Inner | None = None,
     ) -> None:
         super().__init__()
         object.__setattr__(self, "model", model)  # not a submodule: keep the model's state apart
         self.layers = layers
+        #: module-wise DFA: the modules (empty for the other scopes) and how they train inside
+        self.module_infos: list[ModuleInfo] = list(modules or [])
+        self.inner_mode: Inner | None = inner if self.module_infos else None
+        # where each layer's input is cut: "cut" (a direct feedback point), "through" (a
+        # layer-wise B), "inner" (an inner point of module-wise DFA) or None
+        self._plan: list[str | None] = [None] * len(layers)
+        #: the direct feedback points in order: (name, rule); layers, or modules
+        self.points: list[tuple[str, Rule]] = []
+        #: per inner point, in order: (index of its module, index of the layer whose input it is)
+        self._inner_plan: list[tuple[int, int]] = []
+        if self.module_infos:
+            for m, info in enumerate(self.module_infos):
+                rule = layers[info.layers[0]].rule
+                self.points.append((info.name, rule))
+                if self.inner_mode is Inner.DFA:
+                    for i in info.layers[1:]:
+                        self._plan[i] = "inner"
+                        self._inner_plan.append((m, i))
+        else:
+            for index, below in enumerate(layers[:-1], 1):
+                self._plan[index] = (
+                    "cut"
+                    if below.rule.is_direct
+                    else "through"
+                    if below.rule.is_layerwise
+                    else None
+                )
+            self.points = [(i.name, i.rule) for i in layers[:-1] if i.rule.is_direct]
+        #: the inner operators of module-wise DFA (``inner="dfa"``), built with the feedback
+        self.operators = nn.ModuleList()
         self.num_classes = num_classes
         self.structure = init
         self.store = storage
@@ -438,6 +540,8 @@ class DFAEngine(nn.Module):
             info.module.register_forward_pre_hook(_PreHook(self, index))
             if index in through:
                 info.module.register_forward_hook(_ThroughHook(self, index, through[index]))
+        for index, module in enumerate(self.module_infos):
+            module.exit.register_forward_hook(_ExitHook(self, index))
         layers[-1].module.register_forward_hook(_OutputHook(self))
 
     # -- public API --------------------------------------------------------------------------
@@ -451,9 +555,20 @@ class DFAEngine(nn.Module):
 
     @property
     def feedback_layers(self) -> list[str]:
-        """Names of the layers whose output receives a projected error (direct rules), in
-        order."""
-        return [info.name for info in self.layers[:-1] if info.rule.is_direct]
+        """Names of the feedback points that receive a projected error, in order: the layers of
+        direct rules or, under ``scope="module"``, the modules."""
+        return [name for name, _ in self.points]
+
+    @property
+    def modules_of_layers(self) -> dict[str, str]:
+        """Under ``scope="module"``: the module of every hidden layer, by layer name."""
+        return {self.layers[i].name: m.name for m in self.module_infos for i in m.layers}
+
+    @property
+    def inner_points(self) -> list[tuple[str, str]]:
+        """Under ``scope="module"``, ``inner="dfa"``: ``(module, layer)`` per inner point, in
+        order, ``layer`` being the one whose output it is (the next layer's input)."""
+        return [(self.module_infos[m].name, self.layers[i - 1].name) for m, i in self._inner_plan]
 
     @property
     def layer_feedback(self) -> dict[str, LayerFeedback]:
@@ -463,8 +578,9 @@ class DFAEngine(nn.Module):
         return dict(zip(served, self.layerwise))  # type: ignore[arg-type]
 
     def _own_hooks(self) -> Iterator[tuple[dict[int, Any], int]]:
-        for info in self.layers:
-            for hooks in _hook_dicts(info.module):
+        hooked = [info.module for info in self.layers] + [m.exit for m in self.module_infos]
+        for module in dict.fromkeys(hooked):
+            for hooks in _hook_dicts(module):
                 for key, hook in list(hooks.items()):
                     if isinstance(hook, _HOOK_TYPES) and hook.engine is self:
                         yield hooks, key
@@ -500,7 +616,65 @@ class DFAEngine(nn.Module):
             assert isinstance(fb, LayerFeedback)
             held["pattern"] += fb.stored_bytes()
             held["scales"] += fb.scales.numel() * fb.scales.element_size()
+        for op in self.operators:
+            assert isinstance(op, FeedbackOperator)
+            held["pattern"] += op.nbytes()
+            held["scales"] += op.scales.numel() * op.scales.element_size()
         return held
+
+    def feedback_cost(self) -> dict[str, int]:
+        """What the feedback holds and what projecting it costs, from the engine's own structures
+        (build the feedback first: :meth:`materialize`):
+
+        - ``points``, ``units``: the direct feedback points and their units ``D``;
+        - ``pattern_bytes``, ``scale_bytes``: the direct ``B`` as its storage keeps it;
+        - ``inner_points``, ``inner_bytes``: module-wise DFA's inner operators;
+        - ``layerwise_bytes``: the layer-wise rules' ``B`` (patterns or learned matrices);
+        - ``projection_macs``: multiply-adds per sample of ``e @ B`` (``C * D``, or the non-zeros
+          of a ``sparse`` storage); ``inner_macs``: of the inner operators;
+        - ``total_bytes`` (scales included) and ``total_macs``.
+        """
+        if self.feedback is None and self.points:
+            raise RuntimeError("the feedback is not built yet: call engine.materialize(x) first")
+        cost = dict.fromkeys(
+            ("points", "units", "pattern_bytes", "scale_bytes", "inner_points", "inner_bytes",
+             "layerwise_bytes", "projection_macs", "inner_macs"),
+            0,
+        )  # fmt: skip
+        if self.feedback is not None:
+            held = self.feedback.storage_bytes()
+            cost.update(
+                points=len(self.feedback.sizes),
+                units=self.feedback.total_size,
+                pattern_bytes=held["pattern"],
+                scale_bytes=held["scales"],
+                projection_macs=self.feedback.projection_macs(),
+            )
+        for op in self.operators:
+            assert isinstance(op, FeedbackOperator)
+            cost["inner_points"] += 1
+            cost["inner_bytes"] += op.nbytes()
+            cost["scale_bytes"] += op.scales.numel() * op.scales.element_size()
+            cost["inner_macs"] += op.macs()
+        for fb in self.layerwise:
+            assert isinstance(fb, LayerFeedback)
+            cost["layerwise_bytes"] += fb.stored_bytes()
+            cost["scale_bytes"] += fb.scales.numel() * fb.scales.element_size()
+        cost["total_bytes"] = sum(
+            cost[k] for k in ("pattern_bytes", "scale_bytes", "inner_bytes", "layerwise_bytes")
+        )
+        cost["total_macs"] = cost["projection_macs"] + cost["inner_macs"]
+        return cost
+
+    def input_cuts(self) -> list[bool]:
+        """Per layer, whether the engine detaches its input, so that no gradient of that input is
+        computed: after a direct rule's layer, after a module's output and at inner points
+        (``scope="module"``). A layer-wise rule's cut is not counted: its ``B`` product replaces
+        ``W^T delta`` at the same cost."""
+        cuts = [kind in ("cut", "inner") for kind in self._plan]
+        for module in self.module_infos:
+            cuts[module.layers[-1] + 1] = True
+        return cuts
 
     def materialize(self, example_input: Any) -> DFAEngine:
         """Build the feedback now from one forward pass on ``example_input`` (a tensor or a tuple of
@@ -576,6 +750,11 @@ class DFAEngine(nn.Module):
     ) -> list[float]:
         """Set each feedback point's scale so that ``||e B_l||`` equals BP's ``||dL/dh_l||`` on this
         batch (the *norm-matched* initialisation). Returns the new scales."""
+        if self.module_infos:
+            raise ValueError(
+                "calibrate() matches each layer's projected error to BP's; under "
+                "scope='module' the errors arrive at module outputs: not supported"
+            )
         self.materialize(inputs)
         if self.feedback is None:
             raise ValueError("calibrate() scales direct feedback (dfa, bdfa); this engine has none")
@@ -601,6 +780,7 @@ class DFAEngine(nn.Module):
         if not (state.enabled and torch.is_grad_enabled()):
             return None
         points, state.stash = state.stash, []
+        inner, state.inner = state.inner, []
         if not isinstance(y, Tensor) or y.dim() != 2:
             shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
             raise ValueError(
@@ -614,48 +794,112 @@ class DFAEngine(nn.Module):
         if not points:
             return None
         if self.feedback is None:
-            self._build_feedback(y, points)
+            self._build_feedback(y, points, inner)
         else:
-            self._check_sizes(points)
+            self._check_sizes(points, inner)
         if not state.checked:
             _check_chain(y, points)
+            if self.module_infos:
+                self._check_modules(points, inner)
             state.checked = True
         assert self.feedback is not None
-        return _DeliverFeedback.apply(self, len(points), y, *points, *self.feedback.learned_blocks)
+        return _DeliverFeedback.apply(
+            self, len(points), len(inner), y, *points, *self.feedback.learned_blocks, *inner
+        )
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _feedback_infos(self) -> list[LayerInfo]:
-        return [info for info in self.layers[:-1] if info.rule.is_direct]
-
-    def _build_feedback(self, y: Tensor, points: list[Tensor]) -> None:
-        infos = self._feedback_infos()
+    def _build_feedback(self, y: Tensor, points: list[Tensor], inner: list[Tensor]) -> None:
         if self.num_classes is None:
             self.num_classes = int(y.shape[1])
         self.feedback = FeedbackMatrix(
             self.num_classes,
             [p[0].numel() for p in points],
-            binary=[info.rule is Rule.BDFA for info in infos],
+            binary=[rule is Rule.BDFA for _, rule in self.points],
             init=self.structure,
             storage=copy.copy(self.store),
             seed=self.seed,
             gain=self.gain,
             normalize=self.normalize,
-            names=[info.name for info in infos],
-            learned=[info.rule.learns_feedback for info in infos],
+            names=[name for name, _ in self.points],
+            learned=[rule.learns_feedback for _, rule in self.points],
         ).to(y.device)
         for block in self.feedback.learned_blocks:  # learned in the model's precision
             block.data = block.data.to(y.dtype)
+        if len(inner) != len(self._inner_plan):  # pragma: no cover - the hooks ran in order
+            raise RuntimeError(f"{len(inner)} inner points, {len(self._inner_plan)} expected")
+        for j, (point, (m, i)) in enumerate(zip(inner, self._inner_plan)):
+            module = self.module_infos[m]
+            self.operators.append(
+                make_operator(
+                    self.structure,
+                    tuple(points[m].shape[1:]),
+                    tuple(point.shape[1:]),
+                    seed=self.seed * 1_000_003 + 900_001 + j,
+                    binary=self.points[m][1] is Rule.BDFA,
+                    gain=self.gain,
+                    normalize=self.normalize,
+                    name=f"from {module.name!r} to the output of layer {self.layers[i - 1].name!r}",
+                ).to(y.device)
+            )
 
-    def _check_sizes(self, points: list[Tensor]) -> None:
+    def _check_sizes(self, points: list[Tensor], inner: Sequence[Tensor] = ()) -> None:
         assert self.feedback is not None
         for point, size, name in zip(points, self.feedback.sizes, self.feedback.names):
             units = point.numel() // max(point.shape[0], 1)
             if units != size:
+                what = "module" if self.module_infos else "layer"
                 raise ValueError(
-                    f"the output of layer {name!r} has {units} units per sample, but "
+                    f"the output of {what} {name!r} has {units} units per sample, but "
                     f"its feedback was built for {size} (input size changed?)"
                 )
+        for point, op, (m, _) in zip(inner, self.operators, self._inner_plan):
+            assert isinstance(op, FeedbackOperator)
+            shapes = (tuple(points[m].shape[1:]), tuple(point.shape[1:]))
+            if shapes != (op.source, op.target):
+                raise ValueError(
+                    f"the inner feedback {op.name} was built for {op.source} -> {op.target}, but "
+                    f"this pass has {shapes[0]} -> {shapes[1]} (input size changed?)"
+                )
+
+    def _check_modules(self, points: list[Tensor], inner: list[Tensor]) -> None:
+        """First pass, module-wise: every inner point is computed from the output of the layer
+        before it, and reaches its module's output only through its cut."""
+        for m, module in enumerate(self.module_infos):
+            mine = [(p, i) for p, (k, i) in zip(inner, self._inner_plan) if k == m]
+            for point, i in mine:
+                before = self.layers[i - 1]
+                weight = getattr(before.module, "weight", None)
+                needed = isinstance(weight, Tensor) and weight.requires_grad
+                if needed and not _reaches(point, weight):
+                    raise ValueError(
+                        f"inner='dfa': the input of layer {self.layers[i].name!r} is not computed "
+                        f"from the output of {before.name!r}, the layer before it in module "
+                        f"{module.name!r}: DFA within a module needs its layers to form a chain "
+                        "(use inner='bp', or modules that are chains)"
+                    )
+            try:
+                _check_chain(points[m], [p for p, _ in mine])
+            except ValueError:
+                raise ValueError(
+                    f"inner='dfa': in module {module.name!r}, the output of a layer reaches the "
+                    "module's output by a path that bypasses the next layer (a skip connection "
+                    "around an inner cut?): use inner='bp' for such modules"
+                ) from None
+
+    def _inner_signals(self, signals: list[Tensor], needs: Sequence[bool]) -> list[Tensor | None]:
+        """``A_l(g_M)`` for every inner point that needs it, ``g_M`` its module's projected
+        error (a view of the one projection)."""
+        out: list[Tensor | None] = []
+        for op, (m, _), need in zip(self.operators, self._inner_plan, needs):
+            if not need:
+                out.append(None)
+                continue
+            signal = signals[m]
+            if op.scales.device != signal.device:  # the model moved: the feedback follows
+                op.to(signal.device)
+            out.append(op(signal))
+        return out
 
     def _project(
         self, error: Tensor, like: list[tuple[torch.Size, tuple[int, ...]]]
@@ -683,17 +927,33 @@ class DFAEngine(nn.Module):
             signal = transform(signal)
         return self.feedback.split(signal, like), error
 
+    def _modules_state(self) -> dict[str, Any] | None:
+        if not self.module_infos:
+            return None
+        assert self.inner_mode is not None
+        return {"names": [m.name for m in self.module_infos], "inner": self.inner_mode.value}
+
     def get_extra_state(self) -> dict[str, Any]:
-        return {
+        state = {
             "rules": {info.name: info.rule.value for info in self.layers},
             "calibrated": self.calibrated,
             "layout": None if self.feedback is None else self.feedback.layout(),
         }
+        if self.module_infos:
+            state["modules"] = self._modules_state()
+            built = self.feedback is not None
+            state["operators"] = [op.layout() for op in self.operators] if built else None
+        return state
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         mine = {info.name: info.rule.value for info in self.layers}
         if state.get("rules") != mine:
             raise ValueError(f"saved rules {state.get('rules')} do not match this engine's {mine}")
+        if state.get("modules") != self._modules_state():
+            raise ValueError(
+                f"saved modules {state.get('modules')} do not match this engine's "
+                f"{self._modules_state()}"
+            )
         self.calibrated = bool(state.get("calibrated", False))
 
     def _load_from_state_dict(
@@ -713,13 +973,22 @@ class DFAEngine(nn.Module):
         if self.feedback is None and layout is not None:
             self.feedback = FeedbackMatrix.from_layout(layout, gain=self.gain)
             self.num_classes = layout["num_classes"]
+            operators = extra.get("operators") if isinstance(extra, dict) else None
+            if not len(self.operators) and operators:
+                for op_layout in operators:
+                    self.operators.append(operator_from_layout(op_layout, gain=self.gain))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
     def extra_repr(self) -> str:
         rules = ", ".join(f"{i.name}={i.rule.value}" for i in self.layers[:-1])
-        return f"output={self.layers[-1].name!r}, rules=({rules}), init={self.structure.name}"
+        text = f"output={self.layers[-1].name!r}, rules=({rules}), init={self.structure.name}"
+        if self.module_infos:
+            assert self.inner_mode is not None
+            names = ", ".join(m.name for m in self.module_infos)
+            text += f", modules=({names}), inner={self.inner_mode.value}"
+        return text
 
 
 def _check_scalar_loss(loss: Any) -> None:
@@ -729,6 +998,21 @@ def _check_scalar_loss(loss: Any) -> None:
         raise ValueError(
             f"the loss must be a scalar, got shape {tuple(loss.shape)} (reduce it, e.g. .mean())"
         )
+
+
+def _reaches(root: Tensor, param: Tensor) -> bool:
+    """Whether ``root`` was computed from ``param`` (a walk of its autograd graph)."""
+    seen: set[Any] = set()
+    stack = [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "variable", None) is param:
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return False
 
 
 def _check_chain(y: Tensor, points: list[Tensor]) -> None:
@@ -815,7 +1099,7 @@ def _resolve_rules(
     hidden = found[:-1]
     rules: list[Rule] = []
     for _name, module in hidden:
-        if method is Rule.BP or scope is Scope.ALL or isinstance(module, nn.Linear):
+        if method is Rule.BP or scope is not Scope.FC or isinstance(module, nn.Linear):
             rules.append(method)
         else:
             rules.append(Rule.BP)
@@ -862,6 +1146,8 @@ def attach(
     scope: Scope | str = Scope.ALL,
     conv_error: ConvError | str = ConvError.BACKPROP,
     rules: Mapping[str, Rule | str] | None = None,
+    modules: Sequence[str] | str | None = None,
+    inner: Inner | str | None = None,
     init: Pattern | FeedbackInit | str = FeedbackInit.UNIFORM,
     storage: PatternStorage | Storage | str = Storage.DENSE,
     gain: float = 1.0,
@@ -885,14 +1171,28 @@ def attach(
             ``engine.parameters()``: give it to the optimiser (see :class:`DFAEngine`).
         scope: ``"all"``: every hidden layer; ``"fc"``: the paper's hybrid, hidden ``nn.Linear``
             layers by ``method`` and the convolutional part by back-propagation (for a layer-wise
-            rule: the conv stack receives ``W^T delta`` of the first linear layer, exactly).
+            rule: the conv stack receives ``W^T delta`` of the first linear layer, exactly);
+            ``"module"``: module-wise DFA (``dfa``/``bdfa``; our reading of the abstract of Han
+            et al. 2020, see :mod:`dfatorch.modulewise`): the graph is cut at the outputs of
+            ``modules`` only, each receiving ``e @ B_M`` from the one projection.
         conv_error: in the hybrid, how the conv stack gets its error: ``"backprop"`` (from the first
             linear layer's delta, ``W^T delta``) or ``"project"`` (by the method too: a projection
             of its own onto its output for a direct rule, ``B^T delta`` for a layer-wise one).
-        rules: per-layer overrides, ``{name_or_glob: rule}``, applied after the preset.
-        init: the feedback structure: a registered name (the built-in ones are listed by
-            :class:`~dfatorch.feedback.FeedbackInit`) or a :class:`~dfatorch.feedback.Pattern`
-            instance (a structure with options).
+        rules: per-layer overrides, ``{name_or_glob: rule}``, applied after the preset (not with
+            ``scope="module"``).
+        modules: ``scope="module"`` only: the modules, as glob patterns over module names (of
+            nested matches the outermost is kept: ``"stage*.*"`` is every residual block of
+            ``resnet20``) or ``"FIRST..LAST"`` ranges of sibling modules (``"0..8"``: children 0
+            to 8 of an ``nn.Sequential``). Every hidden layer must be in one; the output layer in
+            none. Default: the model's ``feedback_modules`` attribute (the zoo's models have one).
+        inner: ``scope="module"`` only: ``"dfa"`` (default: every layer of a module whose output
+            feeds the next layer of the module receives a fixed random operator of the module's
+            projected error, drawn by ``init``: a dense or sparse matrix, or with ``init="conv"``
+            a convolution) or ``"bp"`` (exact back-propagation of ``e @ B_M`` inside the module).
+        init: the feedback structure: a registered name (the built-in dense ones are listed by
+            :class:`~dfatorch.feedback.FeedbackInit`; ``"sparse"`` and ``"conv"`` take options)
+            or a :class:`~dfatorch.feedback.Pattern` instance (a structure with options:
+            ``SparsePattern(density=0.1)``, ``ConvPattern(kernel=3, dilation=2, groups=4)``).
         storage: ``"dense"``, ``"packed"`` (binary only, 1 bit a weight) or ``"seeded"`` (nothing
             stored, regenerated each step), or another registered
             :class:`~dfatorch.feedback.PatternStorage`; all give the same updates. ``fa`` takes
@@ -918,13 +1218,35 @@ def attach(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: no eligible layer, no hidden layer for a DFA rule, an unsupported parametrised
-            module under a DFA rule, an unknown option, a storage or init the rules cannot use.
+            module under a DFA rule, an unknown option, a storage or init the rules cannot use,
+            modules that name nothing, overlap or leave a hidden layer out.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach() needs an nn.Module, got {type(model).__name__}")
     method, scope = _enum(Rule, method, "method"), _enum(Scope, scope, "scope")
     conv_error = _enum(ConvError, conv_error, "conv_error")
+    inner_mode = None if inner is None else _enum(Inner, inner, "inner")
     structure, store = make_pattern(init), make_storage(storage)
+    if scope is not Scope.MODULE and (modules is not None or inner_mode is not None):
+        raise ValueError(f"modules= and inner= apply to scope='module', not {scope.value!r}")
+    module_wise = scope is Scope.MODULE and method is not Rule.BP
+    if module_wise:
+        if method not in (Rule.DFA, Rule.BDFA):
+            raise ValueError(
+                f"scope='module' takes method 'dfa' or 'bdfa' (or 'bp'), not {method.value!r}"
+            )
+        if rules:
+            raise ValueError(
+                "rules= and scope='module' do not combine: modules=[...] place the cuts"
+            )
+        if structure.name == FeedbackInit.NORM_MATCHED.value:
+            raise ValueError("init='norm_matched' calibrates layers; scope='module' cannot use it")
+        inner_mode = inner_mode or Inner.DFA
+    if structure.operator_kind == "conv" and method is not Rule.BP and inner_mode is not Inner.DFA:
+        raise ValueError(
+            f"init={structure.name!r} maps a module's error map to its layers' maps: it needs "
+            "scope='module' with inner='dfa'"
+        )
     for value in (rules or {}).values():
         _enum(Rule, value, "rules")
     if attached_engine(model) is not None:
@@ -936,6 +1258,16 @@ def attach(
     layer_rules = _resolve_rules(found, method, scope, conv_error, rules, known)
     layers = [LayerInfo(n, m, r) for (n, m), r in zip(found[:-1], layer_rules)]
     layers.append(LayerInfo(found[-1][0], found[-1][1], Rule.BP, is_output=True))
+    module_infos: list[ModuleInfo] = []
+    if module_wise and len(found) > 1:
+        specs = modules if modules is not None else getattr(model, "feedback_modules", None)
+        if specs is None:
+            raise ValueError(
+                f"scope='module' needs modules=[...]: {type(model).__name__} names no default "
+                "(a feedback_modules attribute, as the zoo's models have)"
+            )
+        module_infos = resolve_modules(model, specs, found)
+        _check_outside_modules(model, module_infos, found[-1][1])
     wants_feedback = method.is_feedback or any(Rule(r).is_feedback for r in (rules or {}).values())
     if wants_feedback:
         if len(found) < 2:
@@ -948,7 +1280,8 @@ def attach(
                 f"no hidden layer gets a DFA rule with scope={scope.value!r}: layers are "
                 f"{[(n, type(m).__name__) for n, m in found]}"
             )
-        _check_unsupported(model, rules)
+        if inner_mode is not Inner.BP:  # exact BP inside a module trains any module
+            _check_unsupported(model, rules)
         _check_feedback_options(
             [info.rule for info in layers[:-1]], structure, store, example_input is not None
         )
@@ -965,10 +1298,30 @@ def attach(
         normalize=normalize,
         error_transforms=error_transforms,
         signal_transforms=signal_transforms,
+        modules=module_infos,
+        inner=inner_mode,
     )
     if example_input is not None:
         engine.materialize(example_input)
     return engine
+
+
+def _check_outside_modules(
+    model: nn.Module, modules: Sequence[ModuleInfo], output: nn.Module
+) -> None:
+    """Refuse a parametrised module in no module of module-wise DFA (but the output layer): it
+    would be trained by whatever gradient reaches it."""
+    inside: set[int] = set()
+    for info in modules:
+        inside |= info.members
+    inside |= {id(m) for m in output.modules()}
+    for name, module in model.named_modules():
+        if id(module) in inside or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        raise ValueError(
+            f"module {name!r} ({type(module).__name__}) has parameters but is in no module of "
+            "scope='module': name a module that holds it"
+        )
 
 
 def _check_feedback_options(

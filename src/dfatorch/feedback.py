@@ -20,12 +20,23 @@ Both strategies are plug-ins, one small class and one registry entry each:
   - ``seeded``: nothing stored; the pattern is regenerated from its seed at every projection.
 
   All three build ``B`` with the same operations from the same bits, so they give bit-identical
-  gradients. The projection does not know which one it uses.
+  gradients. The projection does not know which one it uses. A registered fourth, ``sparse``,
+  keeps only the non-zero entries (CSR of ``B^T``) and projects with a sparse matmul: the same
+  ``B``, the same gradients up to float summation order.
+
+Two structures with options are registered beside the built-in ones (not in
+:class:`FeedbackInit`, which lists the dense ones): ``sparse`` (``density``: each unit connected to
+``max(1, round(density * C))`` of the ``C`` sources, Crafton et al. 2019's one connection per unit
+at ``density = 1/C``) and ``conv`` (``kernel``, ``dilation``, ``groups``: a fixed random
+convolution, the inner feedback of module-wise DFA, :mod:`dfatorch.modulewise`). A structure also
+draws the *inner operators* of module-wise DFA (``operator_kind``: ``dense``, ``sparse`` or
+``conv``).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from typing import Any, ClassVar
@@ -38,11 +49,15 @@ from ._enums import StrEnum
 __all__ = [
     "PATTERNS",
     "STORAGES",
+    "ConvPattern",
     "FeedbackInit",
     "FeedbackMatrix",
     "Pattern",
     "PatternStorage",
+    "SparsePattern",
+    "SparseStorage",
     "Storage",
+    "distinct_rows",
     "make_pattern",
     "make_storage",
     "pack_signs",
@@ -118,6 +133,9 @@ class Pattern:
 
     name: ClassVar[str] = ""
     params: ClassVar[Mapping[str, Any]] = {}
+    #: the inner operator of module-wise DFA this structure draws (:mod:`dfatorch.modulewise`):
+    #: ``dense`` (a matrix drawn by :meth:`sample`), ``sparse`` or ``conv``
+    operator_kind: ClassVar[str] = "dense"
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.params))
@@ -127,6 +145,10 @@ class Pattern:
         self.options: dict[str, Any] = {
             k: type(v)(options.get(k, v)) for k, v in self.params.items()
         }
+        self.check()
+
+    def check(self) -> None:
+        """Refuse bad option values (``ValueError``, one line); the default accepts all."""
 
     def sample(
         self, num_classes: int, d: int, *, generator: torch.Generator, binary: bool
@@ -268,6 +290,109 @@ class BalancedPattern(Pattern):
         return (a / rms * self.entry_rms(c, d)).float()
 
 
+def distinct_rows(rows: int, cols: int, per_column: int, generator: torch.Generator) -> Tensor:
+    """For each of ``cols`` columns, ``per_column`` distinct row indices in ``[0, rows)``, sorted:
+    an int64 ``(cols, per_column)`` tensor, deterministic in ``generator``. Memory is
+    ``O(cols * per_column)`` unless ``per_column > rows / 2`` (then ``O(cols * rows)``)."""
+    m = per_column
+    if 2 * m > rows:
+        idx = torch.rand(cols, rows, generator=generator, dtype=torch.float32).argsort(1)[:, :m]
+    else:
+        idx = torch.randint(0, rows, (cols, m), generator=generator)
+        while m > 1:  # draw again the entries that repeat a row of their column
+            idx = idx.sort(1).values
+            again = torch.zeros_like(idx, dtype=torch.bool)
+            again[:, 1:] = idx[:, 1:] == idx[:, :-1]
+            count = int(again.sum())
+            if not count:
+                break
+            idx[again] = torch.randint(0, rows, (count,), generator=generator)
+    return idx.sort(1).values
+
+
+@register_pattern
+class SparsePattern(Pattern):
+    """Sparse feedback (Crafton et al. 2019, "Direct Feedback Alignment with Sparse
+    Connections"): every column (unit) of ``B`` is connected to exactly
+    ``m = max(1, round(density * C))`` of the ``C`` rows (classes, or the units of a module's
+    output for an inner operator), chosen at random; ``density = 1/C`` is their extreme of one
+    connection per unit. Float entries are ``U(-b, b)`` with ``b = sqrt(C / (m d))``, so that a
+    column has the expected squared norm of ``uniform``'s (``C / (3 d)``); binary entries are
+    random signs. ``density = 1`` is ``uniform`` drawn in another order.
+
+    Kept sparsely by ``storage="sparse"`` (indices and values, sparse matmul) or not at all by
+    ``seeded``; ``dense`` keeps the zeros too.
+    """
+
+    name = "sparse"
+    params: ClassVar[Mapping[str, Any]] = {"density": 0.1}
+    operator_kind = "sparse"
+
+    def check(self) -> None:
+        density = self.options["density"]
+        if not (0 < density <= 1):
+            raise ValueError(f"init='sparse': density must be in (0, 1], got {density}")
+
+    def per_column(self, rows: int) -> int:
+        """Non-zero entries per column of a ``rows``-row pattern."""
+        return max(1, min(rows, round(self.options["density"] * rows)))
+
+    def entry_rms(self, num_classes: int, d: int) -> float:
+        # the RMS of a non-zero float entry: binary feedback is scaled by it, which gives its
+        # columns the norm of the float ones
+        return math.sqrt(num_classes / (3.0 * self.per_column(num_classes) * d))
+
+    def sample_sparse(
+        self, rows: int, cols: int, *, generator: torch.Generator, binary: bool
+    ) -> tuple[Tensor, Tensor]:
+        """The non-zeros of a ``(rows, cols)`` pattern, column by column: row indices and values,
+        both ``(cols, m)`` (int64, float32), rows sorted within a column."""
+        m = self.per_column(rows)
+        index = distinct_rows(rows, cols, m, generator)
+        if binary:
+            values = _random_signs(cols, m, generator)
+        else:
+            bound = math.sqrt(rows / (m * cols))
+            values = torch.rand(cols, m, generator=generator, dtype=torch.float32)
+            values = values.mul_(2 * bound).sub_(bound)
+        return index, values
+
+    def sample(
+        self, num_classes: int, d: int, *, generator: torch.Generator, binary: bool
+    ) -> Tensor:
+        index, values = self.sample_sparse(num_classes, d, generator=generator, binary=binary)
+        pattern = torch.zeros(d, num_classes, dtype=torch.float32)
+        pattern.scatter_(1, index, values)
+        return pattern.T.contiguous()
+
+
+@register_pattern
+class ConvPattern(UniformPattern):
+    """A fixed random convolution as the inner feedback of module-wise DFA (our reading of Han et
+    al. 2020, "sparse backward weights, realised as dilated convolution in the CNN case"; see
+    :class:`dfatorch.modulewise.ConvOperator` for what it computes): ``kernel`` (odd, so that the
+    map keeps its size), ``dilation`` and ``groups``; weights ``k * k * C_in * C_out / groups``,
+    independent of the map's height and width.
+
+    Where the error is a vector and not a map (the projection ``e @ B_M`` onto a module's output),
+    this structure draws ``uniform``'s dense pattern: ``init="conv"`` means a uniform ``B_M`` onto
+    module outputs and convolutions inside the modules (``scope="module"``, ``inner="dfa"``).
+    """
+
+    name = "conv"
+    params: ClassVar[Mapping[str, Any]] = {"kernel": 3, "dilation": 1, "groups": 1}
+    operator_kind = "conv"
+
+    def check(self) -> None:
+        k, d, g = (self.options[n] for n in ("kernel", "dilation", "groups"))
+        if k < 1 or k % 2 == 0:
+            raise ValueError(f"init='conv': kernel must be odd and >= 1 (same-size maps), got {k}")
+        if d < 1:
+            raise ValueError(f"init='conv': dilation must be >= 1, got {d}")
+        if g < 1:
+            raise ValueError(f"init='conv': groups must be >= 1, got {g}")
+
+
 def sample_pattern(
     init: Pattern | FeedbackInit | str, num_classes: int, d: int, *, seed: int, binary: bool
 ) -> Tensor:
@@ -341,6 +466,15 @@ class PatternStorage:
     def nbytes(self, matrix: FeedbackMatrix) -> int:
         return 0
 
+    def project(self, matrix: FeedbackMatrix, error: Tensor) -> Tensor | None:
+        """``e @ B`` ``(N, D)`` in the logical column order, computed by the storage itself (a
+        sparse matmul), or ``None`` for the matrix's dense matmul (the default)."""
+        return None
+
+    def macs(self, matrix: FeedbackMatrix) -> int:
+        """Multiply-adds per sample of the projection: ``C * D`` for a dense matmul."""
+        return matrix.num_classes * matrix.total_size
+
     def sources(self, matrix: FeedbackMatrix) -> tuple[Tensor, ...]:
         return ()
 
@@ -385,7 +519,13 @@ class PackedStorage(PatternStorage):
     binary_only = True
 
     def store(self, matrix: FeedbackMatrix, pattern: Callable[[], Tensor]) -> None:
-        matrix.register_buffer("bits", pack_signs(pattern()))
+        drawn = pattern()
+        if not bool(drawn.abs().eq(1).all()):
+            raise ValueError(
+                f"packed storage keeps one sign a weight, but init={matrix.init!r} has other "
+                "values (zeros?): use storage='sparse', 'dense' or 'seeded'"
+            )
+        matrix.register_buffer("bits", pack_signs(drawn))
 
     def pattern(self, matrix: FeedbackMatrix, dtype: torch.dtype) -> Tensor:
         return unpack_signs(matrix.bits, matrix.total_size, dtype)
@@ -402,6 +542,69 @@ class SeededStorage(PatternStorage):
 
     def pattern(self, matrix: FeedbackMatrix, dtype: torch.dtype) -> Tensor:
         return matrix.generate().to(device=matrix.scales.device, dtype=dtype)
+
+
+@register_storage
+class SparseStorage(PatternStorage):
+    """The non-zero entries only, as the CSR form of ``B^T`` (``D`` rows, one per unit):
+    ``sparse_rows`` (``D + 1`` row pointers), ``sparse_columns`` (the class of each entry) and
+    ``sparse_values``, int32, int32 and float32: ``4 (D + 1) + 8 nnz`` bytes. The projection is
+    one sparse matmul, ``(B^T e^T)^T``, ``nnz`` multiply-adds per sample; the pattern is any
+    structure's (zeros are dropped), ``init="sparse"`` being the one it is for. Not in
+    :class:`Storage`, which lists the storages that give bit-identical gradients: this one sums
+    in another order."""
+
+    name = "sparse"
+
+    def store(self, matrix: FeedbackMatrix, pattern: Callable[[], Tensor]) -> None:
+        transposed = pattern().T
+        counts = (transposed != 0).sum(1)
+        rows = torch.zeros(transposed.shape[0] + 1, dtype=torch.int32)
+        rows[1:] = counts.cumsum(0)
+        unit, column = transposed.nonzero(as_tuple=True)  # row-major: sorted by unit, then class
+        matrix.register_buffer("sparse_rows", rows)
+        matrix.register_buffer("sparse_columns", column.to(torch.int32))
+        matrix.register_buffer("sparse_values", transposed[unit, column].contiguous())
+
+    def _unit_of_entry(self, matrix: FeedbackMatrix) -> Tensor:
+        counts = matrix.sparse_rows.diff().long()
+        units = torch.arange(matrix.total_size, device=counts.device)
+        return units.repeat_interleave(counts)
+
+    def pattern(self, matrix: FeedbackMatrix, dtype: torch.dtype) -> Tensor:
+        dense = torch.zeros(
+            matrix.total_size, matrix.num_classes, dtype=dtype, device=matrix.sparse_values.device
+        )
+        dense[self._unit_of_entry(matrix), matrix.sparse_columns.long()] = matrix.sparse_values.to(
+            dtype
+        )
+        return dense.T
+
+    def project(self, matrix: FeedbackMatrix, error: Tensor) -> Tensor:
+        units = self._unit_of_entry(matrix)
+        values = matrix.sparse_values.to(error.dtype) * matrix.column_scales(error.dtype)[units]
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": it is what we need
+            warnings.simplefilter("ignore", UserWarning)
+            transposed = torch.sparse_csr_tensor(
+                matrix.sparse_rows.long(),
+                matrix.sparse_columns.long(),
+                values,
+                (matrix.total_size, matrix.num_classes),
+                check_invariants=False,
+            )
+            return torch.sparse.mm(transposed, error.T).T
+
+    def nbytes(self, matrix: FeedbackMatrix) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for t in (matrix.sparse_rows, matrix.sparse_columns, matrix.sparse_values)
+        )
+
+    def macs(self, matrix: FeedbackMatrix) -> int:
+        return int(matrix.sparse_values.numel())
+
+    def sources(self, matrix: FeedbackMatrix) -> tuple[Tensor, ...]:
+        return (matrix.sparse_values,)
 
 
 def make_storage(spec: PatternStorage | Storage | str) -> PatternStorage:
@@ -614,11 +817,26 @@ class FeedbackMatrix(nn.Module):
                 f"the output error has shape {tuple(error.shape)}, but the feedback was built for "
                 f"(batch, {self.num_classes})"
             )
-        matrix = self.matrix(error.dtype)
         layouts = None if like is None else [_layout(t) for t in like]
         orders = (
             [None] * len(self.sizes) if layouts is None else [_memory_order(t) for t in layouts]
         )
+        projected = self.store.project(self, error)
+        if projected is not None:  # the storage's own product, in logical column order
+            if all(o is None for o in orders):
+                return projected.contiguous()
+            assert layouts is not None
+            blocks = projected.split(self.sizes, 1)
+            return torch.cat(  # columns of channels-last points in their memory order (a copy)
+                [
+                    b.contiguous()
+                    if o is None
+                    else b.reshape(-1, *shape[1:]).permute(0, *o).reshape(len(b), -1)
+                    for b, o, (shape, _) in zip(blocks, orders, layouts)
+                ],
+                1,
+            )
+        matrix = self.matrix(error.dtype)
         if any(o is not None for o in orders):
             assert layouts is not None
 
@@ -669,6 +887,11 @@ class FeedbackMatrix(nn.Module):
         return self.split(self.signal(error, like), like)
 
     # -- bookkeeping ---------------------------------------------------------------------------
+
+    def projection_macs(self) -> int:
+        """Multiply-adds per sample of the projection ``e @ B`` (``C * D`` dense, ``nnz`` for the
+        ``sparse`` storage)."""
+        return self.store.macs(self)
 
     def storage_bytes(self) -> dict[str, int]:
         """Bytes held: ``{"pattern": ..., "scales": ...}`` (``seeded`` holds no pattern)."""

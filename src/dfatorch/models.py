@@ -1,8 +1,15 @@
 """The model zoo, with parameter and multiply-add counts.
 
-Every model is a plain ``nn.Sequential`` of standard layers, so :func:`dfatorch.attach` sees its
-layers in execution order. Build one by name with :func:`build_model`; ``activation``,
-``batch_norm``, ``dropout`` and ``width`` (a multiplier on every hidden width) are options of all.
+Every model but ``resnet20`` is a plain ``nn.Sequential`` of standard layers, so
+:func:`dfatorch.attach` sees its layers in execution order. Build one by name with
+:func:`build_model`; ``activation``, ``batch_norm``, ``dropout`` and ``width`` (a multiplier on
+every hidden width) are options of all (``resnet20``: always batch norm, no dropout).
+
+Every model names its default modules for module-wise DFA (``attach(..., scope="module")``) in
+its ``feedback_modules`` attribute: the conv stack (up to its last pooling) and the hidden fully
+connected stack of the plain CNNs (two modules, ``"FIRST..LAST"`` ranges of the
+``nn.Sequential``), the hidden stack of the MLPs, the stem and each residual block of
+``resnet20``.
 
 ======================  ==========================================================================
 name                    architecture (for 3x32x32 inputs)
@@ -17,6 +24,9 @@ name                    architecture (for 3x32x32 inputs)
 ``mlp_2x800``           784-800-800-10 (Nøkland's MNIST network)
 ``mlp_3x800``           in-800-800-800-out
 ``mlp_3x1000``          in-1000-1000-1000-out
+``resnet20``            He et al. (2016), the CIFAR ResNet-20: conv16, 3 stages x 3 basic blocks
+                        (16, 32, 64 channels; two 3x3 convs with batch norm each), option A
+                        shortcuts, global average pooling, FC (:class:`ResNet20`)
 ======================  ==========================================================================
 """
 
@@ -28,12 +38,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
     "MODELS",
+    "BasicBlock",
     "LayerCost",
     "ModelStats",
+    "ResNet20",
     "build_model",
     "cnn",
     "conv_features",
@@ -113,6 +126,8 @@ def mlp(
             dropout=dropout,
         ),
     )
+    if hidden:  # module-wise DFA: the hidden stack is one module
+        model.feedback_modules = (f"1..{len(model) - 2}",)
     if trainable_units is not None:
         middle = [m for m in model if isinstance(m, nn.Linear)][len(hidden) // 2]
         if not 0 <= trainable_units <= middle.out_features:
@@ -165,6 +180,7 @@ def cnn(
         channels = out
     if height < 1 or wide < 1:
         raise ValueError(f"input {tuple(input_shape)} is too small for this conv stack")
+    flatten = len(layers)
     layers.append(nn.Flatten())
     layers += _fc_stack(
         channels * height * wide,
@@ -174,7 +190,11 @@ def cnn(
         batch_norm=batch_norm,
         dropout=dropout,
     )
-    return nn.Sequential(*layers)
+    model = nn.Sequential(*layers)
+    # module-wise DFA: the conv stack and the hidden fully connected stack
+    modules = [f"0..{flatten - 1}"] + ([f"{flatten + 1}..{len(layers) - 2}"] if head else [])
+    model.feedback_modules = tuple(modules)
+    return model
 
 
 def _nokland_cnn(input_shape: Sequence[int], num_classes: int, **kw: Any) -> nn.Sequential:
@@ -208,6 +228,104 @@ def _track_cnn(input_shape: Sequence[int], num_classes: int, **kw: Any) -> nn.Se
     return cnn(input_shape, num_classes, convs=(32, "M", 64, "M", 96, "M"), head=(256,), **kw)
 
 
+class _ShortcutA(nn.Module):
+    """He et al.'s option A: the identity, subsampled by ``stride`` and zero-padded with the new
+    channels (half before, half after); no parameter."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.before = (out_channels - in_channels) // 2
+        self.after = out_channels - in_channels - self.before
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.before, self.after))
+
+
+class BasicBlock(nn.Module):
+    """``act(bn2(conv2(act(bn1(conv1(x))))) + shortcut(x))``: two 3x3 convs (the first with the
+    block's stride), batch norm after each, the option A shortcut where the shape changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, activation: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.act1 = _activation(activation)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.act2 = _activation(activation)
+        changes = stride != 1 or in_channels != out_channels
+        self.shortcut = _ShortcutA(in_channels, out_channels, stride) if changes else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.act2(out + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    """The CIFAR ResNet-20 of He et al. (2016, "Deep Residual Learning for Image Recognition",
+    section 4.2): a 3x3 conv with 16 channels, batch norm and ReLU (``stem``); three stages
+    (``stage1``..``stage3``) of 3 :class:`BasicBlock` s with 16, 32 and 64 channels, the first
+    block of stages 2 and 3 with stride 2; global average pooling and a linear classifier
+    (``fc``). Shortcuts are option A (identity, subsampled and zero-padded where the shape
+    changes: no parameter, as in the paper's CIFAR experiments). 0.27 M parameters for 10
+    classes. Convs are initialised as He et al. do (``kaiming_normal_``, fan-out), batch norm
+    with 1 and 0.
+
+    ``feedback_modules``: the stem and every residual block (10 modules) for module-wise DFA.
+    """
+
+    feedback_modules: tuple[str, ...] = ("stem", "stage*.*")
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        *,
+        activation: str = "relu",
+        width: float = 1.0,
+        blocks: int = 3,
+    ) -> None:
+        super().__init__()
+        channels = [_scaled(c, width) for c in (16, 32, 64)]
+        self.stem = nn.Sequential(
+            nn.Conv2d(input_shape[0], channels[0], 3, 1, 1, bias=False),
+            nn.BatchNorm2d(channels[0]),
+            _activation(activation),
+        )
+        previous = channels[0]
+        for stage, c in enumerate(channels, 1):
+            stride = 1 if stage == 1 else 2
+            units = []
+            for b in range(blocks):
+                units.append(BasicBlock(previous, c, stride if b == 0 else 1, activation))
+                previous = c
+            self.add_module(f"stage{stage}", nn.Sequential(*units))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(previous, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.stage3(self.stage2(self.stage1(x)))
+        return self.fc(self.flatten(self.pool(x)))
+
+
+def _resnet20(input_shape: Sequence[int], num_classes: int, **kw: Any) -> ResNet20:
+    # batch norm is part of He et al.'s architecture: the option is accepted and changes nothing
+    kw.pop("batch_norm", None)
+    if kw.pop("dropout", 0.0):
+        raise ValueError("resnet20 has no hidden fully connected layer for dropout")
+    if kw.get("activation") is None:
+        kw.pop("activation", None)
+    return ResNet20(input_shape, num_classes, **kw)
+
+
 def conv_features(model: nn.Sequential) -> nn.Sequential:
     """The convolutional part of a zoo CNN: its modules before ``nn.Flatten``, without the pooling
     that ends them. Shares the model's parameters (a view, not a copy)."""
@@ -229,7 +347,7 @@ def _mlp_preset(hidden: tuple[int, ...]) -> Callable[..., nn.Sequential]:
 
 
 #: Builders by name: ``MODELS[name](input_shape, num_classes, **options)``.
-MODELS: dict[str, Callable[..., nn.Sequential]] = {
+MODELS: dict[str, Callable[..., nn.Module]] = {
     "nokland_cnn": _nokland_cnn,
     "small_cnn": _small_cnn,
     "vgg_cnn": _vgg_cnn,
@@ -238,16 +356,16 @@ MODELS: dict[str, Callable[..., nn.Sequential]] = {
     "mlp_2x800": _mlp_preset((800, 800)),
     "mlp_3x800": _mlp_preset((800, 800, 800)),
     "mlp_3x1000": _mlp_preset((1000, 1000, 1000)),
+    "resnet20": _resnet20,
 }
 
 
-def build_model(
-    name: str, input_shape: Sequence[int], num_classes: int, **options: Any
-) -> nn.Sequential:
-    """Build zoo model ``name`` for inputs of ``input_shape`` (C, H, W) and ``num_classes``."""
+def build_model(name: str, input_shape: Sequence[int], num_classes: int, **options: Any) -> Any:
+    """Build zoo model ``name`` for inputs of ``input_shape`` (C, H, W) and ``num_classes`` (an
+    ``nn.Sequential``; ``resnet20``: a :class:`ResNet20`)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    if len(input_shape) != 3 and name.endswith("_cnn"):
+    if len(input_shape) != 3 and (name.endswith("_cnn") or name == "resnet20"):
         raise ValueError(f"{name} needs (C, H, W) inputs, got {tuple(input_shape)}")
     return MODELS[name](tuple(input_shape), num_classes, **options)
 
@@ -325,19 +443,25 @@ def model_stats(model: nn.Module, input_shape: Sequence[int]) -> ModelStats:
 
 
 def training_macs(
-    costs: Sequence[LayerCost], cut_before: Sequence[bool], num_classes: int
+    costs: Sequence[LayerCost],
+    cut_before: Sequence[bool],
+    num_classes: int,
+    projection: int | None = None,
 ) -> dict[str, int]:
     """Multiply-adds per sample of one training step, counted by layer.
 
     ``cut_before[i]`` says whether layer ``i``'s input is a feedback point (its input gradient is
     not computed). Counted: the forward pass, every weight gradient (as many MACs as the forward),
     every input gradient that is computed (never for the first layer, whose input needs none), and
-    the projection ``e @ B`` (``num_classes`` MACs per unit of every feedback point). For plain BP,
-    pass ``cut_before = [False] * len(costs)``.
+    the projection ``e @ B`` (``num_classes`` MACs per unit of every feedback point, or
+    ``projection`` when given: the engine's own count, ``DFAEngine.feedback_cost()["total_macs"]``,
+    for sparse storage and module-wise DFA, whose feedback points are not layer inputs). For
+    plain BP, pass ``cut_before = [False] * len(costs)``.
     """
     forward = sum(c.macs for c in costs)
     input_grads = sum(c.macs for i, c in enumerate(costs) if i > 0 and not cut_before[i])
-    projection = sum(num_classes * c.in_units for c, cut in zip(costs, cut_before) if cut)
+    if projection is None:
+        projection = sum(num_classes * c.in_units for c, cut in zip(costs, cut_before) if cut)
     total = 2 * forward + input_grads + projection
     return {
         "forward": forward,

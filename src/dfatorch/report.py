@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -389,6 +390,9 @@ def _speed_section(folder: Path) -> list[str]:
         ]
         for model, entry in data["models"].items():
             for rule, r in entry["rules"].items():
+                if "refused" in r:
+                    lines.append(f"| {model} | {rule} | {_refusal(r['refused'])} | | | | |")
+                    continue
                 share = r["bytes_vs_float32"]
                 size = f"{r['feedback_pattern_bytes']:,}" + (
                     f" ({share:.5g} of float32)" if share not in (None, 1.0) else ""
@@ -398,6 +402,7 @@ def _speed_section(folder: Path) -> list[str]:
                     f"{r['floor_from_macs']:.3f} | {r['gap']:+.3f} | {size} |"
                 )
         lines.append("")
+    lines += _feedback_cost_section(folder / "feedback_cost.json")
     lines += _activation_memory_section(folder / "activation_memory.json")
     lines += _scaling_section(folder / "scaling.json")
     lines += _private_step_section(folder / "private_step_time.json")
@@ -418,6 +423,69 @@ def _speed_section(folder: Path) -> list[str]:
             lines.append(
                 f"| {rule} | {v['fps_all']:.1f} | {v['fps_640x360']:.1f} | "
                 f"{v['min_fps_640x360']:.1f} |"
+            )
+        lines.append("")
+    return lines
+
+
+def _refusal(reason: str) -> str:
+    """A refused variant's reason, short enough for a table cell."""
+    size = re.search(r"would be an? (.*?) with ([\d,]+) entries", reason)
+    if size:
+        return f"refused: {size.group(1)}, {size.group(2)} entries (over the limit)"
+    if "bypasses its cut" in reason:
+        return "refused: plain DFA cannot train past the skip connections"
+    return "refused: " + reason.split(":")[0]
+
+
+def _feedback_cost_section(path: Path) -> list[str]:
+    """The tables of ``benchmarks/feedback_cost.py``'s JSON: what each feedback structure holds
+    and costs, against dense DFA."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    m = data["machine"]
+    k = data["num_classes"]
+    lines = [
+        "## Feedback size and projection cost: sparse, conv and module-wise feedback",
+        "",
+        f"`{data['command']}` (torch {m['torch']}; no training: the engine's own accounting, "
+        f"`DFAEngine.feedback_cost()`, after one forward pass on a zero batch; {k} classes, "
+        "CIFAR-shaped inputs). *Bytes*: the direct `B` as its storage keeps it, the inner "
+        "operators of module-wise DFA and the scales. *MACs*: multiply-adds per sample of the "
+        "projection `e @ B` (the non-zeros only for the sparse storage) and of the inner "
+        "operators. Ratios are to dense DFA (`dfa`, every hidden layer, `uniform` float32 `B`); "
+        "for `resnet20`, which plain DFA refuses (skip connections), dense DFA is counted from "
+        "its layers' inputs. *Step floor*: a training step's multiply-adds over BP's (forward, "
+        "weight gradients, the input gradients still computed, the feedback). Sparse densities: "
+        f"1/K = {1 / k:.2g} (one class per unit) and 0.3 (an inner sparse operator connects "
+        "each unit to that share of its module output's units); the module-wise rows use each "
+        "model's "
+        "default modules (`resnet20`: the stem and the 9 residual blocks; the plain CNNs: the conv "
+        "stack and the hidden FC stack); the conv feedback's dilation changes neither its "
+        "weights nor its multiply-adds, only which error positions each tap reads.",
+        "",
+    ]
+    for model, entry in data["models"].items():
+        ref = entry["reference"]
+        note = " (counted, not attached)" if "counted" in ref else ""
+        lines += [
+            f"`{model}`: dense DFA{note} holds {ref['total_bytes']:,} bytes and projects with "
+            f"{ref['total_macs']:,} MACs per sample (step floor {ref['training_vs_bp']:.3f} of "
+            "BP's).",
+            "",
+            "| variant | feedback bytes | vs dense DFA | feedback MACs/sample | vs dense DFA "
+            "| step floor vs BP |",
+            "|---|---|---|---|---|---|",
+        ]
+        for label, v in entry["variants"].items():
+            if "refused" in v:
+                lines.append(f"| {label} | {_refusal(v['refused'])} | | | | |")
+                continue
+            lines.append(
+                f"| {label} | {v['total_bytes']:,} | {v['bytes_vs_dense_dfa']:.4g} | "
+                f"{v['total_macs']:,} | {v['macs_vs_dense_dfa']:.4g} | "
+                f"{v['training_vs_bp']:.3f} |"
             )
         lines.append("")
     return lines

@@ -37,7 +37,7 @@ from . import __version__
 from ._console import progress_bar, warn
 from ._io import atomic_write, portable_path
 from .callbacks import Callback, NonFiniteLossError, TrainingDiverged, TrainState, default_callbacks
-from .config import OptimizerName, Schedule, TrainConfig
+from .config import OptimizerName, Schedule, TrainConfig, parse_options
 from .data import BatchLoader, DatasetSplits, load_dataset, stratified_subset, train_val_split
 from .data.loader import derive_seed
 from .distributed import (
@@ -52,7 +52,8 @@ from .distributed import (
     process_group,
     shard_loss_scale,
 )
-from .engine import DFAEngine, Rule, Transform, attach, get_rng_states, set_rng_states
+from .engine import DFAEngine, Rule, Scope, Transform, attach, get_rng_states, set_rng_states
+from .feedback import make_pattern
 from .models import build_model, model_stats
 from .rundir import CheckpointError, RunDir, load_checkpoint
 
@@ -187,12 +188,15 @@ def _build(
     model = build_model(config.model, splits.input_shape, splits.num_classes, **options).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    module_wise = config.scope is Scope.MODULE
     engine = attach(
         model,
         config.method,
         scope=config.scope,
         conv_error=config.conv_error,
-        init=config.init,
+        modules=config.module_list() if module_wise else None,
+        inner=config.inner if module_wise else None,
+        init=make_pattern(config.init, **parse_options(config.init_options)),
         storage=config.storage,
         gain=config.gain,
         normalize=config.normalize_feedback,
@@ -218,8 +222,11 @@ def _build(
 def _example_input(
     config: TrainConfig, input_shape: Sequence[int], device: torch.device
 ) -> torch.Tensor | None:
-    """A zero batch for rules whose feedback must exist before the optimiser (``dkp``)."""
-    if not Rule(config.method).is_direct or not Rule(config.method).learns_feedback:
+    """A zero batch for rules whose feedback must exist before the optimiser (``dkp``), and for
+    module-wise DFA (its operators are checked, and refused if too large, before the run starts)."""
+    method = Rule(config.method)
+    module_wise = config.scope is Scope.MODULE and method is not Rule.BP
+    if not module_wise and not (method.is_direct and method.learns_feedback):
         return None
     x = torch.zeros(2, *input_shape, device=device)
     return x.contiguous(memory_format=torch.channels_last) if config.channels_last else x
