@@ -6,6 +6,7 @@ hyper-parameter search on a validation split::
     name = "cifar10-small"
     description = "..."
     order = 1                   # optional: position in the report
+    reference = "bp"            # optional: the method the report's differences are taken to
 
     [base]                      # TrainConfig fields shared by every cell
     dataset = "cifar10"
@@ -86,6 +87,7 @@ class Experiment:
     grid: list[dict[str, list[Any]]] = field(default_factory=list)
     tune: dict[str, Any] | None = None
     order: int = 100  #: where the report puts it (lower first)
+    reference: str = "bp"  #: the method the report's difference table subtracts
 
     @property
     def tune_axes(self) -> dict[str, list[Any]]:
@@ -196,7 +198,7 @@ def load_experiment(path: str | Path) -> Experiment:
             data = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: not a valid experiment file (TOML: {exc})") from None
-    known = {"name", "description", "order", "base", "methods", "grid", "tune"}
+    known = {"name", "description", "order", "reference", "base", "methods", "grid", "tune"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown} (known: {sorted(known)})")
@@ -218,6 +220,7 @@ def load_experiment(path: str | Path) -> Experiment:
         grid=data.get("grid", []),
         tune=data.get("tune"),
         order=int(data.get("order", 100)),
+        reference=str(data.get("reference", "bp")),
     )
     # build every cell once so that a typo fails now, not hours into the sweep
     for cell in exp.tuning_cells() + exp.cells({g: {} for g in _all_groups(exp)}):

@@ -336,9 +336,10 @@ def write_report(
         if summary["cells_missing"]:
             lines += [f"**{summary['cells_missing']} cells have not run yet.**", ""]
         lines += [*_table(summary, axes, exp), ""]
-        versus = _versus_table(summary, axes)
+        versus = _versus_table(summary, axes, exp.reference)
         if versus:
-            lines += ["Difference to BP (percentage points; ± the standard error over seeds):", ""]
+            lines += [f"Difference to `{exp.reference}` at the same grid point (percentage points; "
+                      "± the standard error over seeds):", ""]  # fmt: skip
             lines += [*versus, ""]
         search = _search_table(summary)
         if search:
