@@ -615,6 +615,44 @@ def test_two_processes_precondition_as_one_on_the_global_batch(tmp_path):
                 torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-10, msg=f"{case} step {step}")
 
 
+def _failure_worker(rank: int, world: int, out: str) -> None:
+    """The decompositions rank 1 owns fail from the second one on: every rank counts it and
+    keeps the same (previous) decomposition."""
+    model, x, y = linear_case()
+    precond = KFACPreconditioner(model, kl_clip=None, inv_update_steps=1)
+    assert precond.world_size == 2
+    real = torch.linalg.eigh
+
+    def failing_on_rank_1(matrix):
+        if rank == 1 and precond.steps > 0:
+            raise torch.linalg.LinAlgError("simulated")
+        return real(matrix)
+
+    torch.linalg.eigh = failing_on_rank_1
+    try:
+        for step in range(2):
+            model.zero_grad()
+            F.cross_entropy(model(x[rank::2] + step), y[rank::2]).backward()
+            precond.step()
+    finally:
+        torch.linalg.eigh = real
+    parts = {f"{layer.name}{k}": layer.parts[k] for layer in precond.layers for k in "AG"}
+    owners = {(precond.layers[i].name, k): r for (i, k), r in precond.owners.items()}
+    torch.save({"skipped": precond.skipped, "parts": parts, "owners": owners}, f"{out}.{rank}")
+
+
+@pytest.mark.slow
+def test_a_failed_decomposition_on_one_rank_is_known_to_all(tmp_path):
+    _spawn(_failure_worker, 2, str(tmp_path / "r"))
+    r0, r1 = (torch.load(f"{tmp_path / 'r'}.{r}") for r in (0, 1))
+    failed = [f"{name}: the decomposition of {k} failed; the previous one is kept"
+              for (name, k), owner in r0["owners"].items() if owner == 1]  # fmt: skip
+    assert failed and r0["skipped"] == r1["skipped"] == dict.fromkeys(failed, 1)
+    for key, parts in r0["parts"].items():
+        for name, t in parts.items():
+            assert torch.equal(t, r1["parts"][key][name]), key
+
+
 # -- the trainer and the command line -----------------------------------------------------------
 
 FAST = dict(dataset="digits", model="mlp", activation="tanh", batch_size=32, width=0.1)

@@ -577,63 +577,71 @@ class KFACPreconditioner:
                     f"K-FAC recorded no statistics at step {self.steps}: create the "
                     "preconditioner before the forward pass (and keep it capturing)"
                 )
+        batches: list[tuple[_Layer, str, Tensor]] = []
         for i, layer in enumerate(self.layers):
             rows_a, rows_g, n = totals[3 * i : 3 * i + 3]
-            sum_a, sum_g = sums[2 * i], sums[2 * i + 1]
             layer.clear()
             if rows_a == 0 or rows_g == 0:
                 continue  # the layer was not used this step
-            batch_a = sum_a / rows_a
-            batch_g = sum_g * (n / self.world_size**2)
-            for kind, batch in (("A", batch_a), ("G", batch_g)):
-                if not bool(torch.isfinite(batch).all()):
-                    self._skip(layer, f"non-finite {kind} statistics; its running average is kept")
-                    continue
-                old = getattr(layer, kind)
-                new = batch if old is None else old * decay + batch * (1 - decay)
-                setattr(layer, kind, new)
+            batches.append((layer, "A", sums[2 * i] / rows_a))
+            batches.append((layer, "G", sums[2 * i + 1] * (n / self.world_size**2)))
+        finite = _all_finite([batch for _, _, batch in batches])  # one device sync
+        for (layer, kind, batch), ok in zip(batches, finite):
+            if not ok:
+                self._skip(layer, f"non-finite {kind} statistics; its running average is kept")
+                continue
+            old = getattr(layer, kind)
+            setattr(layer, kind, batch if old is None else old * decay + batch * (1 - decay))
 
     def update_decompositions(self) -> None:
         """Recompute every factor's decomposition, each on its rank, and share them."""
         damping = self.hyper("damping")
-        work: list[tuple[_Layer, str, int]] = []
+        work: list[tuple[_Layer, str, int, int]] = []
         for i, layer in enumerate(self.layers):
             if layer.A is None or layer.G is None:
                 continue
             shift_a, shift_g = self.solver.shifts(layer.A, layer.G, damping)
             for kind, shift in (("A", shift_a), ("G", shift_g)):
-                owner = self.owners[(i, kind)]
+                owner, outcome = self.owners[(i, kind)], 0
                 if owner == self.rank:
-                    layer.parts[kind] = self._solve(layer, kind, shift)
-                work.append((layer, kind, owner))
+                    layer.parts[kind], outcome = self._solve(layer, kind, shift)
+                work.append((layer, kind, owner, outcome))
         if self.world_size > 1:
-            self._share(work)
+            work = self._share(work)
+        for layer, kind, _, outcome in work:  # every rank counts what the owners met
+            if 0 < outcome < len(_EXTRA_DAMPING):
+                self._skip(layer, f"{kind} needed extra damping ({_EXTRA_DAMPING[outcome]:g} x "
+                                  "its mean diagonal, in float64) to decompose")  # fmt: skip
+            elif outcome == len(_EXTRA_DAMPING):
+                kept = "the previous one is kept" if layer.parts[kind] is not None else (
+                    "the layer stays unpreconditioned")  # fmt: skip
+                self._skip(layer, f"the decomposition of {kind} failed; {kept}")
 
-    def _solve(self, layer: _Layer, kind: str, shift: Tensor) -> dict[str, Tensor] | None:
+    def _solve(
+        self, layer: _Layer, kind: str, shift: Tensor
+    ) -> tuple[dict[str, Tensor] | None, int]:
+        """The decomposition and the outcome: the index in :data:`_EXTRA_DAMPING` of the extra
+        damping it needed, or ``len(_EXTRA_DAMPING)`` if it failed (the previous one returned)."""
         factor: Tensor = getattr(layer, kind)
         factor = (factor + factor.mT) / 2
         scale = factor.diagonal(dim1=-2, dim2=-1).mean(-1).abs()
-        for extra in (0.0, 1e-6, 1e-3):
+        for outcome, extra in enumerate(_EXTRA_DAMPING):
             work = factor if extra == 0 else factor.double()
-            jitter = shift.to(work) + extra * scale.to(work)
             try:
-                parts = self.solver.decompose(work, jitter)
+                parts = self.solver.decompose(work, shift.to(work) + extra * scale.to(work))
             except RuntimeError:
                 continue
-            if all(bool(torch.isfinite(t).all()) for t in parts.values()):
-                if extra:
-                    self._skip(layer, f"{kind} needed extra damping ({extra:g} x its mean "
-                                      "diagonal) to decompose")  # fmt: skip
-                return {k: t.to(layer.dtype) for k, t in parts.items()}
-        kept = "the previous one is kept" if layer.parts[kind] is not None else (
-            "the layer stays unpreconditioned")  # fmt: skip
-        self._skip(layer, f"the decomposition of {kind} failed; {kept}")
-        return layer.parts[kind]
+            if all(_all_finite(list(parts.values()))):
+                return {k: t.to(layer.dtype) for k, t in parts.items()}, outcome
+        return layer.parts[kind], len(_EXTRA_DAMPING)
 
-    def _share(self, work: list[tuple[_Layer, str, int]]) -> None:
-        """Broadcast every decomposition from its rank (a flag says whether there is one)."""
+    def _share(
+        self, work: list[tuple[_Layer, str, int, int]]
+    ) -> list[tuple[_Layer, str, int, int]]:
+        """Broadcast every decomposition from its rank, with whether there is one and the
+        outcome of computing it; returns ``work`` with every owner's outcome."""
         pending = []
-        for layer, kind, owner in work:
+        for layer, kind, owner, outcome in work:
             dim = layer.a_dim if kind == "A" else layer.g_dim
             layout = self.solver.layout(layer.groups, dim)
             size = sum(math.prod(s) for s in layout.values())
@@ -645,13 +653,17 @@ class KFACPreconditioner:
                     if parts is not None
                     else torch.zeros(size, dtype=layer.dtype, device=device)
                 )
-                flat = torch.cat([body, body.new_tensor([float(parts is not None)])])
+                flat = torch.cat([body, body.new_tensor([float(parts is not None), outcome])])
             else:
-                flat = torch.empty(size + 1, dtype=layer.dtype, device=device)
-            pending.append((layer, kind, layout, flat, dist.broadcast(flat, owner, async_op=True)))
-        for layer, kind, layout, flat, handle in pending:
+                flat = torch.empty(size + 2, dtype=layer.dtype, device=device)
+            handle = dist.broadcast(flat, owner, async_op=True)
+            pending.append((layer, kind, owner, layout, flat, handle))
+        shared = []
+        for layer, kind, owner, layout, flat, handle in pending:
             handle.wait()
-            if not flat[-1].item():
+            present, outcome = (int(v) for v in flat[-2:].tolist())
+            shared.append((layer, kind, owner, outcome))
+            if not present:
                 layer.parts[kind] = None
                 continue
             out, offset = {}, 0
@@ -660,6 +672,7 @@ class KFACPreconditioner:
                 out[key] = flat[offset : offset + numel].view(shape)
                 offset += numel
             layer.parts[kind] = out
+        return shared
 
     def apply(self) -> None:
         """Precondition every layer with decompositions, then scale by the KL-clip factor."""
@@ -667,26 +680,27 @@ class KFACPreconditioner:
         done: list[tuple[_Layer, Tensor, Tensor]] = []
         for layer in self.layers:
             a, g = layer.parts["A"], layer.parts["G"]
-            if a is None or g is None:
-                continue
-            m = layer.gradient()
-            if m is None:
-                continue
-            v = self.solver.apply(m, a, g, damping)
-            if not bool(torch.isfinite(v).all()):
-                if bool(torch.isfinite(m).all()):
-                    self._skip(layer, "non-finite preconditioned gradient; the plain one is used")
-                continue
-            done.append((layer, m, v))
+            m = layer.gradient() if a is not None and g is not None else None
+            if m is not None:
+                assert a is not None and g is not None
+                done.append((layer, m, self.solver.apply(m, a, g, damping)))
+        finite = _all_finite([t for _, m, v in done for t in (v, m)])  # one device sync
+        kept = []
+        for (layer, m, v), v_ok, m_ok in zip(done, finite[::2], finite[1::2]):
+            if v_ok:
+                kept.append((layer, m, v))
+            elif m_ok:  # a non-finite gradient is the caller's; a non-finite V ours
+                self._skip(layer, "non-finite preconditioned gradient; the plain one is used")
         nu = 1.0
         kappa = self.hyper("kl_clip")
-        if kappa is not None and done:
+        if kappa is not None and kept:
             lr = self.hyper("lr")
-            total = sum(float((v * m).sum().abs()) for _, m, v in done) * lr**2
+            products = torch.stack([(v * m).sum().abs().to(torch.float64) for _, m, v in kept])
+            total = float(products.sum()) * lr**2
             if total > 0 and math.isfinite(total):
                 nu = min(1.0, math.sqrt(kappa / total))
         self.last_kl_scale = nu
-        for layer, _, v in done:
+        for layer, _, v in kept:
             layer.set_gradient(v * nu if nu != 1.0 else v)
 
     def _skip(self, layer: _Layer, cause: str) -> None:
@@ -767,6 +781,18 @@ class KFACPreconditioner:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+#: the extra damping (times a factor's mean diagonal) of successive decomposition attempts
+_EXTRA_DAMPING = (0.0, 1e-6, 1e-3)
+
+
+def _all_finite(tensors: list[Tensor]) -> list[bool]:
+    """Whether each tensor is all finite, with one device synchronisation."""
+    if not tensors:
+        return []
+    device = tensors[0].device
+    return torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).tolist()
 
 
 def _all_reduce(tensors: list[Tensor]) -> list[Tensor]:
