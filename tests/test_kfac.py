@@ -763,7 +763,9 @@ def test_kfac_with_sgd_beats_sgd_alone_on_mnist(tmp_path):
     root = next((d for d in MNIST_DIRS if (d / "mnist").is_dir()), None)
     if root is None:
         pytest.skip(f"no mnist folder in {[str(d) for d in MNIST_DIRS]}")
-    kfac, sgd = _kfac_beats_sgd(tmp_path, dataset="mnist", data_dir=str(root), fraction=0.1,
-                                model="mlp", method="bp", epochs=2, batch_size=64,
+    """Two epochs on 5% of MNIST (the full test set), the same SGD (momentum 0.9, lr 0.003):
+    0.905 against 0.830 when written (seed 1: 0.895 / 0.838)."""
+    kfac, sgd = _kfac_beats_sgd(tmp_path, dataset="mnist", data_dir=str(root), fraction=0.05,
+                                model="mlp", width=0.25, method="bp", epochs=2, batch_size=64,
                                 lr=0.003)  # fmt: skip
-    assert kfac > sgd + 0.02, (kfac, sgd)
+    assert kfac > sgd + 0.03, (kfac, sgd)
