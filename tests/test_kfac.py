@@ -416,6 +416,14 @@ def test_non_finite_statistics_and_failed_decompositions_are_skipped(capsys, mon
         assert torch.equal(v, before[k])
     assert parts is not None
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    # a corrupted decomposition gives a non-finite V: the plain gradient is kept
+    precond.layers[1].parts["A"]["vectors"][0, 0, 0] = float("nan")
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    plain = grads_of(model[2]).clone()
+    precond.apply()
+    assert torch.equal(grads_of(model[2]), plain)
+    assert precond.skipped["2: non-finite preconditioned gradient; the plain one is used"] == 1
 
 
 def test_ill_conditioned_factor_keeps_the_inverse_finite():
