@@ -150,6 +150,7 @@ def test_conv_layer_matches_the_explicit_formula(method, groups):
     assert precond.layer_names == ["0"]
     F.cross_entropy(model(x), y).backward()
     weight_grad, bias_grad = conv.weight.grad.clone(), conv.bias.grad.clone()
+    head_grad = head.weight.grad.clone()
     precond.step()
 
     s = conv(x)
@@ -174,7 +175,7 @@ def test_conv_layer_matches_the_explicit_formula(method, groups):
         got = torch.cat([conv.weight.grad[rows].reshape(per_out, -1), conv.bias.grad[rows, None]],
                         1)  # fmt: skip
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
-    assert torch.equal(head.weight.grad, head.weight.grad)  # skipped layer untouched below
+    assert torch.equal(head.weight.grad, head_grad)  # the skipped layer is untouched
     assert precond.skipped == {}
 
 
@@ -485,6 +486,8 @@ def test_models_without_layers_and_mismatched_states_are_refused():
     wider = nn.Sequential(nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 2))
     with pytest.raises(ValueError, match=r"has shape \(1, 5, 5\), expected \(1, 6, 6\)"):
         KFACPreconditioner(wider, kl_clip=None).load_state_dict(eigen.state_dict())
+    with pytest.raises(ValueError, match="distributed=True needs an initialised"):
+        KFACPreconditioner(model, kl_clip=None, distributed=True)
     assert KFACPreconditioner(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)),
                               kl_clip=None).skipped_modules == ["1"]  # fmt: skip
 

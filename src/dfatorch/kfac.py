@@ -427,7 +427,10 @@ class KFACPreconditioner:
     Layers other than ``nn.Linear`` and ``nn.Conv2d`` (batch norm, ``Conv1d``), frozen layers and
     the engine's learned feedback keep their plain gradients (:attr:`skipped_modules` names the
     parametrised modules left out). The loss is assumed to be a mean over the batch (averaged
-    over ranks when data-parallel, as the trainer's and plain DDP's are).
+    over ranks when data-parallel, as the trainer's and plain DDP's are). Statistics are
+    recorded by every forward pass with gradients enabled (and the backward pass that follows)
+    while :attr:`capturing` is true, on the steps where factors update: run other passes (probes,
+    evaluation in train mode) under ``torch.no_grad()`` or with ``capturing = False``.
     """
 
     def __init__(
@@ -483,6 +486,8 @@ class KFACPreconditioner:
             )
         if distributed is None:
             distributed = dist.is_available() and dist.is_initialized()
+        elif distributed and not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("distributed=True needs an initialised torch.distributed group")
         self.world_size = dist.get_world_size() if distributed else 1
         self.rank = dist.get_rank() if distributed else 0
         self.owners = self._assign(self.world_size)
