@@ -255,6 +255,10 @@ def default_callbacks(config: TrainConfig) -> list[Callback]:
                 engine=config.private_engine,
             )
         )
+    if config.preconditioner == "kfac":
+        from .kfac import KFACCallback  # it imports this module
+
+        callbacks.append(KFACCallback(**config.kfac_options()))
     if config.activation_bits != 32:
         from .compression import ActivationCompression  # it imports this module
 

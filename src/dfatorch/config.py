@@ -19,6 +19,7 @@ from ._enums import StrEnum
 from .data import DATASET_NAMES, canonical_name
 from .engine import ConvError, Inner, Rule, Scope
 from .feedback import PATTERNS, STORAGES, make_pattern
+from .kfac import SOLVERS, Preconditioner
 from .models import ACTIVATIONS, MODELS
 
 __all__ = ["OptimizerName", "Schedule", "TrainConfig", "choices", "parse_options"]
@@ -196,6 +197,24 @@ class TrainConfig:
         choices=("native", "opacus"),
     )
 
+    preconditioner: Preconditioner = _field(
+        "none",
+        "precondition the gradients before the optimiser step: none, or kfac (K-FAC, Pauloski "
+        "et al. 2020; under DFA from the signal each layer receives)",
+        choices=Preconditioner,
+    )
+    kfac_method: str = _field(
+        "eigen",
+        "kfac: eigen (eigendecompositions, damping at every step) or inverse (factored "
+        "damping, inverses)",
+        choices=SOLVERS,
+    )
+    kfac_damping: float = _field(0.003, "kfac: the damping lambda")
+    kfac_factor_decay: float = _field(0.95, "kfac: running-average decay of the factors")
+    kfac_kl_clip: float = _field(0.001, "kfac: the KL-clip kappa (0: no clipping)")
+    kfac_factor_steps: int = _field(1, "kfac: update the factors every N steps")
+    kfac_inv_steps: int = _field(10, "kfac: recompute the decompositions every N steps")
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             source = f.metadata.get("choices")
@@ -234,6 +253,34 @@ class TrainConfig:
             raise ValueError("align_every: alignment probes do not support scope=module")
         if self.private:
             self._check_private()
+        self._check_kfac()
+
+    def _check_kfac(self) -> None:
+        if not self.kfac_damping > 0:
+            raise ValueError(f"kfac_damping must be > 0, got {self.kfac_damping}")
+        if not 0 <= self.kfac_factor_decay < 1:
+            raise ValueError(f"kfac_factor_decay must be in [0, 1), got {self.kfac_factor_decay}")
+        if not self.kfac_kl_clip >= 0:
+            raise ValueError(f"kfac_kl_clip must be >= 0 (0: off), got {self.kfac_kl_clip}")
+        for name in ("kfac_factor_steps", "kfac_inv_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.private and self.preconditioner is not Preconditioner.NONE:
+            raise ValueError(
+                "private: K-FAC's factors are computed from the training data outside the "
+                "clipped and noised update (not private); train without --preconditioner"
+            )
+
+    def kfac_options(self) -> dict[str, Any]:
+        """The :class:`~dfatorch.kfac.KFACPreconditioner` options this configuration sets."""
+        return {
+            "compute_method": self.kfac_method,
+            "damping": self.kfac_damping,
+            "factor_decay": self.kfac_factor_decay,
+            "kl_clip": self.kfac_kl_clip or None,
+            "factor_update_steps": self.kfac_factor_steps,
+            "inv_update_steps": self.kfac_inv_steps,
+        }
 
     def _check_private(self) -> None:
         if (self.target_epsilon is None) == (self.noise_multiplier is None):
