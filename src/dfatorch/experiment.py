@@ -438,7 +438,9 @@ def aggregate(exp: Experiment, results_dir: str | Path) -> dict[str, Any]:
 
 
 def format_value(value: Any) -> str:
-    """Short text for a table cell."""
+    """Short text for a table cell (``-`` where a cell has no value on this axis)."""
+    if value is None:
+        return "-"
     if isinstance(value, float):
         return f"{value:g}" if not math.isnan(value) else "nan"
     return str(value)
