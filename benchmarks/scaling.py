@@ -146,6 +146,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
         result = _phase(rank, world, args)
         if rank == 0:
             torch.save(result, out)
+        dist.barrier()  # leave together (see distributed.process_group)
     finally:
         dist.destroy_process_group()
 

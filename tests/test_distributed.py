@@ -13,22 +13,19 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from _spawn import spawn
 
 import dfatorch
 from dfatorch.data import BatchLoader, load_dataset
 from dfatorch.distributed import (
     DDPOptions,
     ProcessGroup,
-    _free_port,
     check_identical,
     gather_batch,
     shard_loss_scale,
@@ -98,28 +95,6 @@ def test_shard_loss_scale_gives_the_global_mean_gradient_for_uneven_shards():
 # -- spawned processes --------------------------------------------------------------------------
 
 
-def _spawn(fn: Any, world: int, *args: Any) -> None:
-    """Run ``fn(rank, world, *args)`` in ``world`` processes joined by a gloo group."""
-    port = _free_port()
-    mp.start_processes(
-        _entry, args=(fn, world, port, args), nprocs=world, start_method="spawn", join=True
-    )
-
-
-def _entry(rank: int, fn: Any, world: int, port: int, args: tuple[Any, ...]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
 def _model_and_batch(method: str, scope: str) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     model = build_model("small_cnn", (3, 16, 16), 10).double()
@@ -149,7 +124,7 @@ def _one_step_worker(rank: int, world: int, out: str) -> None:
 
 def test_one_step_on_two_processes_equals_one_process_on_the_global_batch(tmp_path):
     out = tmp_path / "grads.pt"
-    _spawn(_one_step_worker, 2, str(out))
+    spawn(_one_step_worker, 2, str(out))
     saved = torch.load(out)
     for method, scope in METHODS:
         model, _, x, y = _model_and_batch(method, scope)
@@ -180,7 +155,7 @@ def _feedback_worker(rank: int, world: int) -> None:
 
 
 def test_feedback_that_differs_between_ranks_is_refused():
-    _spawn(_feedback_worker, 2)
+    spawn(_feedback_worker, 2)
 
 
 def _trainer_worker(rank: int, world: int, root: str, config: dict[str, Any]) -> None:
@@ -210,7 +185,7 @@ def _trainer_worker(rank: int, world: int, root: str, config: dict[str, Any]) ->
 )
 def test_trainer_on_two_processes_matches_one_and_resumes_exactly(tmp_path, options):
     config = {**DIGITS, **options, "epochs": 3}
-    _spawn(_trainer_worker, 2, str(tmp_path / "two"), config)
+    spawn(_trainer_worker, 2, str(tmp_path / "two"), config)
     one = train(TrainConfig(**config), tmp_path / "one", progress=False).history
     two = read_metrics(tmp_path / "two" / "whole")
     split = read_metrics(tmp_path / "two" / "split")

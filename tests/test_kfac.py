@@ -15,13 +15,12 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from _spawn import spawn
 from torch import nn
 
 import dfatorch
-from dfatorch.distributed import DDPOptions, _free_port, shard_loss_scale
+from dfatorch.distributed import DDPOptions, shard_loss_scale
 from dfatorch.engine import attached_engine
 from dfatorch.kfac import (
     SOLVERS,
@@ -557,24 +556,6 @@ def test_state_dict_resumes_exactly(tmp_path):
 # -- two processes -----------------------------------------------------------------------------
 
 
-def _spawn(fn: Any, world: int, *args: Any) -> None:
-    port = _free_port()
-    mp.start_processes(_entry, args=(fn, world, port, args), nprocs=world, start_method="spawn",
-                       join=True)  # fmt: skip
-
-
-def _entry(rank: int, fn: Any, world: int, port: int, args: tuple[Any, ...]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float64)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
 CASES = [("dfa", "all", "eigen"), ("bp", "all", "inverse"), ("bdfa", "fc", "eigen")]
 
 
@@ -613,7 +594,7 @@ def _distributed_worker(rank: int, world: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_two_processes_precondition_as_one_on_the_global_batch(tmp_path):
-    _spawn(_distributed_worker, 2, str(tmp_path / "two.pt"))
+    spawn(_distributed_worker, 2, str(tmp_path / "two.pt"), default_dtype=torch.float64)
     two = torch.load(tmp_path / "two.pt")
     for case in CASES:
         one = _distributed_run(*case)
@@ -654,7 +635,7 @@ def _failure_worker(rank: int, world: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_a_failed_decomposition_on_one_rank_is_known_to_all(tmp_path):
-    _spawn(_failure_worker, 2, str(tmp_path / "r"))
+    spawn(_failure_worker, 2, str(tmp_path / "r"), default_dtype=torch.float64)
     r0, r1 = (torch.load(f"{tmp_path / 'r'}.{r}") for r in (0, 1))
     failed = [f"{name}: the decomposition of {k} failed; the previous one is kept"
               for (name, k), owner in r0["owners"].items() if owner == 1]  # fmt: skip
@@ -703,7 +684,7 @@ def test_trainer_on_two_processes_matches_one(tmp_path):
     config = {**FAST, "batch_size": 33, "epochs": 2, "fraction": 0.5, "method": "dfa",
               "scope": "all", "optimizer": "sgd", "lr": 0.02, "preconditioner": "kfac",
               "kfac_inv_steps": 3}  # fmt: skip
-    _spawn(_trainer_worker, 2, str(tmp_path / "two"), config)
+    spawn(_trainer_worker, 2, str(tmp_path / "two"), config, default_dtype=torch.float64)
     torch.set_default_dtype(torch.float32)
     one = train(TrainConfig(**config), tmp_path / "one", progress=False).history
     two = read_metrics(tmp_path / "two")

@@ -140,6 +140,9 @@ def process_group(device: torch.device, *, timeout_s: float = 600.0) -> Iterator
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     try:
         yield _describe()
+        # leave together: a rank tearing its transport down while a peer still writes its
+        # checkpoint can abort the peer (gloo's threads end in std::terminate)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
