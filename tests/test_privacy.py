@@ -194,7 +194,7 @@ def test_the_noise_has_the_calibrated_standard_deviation():
 # -- the trainer ------------------------------------------------------------------------------
 
 
-def test_poisson_batches_vary_and_include_each_example_with_probability_q():
+def test_poisson_batches_vary_around_the_expected_size_and_resume_exactly():
     data = load_dataset("digits").train
     kw = dict(shuffle=True, augment=False, mean=(0.5,), std=(0.25,), seed=5, poisson=True)
     loader = BatchLoader(data, 64, **kw)

@@ -162,7 +162,6 @@ class _NativeUpdates:
 
     def __init__(self, model: nn.Module) -> None:
         self.layers: list[nn.Module] = []
-        covered: set[int] = set()
         for name, module in model.named_modules():
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if not own:
@@ -177,7 +176,6 @@ class _NativeUpdates:
                     "private_engine='opacus' for other layers"
                 )
             self.layers.append(module)
-            covered.update(id(p) for p in own)
         self._inputs: dict[nn.Module, torch.Tensor] = {}
         self._grads: dict[nn.Module, torch.Tensor] = {}
         self._handles = [m.register_forward_hook(self._forward) for m in self.layers]

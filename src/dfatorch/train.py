@@ -660,9 +660,10 @@ def _train_epoch(
             if group.enabled:  # learned feedback lives outside the model DDP wraps
                 average_gradients(built.engine.parameters(), group)
             # every rank sees the global batch's loss (callbacks decide alike) and the same stop
+            local_loss = state.loss.item()  # one device sync for the loss per step
             loss_sum, seen, correct, stops = all_reduce_sum(
                 [
-                    state.loss.item() * len(y),
+                    local_loss * len(y),
                     len(y),
                     int((state.logits.detach().argmax(1) == y).sum()),
                     float(stop.requested),
@@ -670,7 +671,7 @@ def _train_epoch(
                 group,
                 built.device,
             )
-            state.loss_value = loss_sum / seen if group.enabled else state.loss.item()
+            state.loss_value = loss_sum / seen if group.enabled else local_loss
             for callback in callbacks:
                 callback.after_backward(state)
             for callback in callbacks:
