@@ -262,8 +262,17 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    files = args.files or sorted(str(p) for p in Path("experiments").glob("*.toml"))
-    print(f"wrote {write_report(files, results_root=args.results_root, out=args.out)}")
+    claims = Path(args.claims)
+    files = args.files or sorted(
+        str(p) for p in Path("experiments").glob("*.toml") if p.resolve() != claims.resolve()
+    )
+    written = write_report(
+        files,
+        results_root=args.results_root,
+        out=args.out,
+        claims=claims if claims.exists() else None,
+    )
+    print(f"wrote {written}")
     return 0
 
 
@@ -489,6 +498,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the results are (default: experiments/results)",
     )
     p.add_argument("--out", default="docs/RESULTS.md", help="default: docs/RESULTS.md")
+    p.add_argument(
+        "--claims",
+        default="experiments/claims.toml",
+        help="the claims the report opens with a verdict on (default: experiments/claims.toml; "
+        "skipped if absent)",
+    )
     p.set_defaults(func=cmd_report)
     return parser
 

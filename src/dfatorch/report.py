@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
 from ._io import write_json
+from .claims import load_claims, verdict_tables
 from .experiment import Experiment, aggregate, cell_results, format_value, load_experiment, select
 from .plots import plot_curves, save_figure
 from .rundir import RunDir
@@ -295,9 +296,14 @@ def write_report(
     results_root: str | Path = "experiments/results",
     out: str | Path = "docs/RESULTS.md",
     benchmarks: str | Path = "docs/benchmarks",
+    claims: str | Path | None = None,
     preamble: str = "",
 ) -> Path:
-    """Aggregate every experiment's results and write the Markdown report with its plots."""
+    """Aggregate every experiment's results and write the Markdown report with its plots.
+
+    With ``claims`` (a claims file, :mod:`dfatorch.claims`), the report opens with the verdict on
+    each claim, measured in these experiments' results.
+    """
     out = Path(out)
     figures = out.parent / "figures"
     lines = [
@@ -315,9 +321,12 @@ def write_report(
     if preamble:
         lines += [preamble, ""]
     experiments = sorted((load_experiment(f) for f in experiment_files), key=lambda e: e.order)
+    summaries = {exp.name: aggregate(exp, Path(results_root) / exp.name) for exp in experiments}
+    if claims is not None:
+        lines += _verdict_section(Path(claims), summaries)
     for exp in experiments:
         results_dir = Path(results_root) / exp.name
-        summary = aggregate(exp, results_dir)
+        summary = summaries[exp.name]
         write_json(results_dir / "summary.json", summary)
         axes = _axes(exp)
         lines += [f"## {exp.name}", ""]
@@ -366,6 +375,28 @@ def write_report(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     return out
+
+
+def _verdict_section(path: Path, summaries: dict[str, dict[str, Any]]) -> list[str]:
+    """The verdict on each published claim (from ``path``) and the comparisons behind it."""
+    head, detail = verdict_tables(load_claims(path), summaries)
+    return [
+        "## Verdicts",
+        "",
+        f"Each claim is tested by the comparisons listed in `{path}` (final test accuracy, "
+        "percentage points, the first named setting primary), each with Welch's 95% interval over "
+        "seeds. A comparison *holds* when its interval lies wholly on the claimed side of the "
+        "boundary, is *contradicted* when it lies wholly on the other side, and is *not shown* "
+        "when it straddles it; one seed on either side gives *no interval*. A claim's verdict "
+        "combines its comparisons that have an interval.",
+        "",
+        *head,
+        "",
+        "Every comparison:",
+        "",
+        *detail,
+        "",
+    ]
 
 
 def _speed_section(folder: Path) -> list[str]:
