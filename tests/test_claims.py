@@ -27,7 +27,7 @@ def test_welch_interval_equals_its_formula_and_scipy():
     assert d.p == pytest.approx(ref.pvalue, rel=1e-9)
     ci = ref.confidence_interval(0.95)
     assert (d.low, d.high) == pytest.approx((ci.low, ci.high), rel=1e-9)
-    assert (d.n_a, d.n_b) == (4, 3)
+    assert d.n == (4, 3)
     wide = welch(a, b, level=0.99)
     assert wide.low < d.low and wide.high > d.high
 
@@ -98,6 +98,11 @@ def test_an_ambiguous_or_unknown_setting_is_refused():
     loose = Claim(id="(x)", source="S", text="t", evidence=(Evidence("exp", "a", "b"),))
     with pytest.raises(ValueError, match="matches 2 grid points"):
         evaluate(loose, summary)
+    typo = Claim("(x)", "S", "t", evidence=(Evidence("exp", "a", "b", at={"fraction": 0.3}),))
+    with pytest.raises(ValueError, match="no grid point for a"):
+        evaluate(typo, summary)
+    summary["exp"]["cells_missing"] = 4  # a sweep that has not reached the point yet
+    assert evaluate(typo, summary)[0].verdict == "not run"
     with pytest.raises(ValueError, match="no experiment named 'nope'"):
         evaluate(Claim("(x)", "S", "t", evidence=(Evidence("nope", "a", "b"),)), summary)
 
@@ -116,7 +121,8 @@ def test_claims_file_checks(tmp_path):
     path = tmp_path / "claims.toml"
     good = (
         '[[claims]]\nid = "(1)"\nsource = "S"\ntext = "t"\nkind = "within"\nmargin = 1.0\n'
-        'evidence = [{ experiment = "e", method = "a", reference = "b", at = { fraction = 0.1 } }]\n'
+        'evidence = [{ experiment = "e", method = "a", reference = "b", '
+        "at = { fraction = 0.1 } }]\n"
     )
     path.write_text(good)
     (claim,) = load_claims(path)
@@ -124,7 +130,7 @@ def test_claims_file_checks(tmp_path):
     for bad, message in [
         (good.replace('"within"', '"beside"'), "is not one of"),
         (good.replace("margin = 1.0", "margin = 0.0"), "needs a positive margin"),
-        (good.replace('reference = "b", ', ""), "needs experiment, method and reference"),
+        (good.replace('reference = "b", ', ""), "evidence takes experiment, method, reference"),
         ('[[claims]]\nid = "(1)"\nsource = "S"\ntext = "t"\n', "say why it is not tested"),
     ]:
         path.write_text(bad)
@@ -151,3 +157,32 @@ def test_the_committed_claims_file_resolves_against_the_committed_results():
     assert names <= set(summaries)
     head, _ = verdict_tables(claims, summaries)
     assert len(head) == 2 + len(claims)
+
+
+def test_difference_of_differences_equals_its_formula():
+    """(a − b) − (c − d): the variances add, and the Welch–Satterthwaite df sums over 4 groups."""
+    from dfatorch._stats import contrast
+
+    groups = [[50.1, 51.0, 49.2], [60.0, 60.4, 59.1], [58.0, 57.1, 58.8, 57.5], [60.2, 61.0, 60.1]]
+    d = contrast(groups, [1, -1, -1, 1])
+    means = [statistics.fmean(g) for g in groups]
+    v = [statistics.variance(g) / len(g) for g in groups]
+    df = sum(v) ** 2 / sum(vi**2 / (len(g) - 1) for vi, g in zip(v, groups))
+    assert d.diff == pytest.approx(means[0] - means[1] - means[2] + means[3], abs=1e-12)
+    assert d.df == pytest.approx(df, rel=1e-12)
+    half = stats.t.ppf(0.975, df) * math.sqrt(sum(v))
+    assert (d.low, d.high) == pytest.approx((d.diff - half, d.diff + half), rel=1e-12)
+    assert d.n == (3, 3, 4, 3)
+
+
+def test_a_claim_against_a_baseline_point_compares_the_gaps():
+    rows = [
+        {"method": m, "b": b, "runs": [{"final_acc": v + dv} for dv in (0.0, 0.002, 0.004)]}
+        for m, b, v in [("dfa", 5, 0.30), ("bp", 5, 0.40), ("dfa", 800, 0.45), ("bp", 800, 0.46)]
+    ]
+    ev = Evidence("exp", "dfa", "bp", at={"b": 5}, baseline_at={"b": 800})
+    claim = Claim(id="(B)", source="S", text="t", kind="below", evidence=(ev,))
+    (c,) = evaluate(claim, {"exp": {"name": "exp", "rows": rows}})
+    assert c.difference.diff == pytest.approx(-9.0) and c.verdict == "holds"
+    _, detail = verdict_tables([claim], {"exp": {"name": "exp", "rows": rows}})
+    assert "(dfa − bp) − the same at b 800" in detail[2] and "against b 800" in detail[2]

@@ -271,3 +271,16 @@ def test_each_plotted_point_is_one_configuration(tmp_path):
     for series in acc.values():
         assert sorted(series) == [0.5, 1.0, 2.0]
         assert all(len(runs) == 1 for runs in series.values())
+
+
+def test_cells_waiting_for_their_search_count_as_missing(tmp_path):
+    from dfatorch.experiment import aggregate
+
+    path = tmp_path / "t.toml"
+    path.write_text(
+        'name = "t"\n[base]\ndataset = "digits"\n'
+        '[[methods]]\nlabel = "bp"\nmethod = "bp"\n'
+        "[[grid]]\nseed = [0, 1, 2]\n[tune]\nlr = [0.1, 0.3]\n"
+    )
+    summary = aggregate(load_experiment(path), tmp_path / "results")
+    assert summary["cells_missing"] == 3 and summary["rows"] == []

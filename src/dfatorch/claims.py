@@ -12,10 +12,14 @@ A claims file (``experiments/claims.toml``) lists each claim with the comparison
     method = "bdfa-fc"
     reference = "bp"
     at = { fraction = 0.02 }
+    baseline_at = { ... }   # optional: compare the difference at `at` with the one here
 
 or, for a claim no run tests, ``not_tested = "why"``. Each comparison is the difference of final
 test accuracy (points) between the two methods' seeds at one grid point, with Welch's 95%
-interval (:func:`dfatorch._stats.welch`). A comparison's verdict follows from its interval only:
+interval (:func:`dfatorch._stats.welch`); with ``baseline_at``, the difference at ``at`` minus the
+difference at ``baseline_at`` (a difference of differences, :func:`dfatorch._stats.contrast`), as
+in "DFA's gap to BP at a narrow layer, against its gap at full width". A comparison's verdict
+follows from its interval only:
 
 - ``below`` (the claim says A < B): *holds* if the interval lies below 0, *contradicted* if above;
 - ``above`` (A > B): *holds* if above 0, *contradicted* if below;
@@ -42,7 +46,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from ._stats import Difference, welch
+from ._stats import Difference, contrast
 from .experiment import format_value
 
 __all__ = ["Claim", "Comparison", "Evidence", "evaluate", "load_claims", "verdict_tables"]
@@ -59,6 +63,7 @@ class Evidence:
     method: str
     reference: str
     at: dict[str, Any] = field(default_factory=dict)
+    baseline_at: dict[str, Any] | None = None
     label: str = ""
 
 
@@ -105,9 +110,12 @@ def load_claims(path: str | Path) -> list[Claim]:
             raise ValueError(f"{where}: kind 'within' needs a positive margin (points)")
         evidence = []
         for ev in raw.get("evidence", []):
-            known = {"experiment", "method", "reference", "at", "label"}
+            known = {"experiment", "method", "reference", "at", "baseline_at", "label"}
             if set(ev) - known or not {"experiment", "method", "reference"} <= set(ev):
-                raise ValueError(f"{where}: evidence needs experiment, method and reference only")
+                raise ValueError(
+                    f"{where}: evidence takes experiment, method, reference (required), at, "
+                    "baseline_at and label"
+                )
             evidence.append(Evidence(**{**ev, "at": dict(ev.get("at", {}))}))
         if not evidence and not raw.get("not_tested"):
             raise ValueError(f"{where}: give evidence, or say why it is not tested (not_tested)")
@@ -138,6 +146,8 @@ def _finals(summary: Mapping[str, Any], method: str, at: Mapping[str, Any]) -> l
             "name the other axes in `at`"
         )
     if not rows:
+        if summary.get("cells_missing"):  # the sweep has not reached it (or its search) yet
+            return None
         raise ValueError(f"{summary['name']}: no grid point for {method} at {dict(at)}")
     finals = [100 * r["final_acc"] for r in rows[0]["runs"] if r["final_acc"] is not None]
     return finals or None
@@ -159,12 +169,13 @@ def evaluate(claim: Claim, summaries: Mapping[str, Mapping[str, Any]]) -> list[C
         if ev.experiment not in summaries:
             raise ValueError(f"claim {claim.id}: no experiment named {ev.experiment!r}")
         summary = summaries[ev.experiment]
-        a = _finals(summary, ev.method, ev.at)
-        b = _finals(summary, ev.reference, ev.at)
-        if a is None or b is None:
+        points = [ev.at] if ev.baseline_at is None else [ev.at, ev.baseline_at]
+        groups = [_finals(summary, m, at) for at in points for m in (ev.method, ev.reference)]
+        if any(g is None for g in groups):
             out.append(Comparison(ev, None, "not run"))
             continue
-        d = welch(a, b, LEVEL)
+        weights = [1.0, -1.0] if ev.baseline_at is None else [1.0, -1.0, -1.0, 1.0]
+        d = contrast(groups, weights, LEVEL)  # type: ignore[arg-type]
         out.append(Comparison(ev, d, _verdict(claim.kind, claim.margin, d)))
     return out
 
@@ -187,22 +198,35 @@ def overall(comparisons: Sequence[Comparison]) -> str:
     return "mixed: " + "; ".join(f"{v} in {k} of {n}" for v, k in ranked)
 
 
+def _point(at: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} {format_value(v)}" for k, v in at.items())
+
+
 def _setting(ev: Evidence) -> str:
-    where = ", ".join(f"{k} {format_value(v)}" for k, v in ev.at.items())
+    where = _point(ev.at)
+    if ev.baseline_at is not None:
+        where += f", against {_point(ev.baseline_at)}"
     label = f": {ev.label}" if ev.label else ""
     return ev.experiment + (f" ({where})" if where else "") + label
+
+
+def _compared(ev: Evidence) -> str:
+    if ev.baseline_at is None:
+        return f"{ev.method} − {ev.reference}"
+    return f"({ev.method} − {ev.reference}) − the same at {_point(ev.baseline_at)}"
 
 
 def _interval(d: Difference | None) -> tuple[str, str, str]:
     if d is None:
         return "-", "-", "-"
+    seeds = " vs ".join(str(k) for k in d.n) + " seeds"
     if d.low is None or d.high is None or d.p is None:
-        return f"{d.diff:+.2f}", "-", f"{d.n_a} vs {d.n_b} seeds"
+        return f"{d.diff:+.2f}", "-", seeds
     p = f"{d.p:.2g}" if d.p >= 1e-4 else "<1e-4"
     return (
         f"{d.diff:+.2f}",
         f"[{d.low:+.2f}, {d.high:+.2f}]",
-        f"Welch t, {d.n_a} vs {d.n_b} seeds, p(no difference) = {p}",
+        f"Welch t, {seeds}, p(no difference) = {p}",
     )
 
 
@@ -239,7 +263,7 @@ def verdict_tables(
         comparisons = evaluate(claim, summaries)
         first = comparisons[0]
         diff, interval, test = _interval(first.difference)
-        compared = f"{first.evidence.method} − {first.evidence.reference}"
+        compared = _compared(first.evidence)
         sections = sorted({c.evidence.experiment for c in comparisons})
         links = ", ".join(f"[{s}](#{s})" for s in sections)
         head.append(
@@ -249,7 +273,7 @@ def verdict_tables(
         for c in comparisons:
             diff, interval, test = _interval(c.difference)
             detail.append(
-                f"| {claim.id} | {_setting(c.evidence)} | {c.evidence.method} − "
-                f"{c.evidence.reference} | {diff} | {interval} | {test} | {c.verdict} |"
+                f"| {claim.id} | {_setting(c.evidence)} | {_compared(c.evidence)} | {diff} | "
+                f"{interval} | {test} | {c.verdict} |"
             )
     return head, detail

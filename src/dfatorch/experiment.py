@@ -391,8 +391,10 @@ def aggregate(exp: Experiment, results_dir: str | Path) -> dict[str, Any]:
     chosen, search = select(exp, results_dir)
     rows: dict[str, dict[str, Any]] = {}
     machines = set()
-    missing = 0
-    for cell in exp.cells(chosen or None):
+    cells = exp.cells(chosen or None)
+    # the cells of groups whose search has not finished are missing too
+    missing = len(exp.cells({g: {} for g in _all_groups(exp)})) - len(cells) if exp.tune else 0
+    for cell in cells:
         history = cell_results(results_dir, cell)
         group = {k: v for k, v in cell.labels.items() if k != "seed"}
         key = json.dumps(group, sort_keys=True)

@@ -183,8 +183,9 @@ def _build(
     }
     if config.activation is not None:
         options["activation"] = config.activation
-    if config.trainable_units is not None:
-        options["trainable_units"] = config.trainable_units
+    for name in ("bottleneck", "trainable_units"):  # MLP-only options, passed when set
+        if getattr(config, name) is not None:
+            options[name] = getattr(config, name)
     model = build_model(config.model, splits.input_shape, splits.num_classes, **options).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
