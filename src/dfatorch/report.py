@@ -657,11 +657,20 @@ def _activation_memory_section(path: Path) -> list[str]:
 
 
 def _tracking_section(folder: Path, out: Path) -> list[str]:
-    """The tracker comparison written by ``dfatorch track-eval`` (its report.md), with the
-    backbone's pre-training record and the success/precision plot."""
-    report = folder / "report.md"
-    if not report.exists():
+    """The tracker comparison of one ``dfatorch track-eval`` results folder, recomputed from its
+    per-run records (boxes and ground truth of every frame), with the backbone's pre-training
+    record and the success/precision plot."""
+    from .engine import Rule
+    from .tracking.evaluate import Experiment as TrackingRuns
+    from .tracking.evaluate import plot_report
+    from .tracking.run import report_tables, tracker_label
+
+    names = {r.value: tracker_label(r) for r in Rule if (folder / tracker_label(r)).is_dir()}
+    if not names:
         return []
+    first = folder / next(iter(names.values()))
+    sequences = sorted({p.stem for p in first.glob("seed*/*.json")})
+    report = TrackingRuns(folder, sequences, out_dir=folder).report(list(names.values()))
     lines = [
         f"## Online tracking: `{folder.name}`",
         "",
@@ -669,7 +678,9 @@ def _tracking_section(folder: Path, out: Path) -> list[str]:
         "BDFA while the video plays; OTB one-pass evaluation on the four sequences in "
         "`../shared/datasets/otb`. Rerun: `experiments/tracking.sh` (resumable). The tracker's "
         "settings were chosen looking at these same four sequences (no other videos are here to "
-        "hold out), so the absolute scores are optimistic; every rule runs with the same settings.",
+        "hold out), so the absolute scores are optimistic; every rule runs with the same settings. "
+        f"The tables are recomputed from the per-run records in `{folder}` (every frame's box and "
+        "ground truth).",
         "",
     ]
     provenance = folder / "provenance.json"
@@ -695,14 +706,8 @@ def _tracking_section(folder: Path, out: Path) -> list[str]:
             f"{100 * backbone[-1]['test_acc']:.2f}% (record in `{folder / 'backbone'}`).",
             "",
         ]
-    # the tracker's own "Backbone:" line names the file on the machine that ran it: the line
-    # above says the same without a machine path
-    body = [ln for ln in report.read_text().splitlines() if not ln.startswith("Backbone: ")]
-    lines += [line.replace("# ", "### ", 1) if line.startswith("# ") else line for line in body]
-    png = folder / "success_precision.png"
-    if png.exists():
-        figure = out.parent / "figures" / f"{folder.name}-success_precision.png"
-        figure.parent.mkdir(parents=True, exist_ok=True)
-        figure.write_bytes(png.read_bytes())
-        lines += ["", f"![success and precision plots]({figure.relative_to(out.parent)})", ""]
-    return lines
+    lines += report_tables(report, names)
+    figure = out.parent / "figures" / f"{folder.name}-success_precision.png"
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    plot_report(report, figure)
+    return [*lines, "", f"![success and precision plots]({figure.relative_to(out.parent)})", ""]
