@@ -434,7 +434,7 @@ def test_report_recomputes_tracking_tables_from_the_per_frame_records(tmp_path):
     expected = {}
     for rule, shift in (("bp", 2.0), ("dfa", 6.0)):
         for seed in (0, 1):
-            boxes = gt + [[shift + seed, 0.0, 0.0, 0.0]]
+            boxes = gt + np.array([shift + seed, 0.0, 0.0, 0.0])
             r = SequenceResult.from_boxes("Seq", f"mdnet-{rule}", boxes, gt, track_seconds=1.0)
             record = r.to_dict() | {"success_auc": 0.999, "seed": seed}  # tampered score
             write_json(tmp_path / "tracking" / f"mdnet-{rule}" / f"seed{seed}" / "Seq.json", record)
