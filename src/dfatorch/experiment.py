@@ -7,6 +7,7 @@ hyper-parameter search on a validation split::
     description = "..."
     order = 1                   # optional: position in the report
     reference = "bp"            # optional: the method the report's differences are taken to
+    targets = [0.5, 0.55]       # optional: the report gives epochs and seconds to these accuracies
 
     [base]                      # TrainConfig fields shared by every cell
     dataset = "cifar10"
@@ -88,6 +89,7 @@ class Experiment:
     tune: dict[str, Any] | None = None
     order: int = 100  #: where the report puts it (lower first)
     reference: str = "bp"  #: the method the report's difference table subtracts
+    targets: tuple[float, ...] = ()  #: test accuracies the report times each run to
 
     @property
     def tune_axes(self) -> dict[str, list[Any]]:
@@ -198,7 +200,8 @@ def load_experiment(path: str | Path) -> Experiment:
             data = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: not a valid experiment file (TOML: {exc})") from None
-    known = {"name", "description", "order", "reference", "base", "methods", "grid", "tune"}
+    known = {"name", "description", "order", "reference", "targets", "base", "methods", "grid"}
+    known.add("tune")
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown} (known: {sorted(known)})")
@@ -211,6 +214,8 @@ def load_experiment(path: str | Path) -> Experiment:
         stray = sorted(set(block.get("methods", [])) - set(labels))
         if stray:
             raise ValueError(f"{path}: a [[grid]] block names unknown methods {stray}")
+    if not all(0 < float(t) <= 1 for t in data.get("targets", ())):
+        raise ValueError(f"{path}: targets are test accuracies in (0, 1], got {data['targets']}")
     exp = Experiment(
         name=data["name"],
         path=path,
@@ -221,6 +226,7 @@ def load_experiment(path: str | Path) -> Experiment:
         tune=data.get("tune"),
         order=int(data.get("order", 100)),
         reference=str(data.get("reference", "bp")),
+        targets=tuple(float(t) for t in data.get("targets", ())),
     )
     # build every cell once so that a typo fails now, not hours into the sweep
     for cell in exp.tuning_cells() + exp.cells({g: {} for g in _all_groups(exp)}):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -111,6 +112,50 @@ def _versus_table(summary: dict[str, Any], axes: list[str], reference: str = "bp
     return lines if len(lines) > 2 else []
 
 
+def time_to_accuracy(history: Sequence[dict[str, Any]], target: float) -> tuple[int, float] | None:
+    """The first epoch whose test accuracy reaches ``target`` and the training seconds up to and
+    including it (the sum of ``epoch_seconds``; evaluation time excluded), or ``None``."""
+    seconds = 0.0
+    for record in history:
+        seconds += record.get("epoch_seconds") or 0.0
+        acc = record.get("test_acc")
+        if acc is not None and acc >= target:
+            return int(record["epoch"]), seconds
+    return None
+
+
+def _time_to_target_table(exp: Experiment, results_dir: Path, axes: list[str]) -> list[str]:
+    """Per method and grid point: the median epochs and training seconds over seeds to each of
+    the experiment's target accuracies, and how many seeds reached it."""
+    chosen, _ = select(exp, results_dir)
+    runs: dict[tuple[str, ...], list[list[dict[str, Any]]]] = defaultdict(list)
+    for cell in exp.cells(chosen or None):
+        history = cell_results(results_dir, cell)
+        if history is not None:
+            key = (cell.labels["method"], *(format_value(cell.labels.get(a)) for a in axes))
+            runs[key].append(history)
+    if not runs or not exp.targets:
+        return []
+    head = ["method", *axes]
+    for t in exp.targets:
+        head += [f"epochs to {100 * t:g}%", f"seconds to {100 * t:g}%"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---|" * (len(head) - 1)]
+    for key, histories in runs.items():
+        cells = list(key)
+        for t in exp.targets:
+            hits = [r for r in (time_to_accuracy(h, t) for h in histories) if r is not None]
+            if not hits:
+                cells += [f"not reached (0 of {len(histories)})", "-"]
+                continue
+            reached = "" if len(hits) == len(histories) else f" ({len(hits)} of {len(histories)})"
+            cells += [
+                f"{statistics.median(e for e, _ in hits):g}{reached}",
+                f"{statistics.median(s for _, s in hits):.0f}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _search_table(summary: dict[str, Any]) -> list[str]:
     search, chosen = summary["search"], summary["chosen"]
     if not search:
@@ -147,6 +192,10 @@ def _curves(exp: Experiment, results_dir: Path, figures: Path, axes: list[str]) 
         path = figures / f"{exp.name}-curves-{slug}.png"
         plot_curves(runs, path, title=f"{exp.name}: {point}")
         paths.append(path)
+        if exp.targets:  # time to accuracy: the same curves against training seconds
+            path = figures / f"{exp.name}-seconds-{slug}.png"
+            plot_curves(runs, path, title=f"{exp.name}: {point}", x="seconds")
+            paths.append(path)
     return paths
 
 
@@ -350,6 +399,16 @@ def write_report(
             lines += [f"Difference to `{exp.reference}` at the same grid point (percentage points; "
                       "± the standard error over seeds):", ""]  # fmt: skip
             lines += [*versus, ""]
+        timed = _time_to_target_table(exp, results_dir, axes)
+        if timed:
+            lines += [
+                "Time to a target test accuracy (median over seeds of the first epoch that "
+                "reaches it, and of the training seconds up to it, evaluation excluded; a seed "
+                "that never reaches it is left out of the medians and counted):",
+                "",
+                *timed,
+                "",
+            ]
         search = _search_table(summary)
         if search:
             lines += ["Search on the validation split (one seed):", "", *search, ""]
