@@ -497,6 +497,7 @@ def _speed_section(folder: Path) -> list[str]:
     lines += _activation_memory_section(folder / "activation_memory.json")
     lines += _scaling_section(folder / "scaling.json")
     lines += _private_step_section(folder / "private_step_time.json")
+    lines += _kfac_overhead_section(folder / "kfac_overhead.json")
     track = folder / "tracking_speed.json"
     if track.exists():
         data = json.loads(track.read_text())
@@ -606,6 +607,37 @@ def _private_step_section(path: Path) -> list[str]:
                 f"| {model} | {method} | {r['off']['ms_median']:.1f} | "
                 f"{r['native']['ms_median']:.1f} ({r['native']['ratio_to_non_private']:.2f}) | "
                 f"{r['opacus']['ms_median']:.1f} ({r['opacus']['ratio_to_non_private']:.2f}) |"
+            )
+    return [*lines, ""]
+
+
+def _kfac_overhead_section(path: Path) -> list[str]:
+    """The table of ``benchmarks/kfac_overhead.py``'s JSON: what K-FAC adds to a step, by part."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    m, cfg = data["machine"], data["config"]
+    lines = [
+        "## Speed: K-FAC preconditioning",
+        "",
+        f"`{data['command']}` ({m['processor']}, {m['threads']} threads, torch {m['torch']}; batch "
+        f"{cfg['batch_size']}, {cfg['rounds']} interleaved rounds after {cfg['warmup']} warm-up, "
+        f"medians; `{cfg['compute_method']}` decompositions every {cfg['inv_steps']} steps). "
+        "Milliseconds: the plain step (forward, backward, SGD), what the statistics' hooks and the "
+        "running averages add (*factor*), one decomposition of every factor (*eigen*, and its "
+        "share per step), applying the preconditioner and the KL clip (*apply*), and the K-FAC "
+        "step with its ratio to the plain one.",
+        "",
+        "| model | method | plain | factor | eigen (per step) | apply | K-FAC step (ratio) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model, methods in data["models"].items():
+        for method, r in methods.items():
+            t = r["ms_median"]
+            lines.append(
+                f"| {model} | {method} | {t['plain']:.1f} | {t['factor']:.1f} | "
+                f"{t['eigen']:.1f} ({t['eigen_per_step']:.1f}) | {t['apply']:.1f} | "
+                f"{t['kfac_step']:.1f} ({r['ratio_to_plain']:.2f}) |"
             )
     return [*lines, ""]
 
