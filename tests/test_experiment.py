@@ -311,3 +311,52 @@ def test_time_to_accuracy_counts_training_seconds_to_the_first_epoch_at_the_targ
     path.write_text('name = "t"\ntargets = [50]\n[[methods]]\nlabel = "bp"\nmethod = "bp"\n')
     with pytest.raises(ValueError, match=r"targets are test accuracies in \(0, 1\]"):
         load_experiment(path)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows")
+def test_a_worker_waits_for_a_search_another_worker_runs_then_shares_its_cells(swept):
+    """A worker that finishes its share while another worker still runs a search waits for it
+    and then trains that group's measured cells, instead of leaving them to the other worker."""
+    import fcntl
+    import threading
+
+    from dfatorch.experiment import _run_cell
+
+    exp_file, runs, results = swept
+    exp = load_experiment(exp_file)
+    search = exp.tuning_cells()[3]  # tune/bdfa/.../lr=0.003
+    for cell in exp.cells(select(exp, results / "tiny")[0]):
+        if cell.labels["method"] == "bdfa":
+            shutil.rmtree(results / "tiny" / cell.key)
+    shutil.rmtree(results / "tiny" / search.key)
+    held, release = threading.Event(), threading.Event()
+
+    def other_worker() -> None:
+        with open(runs / "tiny" / f"{search.key}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            held.set()
+            release.wait(30)
+            _run_cell(search, runs / "tiny", results / "tiny", progress=False)
+
+    thread = threading.Thread(target=other_worker)
+    thread.start()
+    held.wait(30)
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if "waiting" in line:
+            release.set()  # the other worker finishes its search only once we wait for it
+
+    summary = run_experiment(exp, runs_root=runs, results_root=results, progress=False, log=log,
+                             poll_seconds=0.05)  # fmt: skip
+    thread.join()
+    assert summary["cells_missing"] == 0
+    assert lines[:2] == [
+        f"[tiny] search 1/1: {search.key} (another worker's)",
+        "[tiny] waiting for another worker's search",
+    ]
+    assert [line.split(": ")[1] for line in lines[2:]] == [
+        "bdfa/fraction=0.5/seed=0",
+        "bdfa/fraction=0.5/seed=1",
+    ]

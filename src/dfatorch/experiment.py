@@ -45,6 +45,7 @@ import json
 import math
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -362,10 +363,16 @@ def run_experiment(
     progress: bool = True,
     log: Callable[[str], None] = print,
     nproc: int = 1,
+    poll_seconds: float = 20.0,
 ) -> dict[str, Any]:
     """Run every unfinished cell (search first, then the measured cells whose search is done),
     then aggregate. Returns the summary (also written to ``results_root/NAME/summary.json``).
-    ``nproc > 1`` trains each cell data-parallel in that many processes."""
+    ``nproc > 1`` trains each cell data-parallel in that many processes.
+
+    A worker whose own share is done while another worker still runs a search waits for that
+    search (checking every ``poll_seconds``) and then shares its group's measured cells, instead
+    of leaving them all to the other worker.
+    """
     runs_dir = Path(runs_root) / exp.name
     results_dir = Path(results_root) / exp.name
     index, count = shard
@@ -383,9 +390,32 @@ def run_experiment(
                 log(f"[{exp.name}] {what} {n}/{len(todo)}: {cell.key}")
                 _run_cell(cell, runs_dir, results_dir, progress, nproc)
 
+    def searches_held_elsewhere() -> bool:
+        for cell in exp.tuning_cells():
+            if cell_results(results_dir, cell) is None:
+                with _cell_lock(runs_dir / f"{cell.key}.lock") as held:
+                    if not held:
+                        return True
+        return False
+
     run(exp.tuning_cells(), "search")
-    chosen, _ = select(exp, results_dir)
-    run(exp.cells(chosen), "cell")
+    seen: set[str] = set()
+    waiting = False
+    while True:
+        busy = searches_held_elsewhere()  # before select: a search ending now is seen there
+        chosen, _ = select(exp, results_dir)
+        fresh = [c for c in exp.cells(chosen) if c.key not in seen]
+        if fresh:
+            waiting = False
+            seen.update(c.key for c in fresh)
+            run(fresh, "cell")
+            continue
+        if not busy:
+            break
+        if not waiting:
+            log(f"[{exp.name}] waiting for another worker's search")
+            waiting = True
+        time.sleep(poll_seconds)
     summary = aggregate(exp, results_dir)
     write_json(results_dir / "summary.json", summary)
     return summary
