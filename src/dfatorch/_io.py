@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import pickle
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -34,6 +35,20 @@ def atomic_write(path: str | Path, write: Callable[[IO[Any]], None], mode: str =
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def read_toml(path: str | Path, kind: str) -> dict[str, Any]:
+    """Parse a TOML file; a syntax error becomes one ``ValueError`` line naming the file and
+    what it should have been (``kind``: "experiment file", "claims file")."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        with Path(path).open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not a valid {kind} (TOML: {exc})") from None
 
 
 def write_json(path: str | Path, data: Any, *, indent: int | None = 1) -> None:

@@ -34,18 +34,13 @@ agree, else *mixed* with the counts.
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
+from ._io import read_toml
 from ._stats import Difference, contrast
 from .experiment import format_value
 
@@ -92,11 +87,7 @@ class Comparison:
 def load_claims(path: str | Path) -> list[Claim]:
     """Read and check a claims file (see the module docstring)."""
     path = Path(path)
-    try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not a valid claims file (TOML: {exc})") from None
+    data = read_toml(path, "claims file")
     claims = []
     for i, raw in enumerate(data.get("claims", [])):
         where = f"{path}: claim {raw.get('id', i + 1)}"

@@ -44,7 +44,6 @@ import itertools
 import json
 import math
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -52,12 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-from ._io import write_json
+from ._io import read_toml, write_json
 from ._stats import mean_std
 from .rundir import RunDir
 from .train import TrainConfig, summarize, train
@@ -196,11 +190,7 @@ def _group_key(label: str, fixed: dict[str, Any]) -> str:
 def load_experiment(path: str | Path) -> Experiment:
     """Read and check an experiment file."""
     path = Path(path)
-    try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not a valid experiment file (TOML: {exc})") from None
+    data = read_toml(path, "experiment file")
     known = {"name", "description", "order", "reference", "targets", "base", "methods", "grid"}
     known.add("tune")
     unknown = sorted(set(data) - known)

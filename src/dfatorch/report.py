@@ -583,20 +583,28 @@ def _feedback_cost_section(path: Path) -> list[str]:
     return lines
 
 
+def _timed_rounds(data: dict[str, Any]) -> str:
+    """The opening of a benchmark's paragraph: its command, machine and timing protocol (the
+    caller closes the parenthesis)."""
+    m, cfg = data["machine"], data["config"]
+    return (
+        f"`{data['command']}` ({m['processor']}, {m['threads']} threads, torch {m['torch']}; batch "
+        f"{cfg['batch_size']}, {cfg['rounds']} interleaved rounds after {cfg['warmup']} warm-up, "
+        "medians"
+    )
+
+
 def _private_step_section(path: Path) -> list[str]:
     """The table of ``benchmarks/private_step_time.py``'s JSON: what privacy costs a step."""
     if not path.exists():
         return []
     data = json.loads(path.read_text())
-    m, cfg = data["machine"], data["config"]
     lines = [
         "## Speed: private training",
         "",
-        f"`{data['command']}` ({m['processor']}, {m['threads']} threads, torch {m['torch']}; batch "
-        f"{cfg['batch_size']}, {cfg['rounds']} interleaved rounds after {cfg['warmup']} warm-up, "
-        "medians). Milliseconds per training step and the ratio to the same method without "
-        "privacy; *native*: per-example updates from each layer's input and output gradient, "
-        "*opacus*: opacus's per-sample gradients; both clip and noise alike.",
+        _timed_rounds(data) + "). Milliseconds per training step and the ratio to the same "
+        "method without privacy; *native*: per-example updates from each layer's input and "
+        "output gradient, *opacus*: opacus's per-sample gradients; both clip and noise alike.",
         "",
         "| model | method | no privacy ms | native ms (ratio) | opacus ms (ratio) |",
         "|---|---|---|---|---|",
@@ -616,13 +624,12 @@ def _kfac_overhead_section(path: Path) -> list[str]:
     if not path.exists():
         return []
     data = json.loads(path.read_text())
-    m, cfg = data["machine"], data["config"]
+    cfg = data["config"]
     lines = [
         "## Speed: K-FAC preconditioning",
         "",
-        f"`{data['command']}` ({m['processor']}, {m['threads']} threads, torch {m['torch']}; batch "
-        f"{cfg['batch_size']}, {cfg['rounds']} interleaved rounds after {cfg['warmup']} warm-up, "
-        f"medians; `{cfg['compute_method']}` decompositions every {cfg['inv_steps']} steps). "
+        _timed_rounds(data) + f"; `{cfg['compute_method']}` decompositions every "
+        f"{cfg['inv_steps']} steps). "
         "Milliseconds: the plain step (forward, backward, SGD), what the statistics' hooks and the "
         "running averages add (*factor*), one decomposition of every factor (*eigen*, and its "
         "share per step), applying the preconditioner and the KL clip (*apply*), and the K-FAC "
