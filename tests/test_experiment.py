@@ -360,3 +360,15 @@ def test_a_worker_waits_for_a_search_another_worker_runs_then_shares_its_cells(s
         "bdfa/fraction=0.5/seed=0",
         "bdfa/fraction=0.5/seed=1",
     ]
+
+
+def test_an_experiment_may_declare_its_processes(tmp_path):
+    path = tmp_path / "t.toml"
+    body = '\n[base]\ndataset = "digits"\n[[methods]]\nlabel = "bp"\nmethod = "bp"\n'
+    path.write_text('name = "t"\nnproc = 2' + body)
+    assert load_experiment(path).nproc == 2
+    path.write_text('name = "t"' + body)
+    assert load_experiment(path).nproc == 1
+    path.write_text('name = "t"\nnproc = 0' + body)
+    with pytest.raises(ValueError, match="nproc must be a positive integer"):
+        load_experiment(path)

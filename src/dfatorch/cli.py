@@ -253,7 +253,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             results_root=args.results_root,
             shard=args.shard,
             progress=not args.no_progress,
-            nproc=args.nproc,
+            nproc=args.nproc or exp.nproc,
         )
         print(f"{exp.name}: {len(summary['rows'])} rows, {summary['cells_missing']} cells missing")
     return 0
@@ -481,8 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--list", action="store_true", help="list the cells and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--nproc", type=_positive_int, default=1, metavar="N",
-                   help="train each cell in N data-parallel processes (default: 1)")  # fmt: skip
+    p.add_argument("--nproc", type=_positive_int, default=None, metavar="N",
+                   help="train each cell in N data-parallel processes (default: the file's "
+                        "nproc, else 1)")  # fmt: skip
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser(

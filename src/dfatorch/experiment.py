@@ -8,6 +8,7 @@ hyper-parameter search on a validation split::
     order = 1                   # optional: position in the report
     reference = "bp"            # optional: the method the report's differences are taken to
     targets = [0.5, 0.55]       # optional: the report gives epochs and seconds to these accuracies
+    nproc = 2                   # optional: train each cell data-parallel (as --nproc)
 
     [base]                      # TrainConfig fields shared by every cell
     dataset = "cifar10"
@@ -85,6 +86,7 @@ class Experiment:
     order: int = 100  #: where the report puts it (lower first)
     reference: str = "bp"  #: the method the report's difference table subtracts
     targets: tuple[float, ...] = ()  #: test accuracies the report times each run to
+    nproc: int = 1  #: data-parallel processes per cell (``dfatorch experiment --nproc`` overrides)
 
     @property
     def tune_axes(self) -> dict[str, list[Any]]:
@@ -191,8 +193,8 @@ def load_experiment(path: str | Path) -> Experiment:
     """Read and check an experiment file."""
     path = Path(path)
     data = read_toml(path, "experiment file")
-    known = {"name", "description", "order", "reference", "targets", "base", "methods", "grid"}
-    known.add("tune")
+    known = {"name", "description", "order", "reference", "targets", "nproc", "base", "methods"}
+    known |= {"grid", "tune"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown} (known: {sorted(known)})")
@@ -205,6 +207,8 @@ def load_experiment(path: str | Path) -> Experiment:
         stray = sorted(set(block.get("methods", [])) - set(labels))
         if stray:
             raise ValueError(f"{path}: a [[grid]] block names unknown methods {stray}")
+    if not (isinstance(data.get("nproc", 1), int) and data.get("nproc", 1) >= 1):
+        raise ValueError(f"{path}: nproc must be a positive integer, got {data['nproc']!r}")
     if not all(0 < float(t) <= 1 for t in data.get("targets", ())):
         raise ValueError(f"{path}: targets are test accuracies in (0, 1], got {data['targets']}")
     exp = Experiment(
@@ -218,6 +222,7 @@ def load_experiment(path: str | Path) -> Experiment:
         order=int(data.get("order", 100)),
         reference=str(data.get("reference", "bp")),
         targets=tuple(float(t) for t in data.get("targets", ())),
+        nproc=int(data.get("nproc", 1)),
     )
     # build every cell once so that a typo fails now, not hours into the sweep
     for cell in exp.tuning_cells() + exp.cells({g: {} for g in _all_groups(exp)}):
