@@ -957,9 +957,19 @@ class DFAEngine(nn.Module):
             raise RuntimeError(f"layers {missing} gave no feedback point in this pass")
         seen = [0] * len(self.points)
         steps = []
-        for k in owners:
+        first: list[Tensor | None] = [None] * len(self.points)
+        for point, k in zip(points, owners):
             steps.append(seen[k])
             seen[k] += 1
+            start = first[k]
+            if start is None:
+                first[k] = point
+            elif point.shape != start.shape:
+                raise ValueError(
+                    f"the state of layer {self.points[k][0]!r} changed from {tuple(start.shape)} "
+                    f"to {tuple(point.shape)} between steps: variable-length sequences (shrinking "
+                    "batches, packed sequences) are not supported; pad them to one length"
+                )
         if y.dim() == 3:
             if self.error_transforms or self.signal_transforms:
                 raise ValueError(

@@ -48,10 +48,10 @@ from torch import nn
 
 __all__ = [
     "MODELS",
+    "RECURRENT_MODELS",
     "BasicBlock",
     "LayerCost",
     "ModelStats",
-    "RECURRENT_MODELS",
     "RecurrentNet",
     "ResNet20",
     "build_model",
@@ -397,6 +397,11 @@ class RecurrentNet(nn.Module):
         return x.permute(0, 2, 1, 3).reshape(n, steps, c * w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"{self.kind} takes a padded (N, C, T, W) tensor, got {type(x).__name__}: "
+                "variable-length sequences (PackedSequence) are not supported"
+            )
         seq = self.sequence(x)
         last = len(self.cells) - 1
         for i, cell in enumerate(self.cells):
@@ -424,7 +429,9 @@ def _recurrent(cell: str) -> Callable[..., RecurrentNet]:
             kw.pop("activation", None)
         return RecurrentNet(input_shape, num_classes, cell=cell, **kw)
 
-    build.__doc__ = f"The zoo's ``{cell}``: a :class:`RecurrentNet` of ``nn.{_CELLS[cell].__name__}``."
+    build.__doc__ = (
+        f"The zoo's ``{cell}``: a :class:`RecurrentNet` of ``nn.{_CELLS[cell].__name__}``."
+    )
     return build
 
 

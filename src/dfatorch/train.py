@@ -106,7 +106,6 @@ def cross_entropy(logits: Tensor, targets: Tensor, reduction: str = "mean") -> T
     return F.cross_entropy(logits, targets, reduction=reduction)
 
 
-
 def resolve_device(name: str) -> torch.device:
     """``"auto"``: CUDA if available, else the CPU; anything else as ``torch.device``."""
     if name == "auto":

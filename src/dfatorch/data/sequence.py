@@ -45,7 +45,9 @@ def permuted(splits: DatasetSplits, seed: int = PERMUTATION_SEED) -> DatasetSpli
     return DatasetSplits(apply(splits.train), apply(splits.test), splits.mean, splits.std)
 
 
-def text_windows(ids: torch.Tensor, seq_len: int, classes: tuple[str, ...], name: str) -> ImageDataset:
+def text_windows(
+    ids: torch.Tensor, seq_len: int, classes: tuple[str, ...], name: str
+) -> ImageDataset:
     """Non-overlapping windows of ``seq_len`` ids ``(N, 1, T, 1)`` and their next ids ``(N, T)``."""
     count = (len(ids) - 1) // seq_len
     if count < 1:
