@@ -55,6 +55,10 @@ def _table(summary: dict[str, Any], axes: list[str], exp: Experiment | None = No
     # no seconds per epoch: on a shared machine they measure contention, not the method (the
     # benchmark sections time the methods)
     header = ["method", *axes, "seeds", "final acc (%)", "best acc (%)"]
+    # language modelling: bits per character on the test text (lower is better)
+    bpc = any(r.get("final_bpc_mean") is not None for r in summary["rows"])
+    if bpc:
+        header.append("test bits/char")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in summary["rows"]))}
     points = exp._grid_points() if exp is not None else []
@@ -73,6 +77,8 @@ def _table(summary: dict[str, Any], axes: list[str], exp: Experiment | None = No
             _pm(row["final_acc_mean"], row["final_acc_std"]),
             _pm(row["best_acc_mean"], row["best_acc_std"]),
         ]
+        if bpc:
+            cells.append(_pm(row.get("final_bpc_mean"), row.get("final_bpc_std"), scale=1.0))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

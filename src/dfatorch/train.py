@@ -776,7 +776,8 @@ def is_finished(run_dir: str | Path) -> bool:
 
 def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
     """Final and best evaluation accuracy (test if evaluated, else validation), final loss, epochs
-    and mean seconds per epoch of a run's history."""
+    and mean seconds per epoch of a run's history; for language modelling also the final bits per
+    character (``final_bpc``)."""
     if not history:
         return {"epochs": 0, "split": None}
     split = "test" if any(h.get("test_acc") is not None for h in history) else "val"
@@ -789,6 +790,7 @@ def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
         "final_loss": evaluated[-1][f"{split}_loss"] if evaluated else None,
         "final_train_acc": history[-1]["train_acc"],
         "seconds_per_epoch": sum(h["epoch_seconds"] for h in history) / len(history),
+        "final_bpc": evaluated[-1].get(f"{split}_bpc") if evaluated else None,
     }
 
 
