@@ -1404,7 +1404,10 @@ def attach(
 
     Args:
         model: any module whose ``nn.Linear``/``nn.Conv*d`` layers run once each per forward, in
-            registration order, the last one producing ``(batch, classes)`` outputs.
+            registration order, the last one producing ``(batch, classes)`` outputs. Recurrent
+            cells (``nn.RNNCell``/``GRUCell``/``LSTMCell``) may run once per time step, their
+            steps in a row; the output may then be ``(batch, steps, classes)`` (a loss on every
+            step). See the module docstring for what each step receives.
         method: a :class:`Rule` for the hidden layers in ``scope``: ``"bp"``; the direct rules
             ``"dfa"``, ``"bdfa"``, ``"dkp"`` (learned ``B_l``); the layer-wise rules ``"fa"``,
             ``"usf"``, ``"brsf"``, ``"frsf"``, ``"kp"`` (learned ``B``). A learned feedback is in
