@@ -499,3 +499,22 @@ def test_cli_trains_lstm_on_seq_mnist(tmp_path):
           "--out", str(out), "--no-progress", "--device", "cpu"])  # fmt: skip
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["test_acc"] is not None and math.isfinite(record["train_loss"])
+
+
+def test_interleaved_stacks_are_refused():
+    """Step by step through the stack (cell 0, cell 1, cell 0, ...) would restart the pass at
+    every step and lose the earlier steps' points: refused."""
+
+    class Interleaved(RecurrentNet):
+        def forward(self, x):
+            seq, states = self.sequence(x), [None] * len(self.cells)
+            for s in range(seq.shape[1]):
+                inp = seq[:, s]
+                for i, cell in enumerate(self.cells):
+                    states[i] = inp = cell(inp, states[i])
+            return self.head(inp)
+
+    model = Interleaved((1, 3, F_IN), C, cell="rnn", hidden_size=H, layers=2)
+    dfatorch.attach(model, "dfa", scope="all")
+    with pytest.raises(RuntimeError, match="must run layer by layer"):
+        model(torch.randn(N, 1, 3, F_IN))

@@ -372,6 +372,12 @@ class _PreHook:
         # a recurrent layer's next time step (the model's own pre-hook starts every pass)
         repeat = self.recurrent and state.next == index + 1
         if index == 0 and not repeat:
+            if self.engine._recurrent and state.next != 0:  # _StartHook starts passes here
+                raise RuntimeError(
+                    f"layer {self.name!r} ran again after other layers in one forward pass: "
+                    "a recurrent stack must run layer by layer (all time steps of a cell, then "
+                    "the next cell), not step by step through the stack"
+                )
             state.reset()
         if index != state.next and not repeat:
             layers = self.engine.layers
