@@ -138,16 +138,20 @@ def test_cli_experiment_report_and_align(swept, tmp_path, capsys):
     # a tracker comparison written by track-eval is included with its backbone record
     tracking = results / "tracking"
     (tracking / "backbone").mkdir(parents=True, exist_ok=True)
-    (tracking / "report.md").write_text(
-        "# Trackers\n\n| update | success |\n|---|---|\n| bdfa | 0.4 |\n"
-    )
+    from dfatorch._io import write_json
+    from dfatorch.tracking.evaluate import SequenceResult
+
+    gt = [[10.0, 10.0, 20.0, 20.0]] * 3
+    record = SequenceResult.from_boxes("Seq", "mdnet-bdfa", gt, gt, track_seconds=1.0).to_dict()
+    write_json(tracking / "mdnet-bdfa" / "seed0" / "Seq.json", record)
     run0 = results / "tiny" / "bp" / "fraction=0.5" / "seed=0"
     for name in ("config.json", "metrics.jsonl"):
         (tracking / "backbone" / name).write_text((run0 / name).read_text())
     out = tmp_path / "docs" / "RESULTS.md"
     assert main(["report", str(exp_file), "--results-root", str(results), "--out", str(out)]) == 0
     text = out.read_text()
-    assert "## Online tracking: `tracking`" in text and "### Trackers" in text
+    assert "## Online tracking: `tracking`" in text
+    assert "| bdfa | 1 | 0.952 | 1.000 | 3.0 | - |" in text  # 20 of 21 overlap thresholds
     assert "Backbone: `track_cnn` pre-trained by `bp` on `digits` for 2 epochs" in text
     assert "## tiny" in text and "| bdfa | 0.5 | 2 |" in text and "**(chosen)**" in text
     for link in [
@@ -271,3 +275,88 @@ def test_each_plotted_point_is_one_configuration(tmp_path):
     for series in acc.values():
         assert sorted(series) == [0.5, 1.0, 2.0]
         assert all(len(runs) == 1 for runs in series.values())
+
+
+def test_cells_waiting_for_their_search_count_as_missing(tmp_path):
+    from dfatorch.experiment import aggregate
+
+    path = tmp_path / "t.toml"
+    path.write_text(
+        'name = "t"\n[base]\ndataset = "digits"\n'
+        '[[methods]]\nlabel = "bp"\nmethod = "bp"\n'
+        "[[grid]]\nseed = [0, 1, 2]\n[tune]\nlr = [0.1, 0.3]\n"
+    )
+    summary = aggregate(load_experiment(path), tmp_path / "results")
+    assert summary["cells_missing"] == 3 and summary["rows"] == []
+
+
+def test_time_to_accuracy_counts_training_seconds_to_the_first_epoch_at_the_target(tmp_path):
+    from dfatorch.plots import _mean_seconds
+    from dfatorch.report import time_to_accuracy
+
+    history = [
+        {"epoch": 1, "epoch_seconds": 10.0, "test_acc": 0.30},
+        {"epoch": 2, "epoch_seconds": 12.0, "test_acc": None},  # not evaluated this epoch
+        {"epoch": 3, "epoch_seconds": 11.0, "test_acc": 0.52},
+        {"epoch": 4, "epoch_seconds": 9.0, "test_acc": 0.49},
+        {"epoch": 5, "epoch_seconds": 10.0, "test_acc": 0.56},
+    ]
+    assert time_to_accuracy(history, 0.5) == (3, 33.0)
+    assert time_to_accuracy(history, 0.3) == (1, 10.0)
+    assert time_to_accuracy(history, 0.55) == (5, 52.0)
+    assert time_to_accuracy(history, 0.6) is None
+    shifted = [dict(h, epoch_seconds=h["epoch_seconds"] + 2) for h in history]
+    assert _mean_seconds([history, shifted], [1, 3]) == [11.0, 36.0]
+    path = tmp_path / "t.toml"
+    path.write_text('name = "t"\ntargets = [50]\n[[methods]]\nlabel = "bp"\nmethod = "bp"\n')
+    with pytest.raises(ValueError, match=r"targets are test accuracies in \(0, 1\]"):
+        load_experiment(path)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows")
+def test_a_worker_waits_for_a_search_another_worker_runs_then_shares_its_cells(swept):
+    """A worker that finishes its share while another worker still runs a search waits for it
+    and then trains that group's measured cells, instead of leaving them to the other worker."""
+    import fcntl
+    import threading
+
+    from dfatorch.experiment import _run_cell
+
+    exp_file, runs, results = swept
+    exp = load_experiment(exp_file)
+    search = exp.tuning_cells()[3]  # tune/bdfa/.../lr=0.003
+    for cell in exp.cells(select(exp, results / "tiny")[0]):
+        if cell.labels["method"] == "bdfa":
+            shutil.rmtree(results / "tiny" / cell.key)
+    shutil.rmtree(results / "tiny" / search.key)
+    held, release = threading.Event(), threading.Event()
+
+    def other_worker() -> None:
+        with open(runs / "tiny" / f"{search.key}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            held.set()
+            release.wait(30)
+            _run_cell(search, runs / "tiny", results / "tiny", progress=False)
+
+    thread = threading.Thread(target=other_worker)
+    thread.start()
+    held.wait(30)
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if "waiting" in line:
+            release.set()  # the other worker finishes its search only once we wait for it
+
+    summary = run_experiment(exp, runs_root=runs, results_root=results, progress=False, log=log,
+                             poll_seconds=0.05)  # fmt: skip
+    thread.join()
+    assert summary["cells_missing"] == 0
+    assert lines[:2] == [
+        f"[tiny] search 1/1: {search.key} (another worker's)",
+        "[tiny] waiting for another worker's search",
+    ]
+    assert [line.split(": ")[1] for line in lines[2:]] == [
+        "bdfa/fraction=0.5/seed=0",
+        "bdfa/fraction=0.5/seed=1",
+    ]

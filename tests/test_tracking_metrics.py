@@ -419,3 +419,29 @@ def test_tracker_factory_gets_the_seed_only_when_it_asks() -> None:
     assert _make_tracker(lambda *, seed: ("kw", seed), 7) == ("kw", 7)
     assert _make_tracker(lambda calls=None: ("default", calls), 7) == ("default", None)
     assert isinstance(_make_tracker(ConstantTracker, 7), ConstantTracker)
+
+
+def test_report_recomputes_tracking_tables_from_the_per_frame_records(tmp_path):
+    """The tracking section of docs/RESULTS.md comes from every frame's box and ground truth, not
+    from a stored score: a tampered stored score does not reach the table."""
+    import numpy as np
+
+    from dfatorch._io import write_json
+    from dfatorch.report import _tracking_section
+    from dfatorch.tracking.evaluate import SequenceResult, success_auc
+
+    gt = np.tile([[10.0, 10.0, 20.0, 20.0]], (5, 1))
+    expected = {}
+    for rule, shift in (("bp", 2.0), ("dfa", 6.0)):
+        for seed in (0, 1):
+            boxes = gt + np.array([shift + seed, 0.0, 0.0, 0.0])
+            r = SequenceResult.from_boxes("Seq", f"mdnet-{rule}", boxes, gt, track_seconds=1.0)
+            record = r.to_dict() | {"success_auc": 0.999, "seed": seed}  # tampered score
+            write_json(tmp_path / "tracking" / f"mdnet-{rule}" / f"seed{seed}" / "Seq.json", record)
+            expected.setdefault(rule, []).append(success_auc(r.ious))
+    lines = _tracking_section(tmp_path / "tracking", tmp_path / "docs" / "RESULTS.md")
+    rows = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ")}
+    for rule, scores in expected.items():
+        assert f"| {np.mean(scores):.3f} ± {np.std(scores, ddof=1):.3f} |" in rows[rule]
+    assert "0.999" not in "\n".join(lines)
+    assert (tmp_path / "docs" / "figures" / "tracking-success_precision.png").is_file()

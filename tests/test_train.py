@@ -189,3 +189,22 @@ def test_bdfa_learns_real_mnist(tmp_path):
     meta = json.loads((tmp_path / "run" / "config.json").read_text())
     assert meta["data"]["train_examples"] == 3000 and meta["data"]["eval_examples"]["test"] == 10000
     assert history[-1]["test_acc"] > 0.6  # 375 steps
+
+
+def test_bottleneck_narrows_the_middle_layer_and_trainable_units_freeze_the_rest():
+    """Launay et al.'s bottleneck is a narrower layer (3072-800-b-800-10); the frozen-units variant
+    keeps the width and trains only the first b units' rows."""
+    from torch import nn
+
+    from dfatorch.models import build_model
+
+    narrow = build_model("mlp_3x800", (3, 32, 32), 10, bottleneck=5)
+    widths = [m.out_features for m in narrow if isinstance(m, nn.Linear)]
+    assert widths == [800, 5, 800, 10]
+    frozen = build_model("mlp_3x800", (3, 32, 32), 10, trainable_units=5)
+    middle = [m for m in frozen if isinstance(m, nn.Linear)][1]
+    assert middle.out_features == 800
+    frozen(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert middle.weight.grad[:5].abs().sum() > 0 and middle.weight.grad[5:].abs().sum() == 0
+    with pytest.raises(ValueError, match="bottleneck"):
+        TrainConfig(dataset="digits", model="small_cnn", bottleneck=5)

@@ -262,8 +262,16 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    files = args.files or sorted(str(p) for p in Path("experiments").glob("*.toml"))
-    print(f"wrote {write_report(files, results_root=args.results_root, out=args.out)}")
+    # the whole report opens with the verdicts; a report of named files only if asked
+    default = Path("experiments/claims.toml")
+    claims = Path(args.claims) if args.claims else None
+    if claims is None and not args.files and default.exists():
+        claims = default
+    files = args.files or sorted(
+        str(p) for p in Path("experiments").glob("*.toml") if p.resolve() != default.resolve()
+    )
+    written = write_report(files, results_root=args.results_root, out=args.out, claims=claims)
+    print(f"wrote {written}")
     return 0
 
 
@@ -489,6 +497,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the results are (default: experiments/results)",
     )
     p.add_argument("--out", default="docs/RESULTS.md", help="default: docs/RESULTS.md")
+    p.add_argument(
+        "--claims",
+        metavar="FILE.toml",
+        help="the claims the report opens with a verdict on (default, when no experiment files "
+        "are named: experiments/claims.toml)",
+    )
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -118,6 +118,9 @@ class TrainConfig:
     batch_norm: bool = _field(False, "batch normalisation after every hidden layer")
     dropout: float = _field(0.0, "dropout probability in the fully connected head")
     width: float = _field(1.0, "multiply every hidden width by this")
+    bottleneck: int | None = _field(
+        None, "MLPs: the width of the middle hidden layer (Launay et al.'s bottleneck)"
+    )
     trainable_units: int | None = _field(
         None, "MLPs: train only this many units of the middle hidden layer"
     )
@@ -265,6 +268,10 @@ class TrainConfig:
             raise ValueError(f"dropout must be < 1, got {self.dropout}")
         if not self.width > 0:
             raise ValueError(f"width must be > 0, got {self.width}")
+        if self.bottleneck is not None and not self.model.startswith("mlp"):
+            raise ValueError(f"bottleneck applies to the MLPs, not to {self.model}")
+        if self.bottleneck is not None and self.bottleneck < 1:
+            raise ValueError(f"bottleneck must be >= 1, got {self.bottleneck}")
         make_pattern(self.init, **parse_options(self.init_options))  # bad options fail now
         if self.modules is not None and self.scope is not Scope.MODULE:
             raise ValueError(f"modules applies to scope=module, not scope={self.scope.value}")

@@ -7,6 +7,7 @@ hyper-parameter search on a validation split::
     description = "..."
     order = 1                   # optional: position in the report
     reference = "bp"            # optional: the method the report's differences are taken to
+    targets = [0.5, 0.55]       # optional: the report gives epochs and seconds to these accuracies
 
     [base]                      # TrainConfig fields shared by every cell
     dataset = "cifar10"
@@ -44,6 +45,7 @@ import json
 import math
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -88,6 +90,7 @@ class Experiment:
     tune: dict[str, Any] | None = None
     order: int = 100  #: where the report puts it (lower first)
     reference: str = "bp"  #: the method the report's difference table subtracts
+    targets: tuple[float, ...] = ()  #: test accuracies the report times each run to
 
     @property
     def tune_axes(self) -> dict[str, list[Any]]:
@@ -198,7 +201,8 @@ def load_experiment(path: str | Path) -> Experiment:
             data = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: not a valid experiment file (TOML: {exc})") from None
-    known = {"name", "description", "order", "reference", "base", "methods", "grid", "tune"}
+    known = {"name", "description", "order", "reference", "targets", "base", "methods", "grid"}
+    known.add("tune")
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown} (known: {sorted(known)})")
@@ -211,6 +215,8 @@ def load_experiment(path: str | Path) -> Experiment:
         stray = sorted(set(block.get("methods", [])) - set(labels))
         if stray:
             raise ValueError(f"{path}: a [[grid]] block names unknown methods {stray}")
+    if not all(0 < float(t) <= 1 for t in data.get("targets", ())):
+        raise ValueError(f"{path}: targets are test accuracies in (0, 1], got {data['targets']}")
     exp = Experiment(
         name=data["name"],
         path=path,
@@ -221,6 +227,7 @@ def load_experiment(path: str | Path) -> Experiment:
         tune=data.get("tune"),
         order=int(data.get("order", 100)),
         reference=str(data.get("reference", "bp")),
+        targets=tuple(float(t) for t in data.get("targets", ())),
     )
     # build every cell once so that a typo fails now, not hours into the sweep
     for cell in exp.tuning_cells() + exp.cells({g: {} for g in _all_groups(exp)}):
@@ -356,10 +363,16 @@ def run_experiment(
     progress: bool = True,
     log: Callable[[str], None] = print,
     nproc: int = 1,
+    poll_seconds: float = 20.0,
 ) -> dict[str, Any]:
     """Run every unfinished cell (search first, then the measured cells whose search is done),
     then aggregate. Returns the summary (also written to ``results_root/NAME/summary.json``).
-    ``nproc > 1`` trains each cell data-parallel in that many processes."""
+    ``nproc > 1`` trains each cell data-parallel in that many processes.
+
+    A worker whose own share is done while another worker still runs a search waits for that
+    search (checking every ``poll_seconds``) and then shares its group's measured cells, instead
+    of leaving them all to the other worker.
+    """
     runs_dir = Path(runs_root) / exp.name
     results_dir = Path(results_root) / exp.name
     index, count = shard
@@ -377,9 +390,32 @@ def run_experiment(
                 log(f"[{exp.name}] {what} {n}/{len(todo)}: {cell.key}")
                 _run_cell(cell, runs_dir, results_dir, progress, nproc)
 
+    def searches_held_elsewhere() -> bool:
+        for cell in exp.tuning_cells():
+            if cell_results(results_dir, cell) is None:
+                with _cell_lock(runs_dir / f"{cell.key}.lock") as held:
+                    if not held:
+                        return True
+        return False
+
     run(exp.tuning_cells(), "search")
-    chosen, _ = select(exp, results_dir)
-    run(exp.cells(chosen), "cell")
+    seen: set[str] = set()
+    waiting = False
+    while True:
+        busy = searches_held_elsewhere()  # before select: a search ending now is seen there
+        chosen, _ = select(exp, results_dir)
+        fresh = [c for c in exp.cells(chosen) if c.key not in seen]
+        if fresh:
+            waiting = False
+            seen.update(c.key for c in fresh)
+            run(fresh, "cell")
+            continue
+        if not busy:
+            break
+        if not waiting:
+            log(f"[{exp.name}] waiting for another worker's search")
+            waiting = True
+        time.sleep(poll_seconds)
     summary = aggregate(exp, results_dir)
     write_json(results_dir / "summary.json", summary)
     return summary
@@ -391,8 +427,10 @@ def aggregate(exp: Experiment, results_dir: str | Path) -> dict[str, Any]:
     chosen, search = select(exp, results_dir)
     rows: dict[str, dict[str, Any]] = {}
     machines = set()
-    missing = 0
-    for cell in exp.cells(chosen or None):
+    cells = exp.cells(chosen or None)
+    # the cells of groups whose search has not finished are missing too
+    missing = len(exp.cells({g: {} for g in _all_groups(exp)})) - len(cells) if exp.tune else 0
+    for cell in cells:
         history = cell_results(results_dir, cell)
         group = {k: v for k, v in cell.labels.items() if k != "seed"}
         key = json.dumps(group, sort_keys=True)

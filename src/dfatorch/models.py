@@ -114,14 +114,20 @@ def mlp(
     batch_norm: bool = False,
     dropout: float = 0.0,
     width: float = 1.0,
+    bottleneck: int | None = None,
     trainable_units: int | None = None,
 ) -> nn.Sequential:
     """A fully connected network on flattened inputs.
 
-    ``trainable_units=b`` trains only the first ``b`` units of the middle hidden layer (the
-    others keep their initial weights): the bottleneck of Launay et al. (2019), 3072-800-[b]-800-10.
+    ``bottleneck=b`` makes the middle hidden layer ``b`` units wide: Launay et al.'s (2019)
+    bottleneck, 3072-800-b-800-10 for ``mlp_3x800`` on CIFAR-10. ``trainable_units=b`` instead keeps
+    the layer's width and trains only its first ``b`` units (the others keep their initial weights).
     """
     hidden = [_scaled(h, width) for h in hidden]
+    if bottleneck is not None:
+        if not hidden or bottleneck < 1:
+            raise ValueError(f"bottleneck must be >= 1 and needs hidden layers, got {bottleneck}")
+        hidden[len(hidden) // 2] = bottleneck
     model = nn.Sequential(
         nn.Flatten(),
         *_fc_stack(

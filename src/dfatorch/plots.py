@@ -25,17 +25,36 @@ def _split(history: Sequence[Mapping[str, Any]]) -> str:
     return "test" if any(h.get("test_acc") is not None for h in history) else "val"
 
 
+def _mean_seconds(
+    histories: Sequence[Sequence[Mapping[str, Any]]], epochs: list[int]
+) -> list[float]:
+    """The training seconds up to the end of each of ``epochs``, averaged over the histories."""
+    totals = []
+    for hist in histories:
+        so_far, by_epoch = 0.0, {}
+        for h in hist:
+            so_far += h.get("epoch_seconds") or 0.0
+            by_epoch[h["epoch"]] = so_far
+        totals.append([by_epoch[e] for e in epochs])
+    return [sum(col) / len(col) for col in zip(*totals)]
+
+
 def plot_curves(
     runs: Mapping[str, Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]]],
     path: str | Path,
     *,
     title: str | None = None,
+    x: str = "epoch",
 ) -> Path:
     """Accuracy and loss per epoch (evaluation split solid, training dashed), one colour per run.
 
     ``runs`` maps a label to a history (a list of per-epoch records as in ``metrics.jsonl``) or to
     several histories (seeds), drawn as their mean with a band of +- one standard deviation.
+    ``x="seconds"`` puts the training seconds so far (the sum of ``epoch_seconds``, averaged over
+    the seeds) on the horizontal axis instead of the epoch: time-to-accuracy curves.
     """
+    if x not in ("epoch", "seconds"):
+        raise ValueError(f"x must be 'epoch' or 'seconds', got {x!r}")
     fig = Figure(figsize=(11, 4.2))
     acc_ax, loss_ax = fig.subplots(1, 2)
     for i, (label, value) in enumerate(runs.items()):
@@ -58,7 +77,8 @@ def plot_curves(
                 mean = [sum(col) / len(col) for col in stacked]
                 width = 1.6 if style == "-" else 1.0
                 name = f"{label} ({prefix})"
-                ax.plot(epochs, mean, style, color=color, label=name, linewidth=width)
+                xs = epochs if x == "epoch" else _mean_seconds(histories, epochs)
+                ax.plot(xs, mean, style, color=color, label=name, linewidth=width)
                 if len(histories) > 1:
                     std = [
                         (sum((x - m) ** 2 for x in col) / len(col)) ** 0.5
@@ -66,10 +86,11 @@ def plot_curves(
                     ]
                     lo = [m - d for m, d in zip(mean, std)]
                     hi = [m + d for m, d in zip(mean, std)]
-                    ax.fill_between(epochs, lo, hi, color=color, alpha=0.15, linewidth=0)
-    acc_ax.set_xlabel("epoch")
+                    ax.fill_between(xs, lo, hi, color=color, alpha=0.15, linewidth=0)
+    xlabel = "epoch" if x == "epoch" else "training seconds"
+    acc_ax.set_xlabel(xlabel)
     acc_ax.set_ylabel("accuracy")
-    loss_ax.set_xlabel("epoch")
+    loss_ax.set_xlabel(xlabel)
     loss_ax.set_ylabel("cross-entropy")
     for ax in (acc_ax, loss_ax):
         ax.grid(alpha=0.3)

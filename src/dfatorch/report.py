@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
 from ._io import write_json
+from .claims import load_claims, verdict_tables
 from .experiment import Experiment, aggregate, cell_results, format_value, load_experiment, select
 from .plots import plot_curves, save_figure
 from .rundir import RunDir
@@ -116,6 +118,50 @@ def _versus_table(summary: dict[str, Any], axes: list[str], reference: str = "bp
     return lines if len(lines) > 2 else []
 
 
+def time_to_accuracy(history: Sequence[dict[str, Any]], target: float) -> tuple[int, float] | None:
+    """The first epoch whose test accuracy reaches ``target`` and the training seconds up to and
+    including it (the sum of ``epoch_seconds``; evaluation time excluded), or ``None``."""
+    seconds = 0.0
+    for record in history:
+        seconds += record.get("epoch_seconds") or 0.0
+        acc = record.get("test_acc")
+        if acc is not None and acc >= target:
+            return int(record["epoch"]), seconds
+    return None
+
+
+def _time_to_target_table(exp: Experiment, results_dir: Path, axes: list[str]) -> list[str]:
+    """Per method and grid point: the median epochs and training seconds over seeds to each of
+    the experiment's target accuracies, and how many seeds reached it."""
+    chosen, _ = select(exp, results_dir)
+    runs: dict[tuple[str, ...], list[list[dict[str, Any]]]] = defaultdict(list)
+    for cell in exp.cells(chosen or None):
+        history = cell_results(results_dir, cell)
+        if history is not None:
+            key = (cell.labels["method"], *(format_value(cell.labels.get(a)) for a in axes))
+            runs[key].append(history)
+    if not runs or not exp.targets:
+        return []
+    head = ["method", *axes]
+    for t in exp.targets:
+        head += [f"epochs to {100 * t:g}%", f"seconds to {100 * t:g}%"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---|" * (len(head) - 1)]
+    for key, histories in runs.items():
+        cells = list(key)
+        for t in exp.targets:
+            hits = [r for r in (time_to_accuracy(h, t) for h in histories) if r is not None]
+            if not hits:
+                cells += [f"not reached (0 of {len(histories)})", "-"]
+                continue
+            reached = "" if len(hits) == len(histories) else f" ({len(hits)} of {len(histories)})"
+            cells += [
+                f"{statistics.median(e for e, _ in hits):g}{reached}",
+                f"{statistics.median(s for _, s in hits):.0f}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _search_table(summary: dict[str, Any]) -> list[str]:
     search, chosen = summary["search"], summary["chosen"]
     if not search:
@@ -152,6 +198,10 @@ def _curves(exp: Experiment, results_dir: Path, figures: Path, axes: list[str]) 
         path = figures / f"{exp.name}-curves-{slug}.png"
         plot_curves(runs, path, title=f"{exp.name}: {point}")
         paths.append(path)
+        if exp.targets:  # time to accuracy: the same curves against training seconds
+            path = figures / f"{exp.name}-seconds-{slug}.png"
+            plot_curves(runs, path, title=f"{exp.name}: {point}", x="seconds")
+            paths.append(path)
     return paths
 
 
@@ -301,9 +351,14 @@ def write_report(
     results_root: str | Path = "experiments/results",
     out: str | Path = "docs/RESULTS.md",
     benchmarks: str | Path = "docs/benchmarks",
+    claims: str | Path | None = None,
     preamble: str = "",
 ) -> Path:
-    """Aggregate every experiment's results and write the Markdown report with its plots."""
+    """Aggregate every experiment's results and write the Markdown report with its plots.
+
+    With ``claims`` (a claims file, :mod:`dfatorch.claims`), the report opens with the verdict on
+    each claim, measured in these experiments' results.
+    """
     out = Path(out)
     figures = out.parent / "figures"
     lines = [
@@ -321,9 +376,12 @@ def write_report(
     if preamble:
         lines += [preamble, ""]
     experiments = sorted((load_experiment(f) for f in experiment_files), key=lambda e: e.order)
+    summaries = {exp.name: aggregate(exp, Path(results_root) / exp.name) for exp in experiments}
+    if claims is not None:
+        lines += _verdict_section(Path(claims), summaries)
     for exp in experiments:
         results_dir = Path(results_root) / exp.name
-        summary = aggregate(exp, results_dir)
+        summary = summaries[exp.name]
         write_json(results_dir / "summary.json", summary)
         axes = _axes(exp)
         lines += [f"## {exp.name}", ""]
@@ -347,6 +405,16 @@ def write_report(
             lines += [f"Difference to `{exp.reference}` at the same grid point (percentage points; "
                       "± the standard error over seeds):", ""]  # fmt: skip
             lines += [*versus, ""]
+        timed = _time_to_target_table(exp, results_dir, axes)
+        if timed:
+            lines += [
+                "Time to a target test accuracy (median over seeds of the first epoch that "
+                "reaches it, and of the training seconds up to it, evaluation excluded; a seed "
+                "that never reaches it is left out of the medians and counted):",
+                "",
+                *timed,
+                "",
+            ]
         search = _search_table(summary)
         if search:
             lines += ["Search on the validation split (one seed):", "", *search, ""]
@@ -372,6 +440,28 @@ def write_report(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     return out
+
+
+def _verdict_section(path: Path, summaries: dict[str, dict[str, Any]]) -> list[str]:
+    """The verdict on each published claim (from ``path``) and the comparisons behind it."""
+    head, detail = verdict_tables(load_claims(path), summaries)
+    return [
+        "## Verdicts",
+        "",
+        f"Each claim is tested by the comparisons listed in `{path}` (final test accuracy, "
+        "percentage points, the first named setting primary), each with Welch's 95% interval over "
+        "seeds. A comparison *holds* when its interval lies wholly on the claimed side of the "
+        "boundary, is *contradicted* when it lies wholly on the other side, and is *not shown* "
+        "when it straddles it; one seed on either side gives *no interval*. A claim's verdict "
+        "combines its comparisons that have an interval.",
+        "",
+        *head,
+        "",
+        "Every comparison:",
+        "",
+        *detail,
+        "",
+    ]
 
 
 def _speed_section(folder: Path) -> list[str]:
@@ -413,6 +503,7 @@ def _speed_section(folder: Path) -> list[str]:
     lines += _activation_memory_section(folder / "activation_memory.json")
     lines += _scaling_section(folder / "scaling.json")
     lines += _private_step_section(folder / "private_step_time.json")
+    lines += _kfac_overhead_section(folder / "kfac_overhead.json")
     lines += _recurrent_memory_section(folder / "recurrent_memory.json")
     track = folder / "tracking_speed.json"
     if track.exists():
@@ -557,6 +648,37 @@ def _recurrent_memory_section(path: Path) -> list[str]:
     return [*lines, ""]
 
 
+def _kfac_overhead_section(path: Path) -> list[str]:
+    """The table of ``benchmarks/kfac_overhead.py``'s JSON: what K-FAC adds to a step, by part."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    m, cfg = data["machine"], data["config"]
+    lines = [
+        "## Speed: K-FAC preconditioning",
+        "",
+        f"`{data['command']}` ({m['processor']}, {m['threads']} threads, torch {m['torch']}; batch "
+        f"{cfg['batch_size']}, {cfg['rounds']} interleaved rounds after {cfg['warmup']} warm-up, "
+        f"medians; `{cfg['compute_method']}` decompositions every {cfg['inv_steps']} steps). "
+        "Milliseconds: the plain step (forward, backward, SGD), what the statistics' hooks and the "
+        "running averages add (*factor*), one decomposition of every factor (*eigen*, and its "
+        "share per step), applying the preconditioner and the KL clip (*apply*), and the K-FAC "
+        "step with its ratio to the plain one.",
+        "",
+        "| model | method | plain | factor | eigen (per step) | apply | K-FAC step (ratio) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model, methods in data["models"].items():
+        for method, r in methods.items():
+            t = r["ms_median"]
+            lines.append(
+                f"| {model} | {method} | {t['plain']:.1f} | {t['factor']:.1f} | "
+                f"{t['eigen']:.1f} ({t['eigen_per_step']:.1f}) | {t['apply']:.1f} | "
+                f"{t['kfac_step']:.1f} ({r['ratio_to_plain']:.2f}) |"
+            )
+    return [*lines, ""]
+
+
 def _scaling_section(path: Path) -> list[str]:
     """The table of ``benchmarks/scaling.py``'s JSON: data-parallel images per second."""
     if not path.exists():
@@ -663,11 +785,20 @@ def _activation_memory_section(path: Path) -> list[str]:
 
 
 def _tracking_section(folder: Path, out: Path) -> list[str]:
-    """The tracker comparison written by ``dfatorch track-eval`` (its report.md), with the
-    backbone's pre-training record and the success/precision plot."""
-    report = folder / "report.md"
-    if not report.exists():
+    """The tracker comparison of one ``dfatorch track-eval`` results folder, recomputed from its
+    per-run records (boxes and ground truth of every frame), with the backbone's pre-training
+    record and the success/precision plot."""
+    from .engine import Rule
+    from .tracking.evaluate import Experiment as TrackingRuns
+    from .tracking.evaluate import plot_report
+    from .tracking.run import report_tables, tracker_label
+
+    names = {r.value: tracker_label(r) for r in Rule if (folder / tracker_label(r)).is_dir()}
+    if not names:
         return []
+    first = folder / next(iter(names.values()))
+    sequences = sorted({p.stem for p in first.glob("seed*/*.json")})
+    report = TrackingRuns(folder, sequences, out_dir=folder).report(list(names.values()))
     lines = [
         f"## Online tracking: `{folder.name}`",
         "",
@@ -675,7 +806,9 @@ def _tracking_section(folder: Path, out: Path) -> list[str]:
         "BDFA while the video plays; OTB one-pass evaluation on the four sequences in "
         "`../shared/datasets/otb`. Rerun: `experiments/tracking.sh` (resumable). The tracker's "
         "settings were chosen looking at these same four sequences (no other videos are here to "
-        "hold out), so the absolute scores are optimistic; every rule runs with the same settings.",
+        "hold out), so the absolute scores are optimistic; every rule runs with the same settings. "
+        f"The tables are recomputed from the per-run records in `{folder}` (every frame's box and "
+        "ground truth).",
         "",
     ]
     provenance = folder / "provenance.json"
@@ -701,14 +834,8 @@ def _tracking_section(folder: Path, out: Path) -> list[str]:
             f"{100 * backbone[-1]['test_acc']:.2f}% (record in `{folder / 'backbone'}`).",
             "",
         ]
-    # the tracker's own "Backbone:" line names the file on the machine that ran it: the line
-    # above says the same without a machine path
-    body = [ln for ln in report.read_text().splitlines() if not ln.startswith("Backbone: ")]
-    lines += [line.replace("# ", "### ", 1) if line.startswith("# ") else line for line in body]
-    png = folder / "success_precision.png"
-    if png.exists():
-        figure = out.parent / "figures" / f"{folder.name}-success_precision.png"
-        figure.parent.mkdir(parents=True, exist_ok=True)
-        figure.write_bytes(png.read_bytes())
-        lines += ["", f"![success and precision plots]({figure.relative_to(out.parent)})", ""]
-    return lines
+    lines += report_tables(report, names)
+    figure = out.parent / "figures" / f"{folder.name}-success_precision.png"
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    plot_report(report, figure)
+    return [*lines, "", f"![success and precision plots]({figure.relative_to(out.parent)})", ""]

@@ -200,8 +200,9 @@ def _build(
     }
     if config.activation is not None:
         options["activation"] = config.activation
-    if config.trainable_units is not None:
-        options["trainable_units"] = config.trainable_units
+    for name in ("bottleneck", "trainable_units"):  # MLP-only options, passed when set
+        if getattr(config, name) is not None:
+            options[name] = getattr(config, name)
     if config.model in RECURRENT_MODELS:
         options.update(hidden_size=config.hidden_size, layers=config.num_layers or 1)
         if splits.per_step:  # language modelling: one-hot characters in, a prediction per step

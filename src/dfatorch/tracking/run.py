@@ -23,7 +23,13 @@ from .features import Backbone, load_backbone
 from .otb import load_sequence, write_boxes
 from .tracker import MDNetTracker, TrackerConfig
 
-__all__ = ["evaluate_updates", "resolve_backbone", "track_sequence", "tracker_label"]
+__all__ = [
+    "evaluate_updates",
+    "report_tables",
+    "resolve_backbone",
+    "track_sequence",
+    "tracker_label",
+]
 
 BackboneSpec = str | Path | Backbone | None
 
@@ -125,16 +131,15 @@ def _check_provenance(out_dir: Path, provenance: dict[str, Any]) -> None:
         write_json(path, provenance)
 
 
-def _markdown(report: dict[str, Any], backbone: Backbone, names: dict[str, str]) -> str:
+def report_tables(report: dict[str, Any], names: dict[str, str]) -> list[str]:
+    """Markdown tables of :meth:`Experiment.report` for the trackers ``names`` (rule -> tracker
+    name): overall success, precision and speed, then per sequence."""
+
     def pm(d: dict[str, Any], key: str) -> str:
         std = d[key + "_std"]
         return f"{d[key]:.3f}" if std is None else f"{d[key]:.3f} ± {std:.3f}"
 
     lines = [
-        "# MDNet-style tracker: online update rules",
-        "",
-        f"Backbone: {backbone.describe()}.",
-        "",
         "Overall (OTB OPE; mean ± sample std over seeds; each sequence weighs the same):",
         "",
         "| update | seeds | success (AUC) | precision@20 | fps | online update s / seq |",
@@ -169,7 +174,12 @@ def _markdown(report: dict[str, Any], backbone: Backbone, names: dict[str, str])
             s = report[name]["sequences"][seq]
             cells.append(f"{pm(s, 'success_score')} / {s['precision20']:.3f} / {s['fps']:.1f}")
         lines.append(f"| {seq} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _markdown(report: dict[str, Any], backbone: Backbone, names: dict[str, str]) -> str:
+    head = ["# MDNet-style tracker: online update rules", "", f"Backbone: {backbone.describe()}."]
+    return "\n".join([*head, "", *report_tables(report, names)]) + "\n"
 
 
 def evaluate_updates(

@@ -1,0 +1,279 @@
+"""The published claims that ``docs/RESULTS.md`` opens with, and their verdicts from our runs.
+
+A claims file (``experiments/claims.toml``) lists each claim with the comparisons that test it::
+
+    [[claims]]
+    id = "(5)"
+    source = "Han & Yoo 2019"
+    text = "The hybrid with binary feedback beats BP when the training set is small"
+    kind = "above"          # "below", "above", or "within" (with margin, in points)
+    [[claims.evidence]]     # the first is the primary setting
+    experiment = "cifar10-small-data"
+    method = "bdfa-fc"
+    reference = "bp"
+    at = { fraction = 0.02 }
+    baseline_at = { ... }   # optional: compare the difference at `at` with the one here
+
+or, for a claim no run tests, ``not_tested = "why"``. Each comparison is the difference of final
+test accuracy (points) between the two methods' seeds at one grid point, with Welch's 95%
+interval (:func:`dfatorch._stats.welch`); with ``baseline_at``, the difference at ``at`` minus the
+difference at ``baseline_at`` (a difference of differences, :func:`dfatorch._stats.contrast`), as
+in "DFA's gap to BP at a narrow layer, against its gap at full width". A comparison's verdict
+follows from its interval only:
+
+- ``below`` (the claim says A < B): *holds* if the interval lies below 0, *contradicted* if above;
+- ``above`` (A > B): *holds* if above 0, *contradicted* if below;
+- ``within`` (A is no more than ``margin`` points below B): *holds* if the interval lies above
+  ``−margin``, *contradicted* if below it;
+- otherwise *not shown* (the interval straddles the boundary); *no interval* with one seed on
+  either side; *not run* where the cells are missing.
+
+A claim's verdict combines its comparisons that have an interval: the common verdict if they
+agree, else *mixed* with the counts.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from ._stats import Difference, contrast
+from .experiment import format_value
+
+__all__ = ["Claim", "Comparison", "Evidence", "evaluate", "load_claims", "verdict_tables"]
+
+KINDS = ("below", "above", "within")
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One comparison that tests a claim: ``method − reference`` in ``experiment`` at ``at``."""
+
+    experiment: str
+    method: str
+    reference: str
+    at: dict[str, Any] = field(default_factory=dict)
+    baseline_at: dict[str, Any] | None = None
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A published claim, the direction our data must show, and the comparisons that test it."""
+
+    id: str
+    source: str
+    text: str
+    kind: str = "above"
+    margin: float = 0.0
+    evidence: tuple[Evidence, ...] = ()
+    not_tested: str = ""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """An evidence row measured: the difference in points and its verdict."""
+
+    evidence: Evidence
+    difference: Difference | None
+    verdict: str
+
+
+def load_claims(path: str | Path) -> list[Claim]:
+    """Read and check a claims file (see the module docstring)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not a valid claims file (TOML: {exc})") from None
+    claims = []
+    for i, raw in enumerate(data.get("claims", [])):
+        where = f"{path}: claim {raw.get('id', i + 1)}"
+        missing = [k for k in ("id", "source", "text") if k not in raw]
+        if missing:
+            raise ValueError(f"{where} lacks {missing}")
+        kind = raw.get("kind", "above")
+        if kind not in KINDS:
+            raise ValueError(f"{where}: kind {kind!r} is not one of {list(KINDS)}")
+        if kind == "within" and float(raw.get("margin", 0.0)) <= 0:
+            raise ValueError(f"{where}: kind 'within' needs a positive margin (points)")
+        evidence = []
+        for ev in raw.get("evidence", []):
+            known = {"experiment", "method", "reference", "at", "baseline_at", "label"}
+            if set(ev) - known or not {"experiment", "method", "reference"} <= set(ev):
+                raise ValueError(
+                    f"{where}: evidence takes experiment, method, reference (required), at, "
+                    "baseline_at and label"
+                )
+            evidence.append(Evidence(**{**ev, "at": dict(ev.get("at", {}))}))
+        if not evidence and not raw.get("not_tested"):
+            raise ValueError(f"{where}: give evidence, or say why it is not tested (not_tested)")
+        claims.append(
+            Claim(
+                id=str(raw["id"]),
+                source=raw["source"],
+                text=raw["text"],
+                kind=kind,
+                margin=float(raw.get("margin", 0.0)),
+                evidence=tuple(evidence),
+                not_tested=str(raw.get("not_tested", "")),
+            )
+        )
+    return claims
+
+
+def _finals(summary: Mapping[str, Any], method: str, at: Mapping[str, Any]) -> list[float] | None:
+    """Final test accuracies (points) of ``method``'s seeds at the grid point ``at``."""
+    rows = [
+        r
+        for r in summary["rows"]
+        if r["method"] == method and all(r.get(k) == v for k, v in at.items())
+    ]
+    if len(rows) > 1:
+        raise ValueError(
+            f"{summary['name']}: {method} at {dict(at)} matches {len(rows)} grid points; "
+            "name the other axes in `at`"
+        )
+    if not rows:
+        if summary.get("cells_missing"):  # the sweep has not reached it (or its search) yet
+            return None
+        raise ValueError(f"{summary['name']}: no grid point for {method} at {dict(at)}")
+    finals = [100 * r["final_acc"] for r in rows[0]["runs"] if r["final_acc"] is not None]
+    return finals or None
+
+
+def _verdict(kind: str, margin: float, d: Difference) -> str:
+    if d.low is None or d.high is None:
+        return "no interval"
+    bound = -margin if kind == "within" else 0.0
+    if kind == "below":
+        return "holds" if d.high < bound else "contradicted" if d.low > bound else "not shown"
+    return "holds" if d.low > bound else "contradicted" if d.high < bound else "not shown"
+
+
+def evaluate(claim: Claim, summaries: Mapping[str, Mapping[str, Any]]) -> list[Comparison]:
+    """Measure every comparison of ``claim`` in the experiment summaries (by experiment name)."""
+    out = []
+    for ev in claim.evidence:
+        if ev.experiment not in summaries:
+            raise ValueError(f"claim {claim.id}: no experiment named {ev.experiment!r}")
+        summary = summaries[ev.experiment]
+        points = [ev.at] if ev.baseline_at is None else [ev.at, ev.baseline_at]
+        groups = [_finals(summary, m, at) for at in points for m in (ev.method, ev.reference)]
+        if any(g is None for g in groups):
+            out.append(Comparison(ev, None, "not run"))
+            continue
+        weights = [1.0, -1.0] if ev.baseline_at is None else [1.0, -1.0, -1.0, 1.0]
+        d = contrast(groups, weights, LEVEL)  # type: ignore[arg-type]
+        out.append(Comparison(ev, d, _verdict(claim.kind, claim.margin, d)))
+    return out
+
+
+def overall(comparisons: Sequence[Comparison]) -> str:
+    """A claim's verdict: the common verdict of its comparisons that have an interval, or how
+    they split."""
+    if not comparisons:
+        return "not tested"
+    decided = Counter(
+        c.verdict for c in comparisons if c.difference and c.difference.low is not None
+    )
+    if not decided:
+        return "no interval" if any(c.difference for c in comparisons) else "not run"
+    n = sum(decided.values())
+    if len(decided) == 1:
+        verdict = next(iter(decided))
+        return f"{verdict} ({n} of {n} settings)" if n > 1 else verdict
+    ranked = sorted(decided.items(), key=lambda kv: (-kv[1], kv[0]))
+    return "mixed: " + "; ".join(f"{v} in {k} of {n}" for v, k in ranked)
+
+
+def _point(at: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} {format_value(v)}" for k, v in at.items())
+
+
+def _setting(ev: Evidence) -> str:
+    where = _point(ev.at)
+    if ev.baseline_at is not None:
+        where += f", against {_point(ev.baseline_at)}"
+    label = f": {ev.label}" if ev.label else ""
+    return ev.experiment + (f" ({where})" if where else "") + label
+
+
+def _compared(ev: Evidence) -> str:
+    if ev.baseline_at is None:
+        return f"{ev.method} − {ev.reference}"
+    return f"({ev.method} − {ev.reference}) − the same at {_point(ev.baseline_at)}"
+
+
+def _interval(d: Difference | None) -> tuple[str, str, str]:
+    if d is None:
+        return "-", "-", "-"
+    seeds = " vs ".join(str(k) for k in d.n) + " seeds"
+    if d.low is None or d.high is None or d.p is None:
+        return f"{d.diff:+.2f}", "-", seeds
+    p = f"{d.p:.2g}" if d.p >= 1e-4 else "<1e-4"
+    return (
+        f"{d.diff:+.2f}",
+        f"[{d.low:+.2f}, {d.high:+.2f}]",
+        f"Welch t, {seeds}, p(no difference) = {p}",
+    )
+
+
+def _claim_text(claim: Claim) -> str:
+    if claim.not_tested:
+        return f"{claim.id} {claim.source}: {claim.text}"
+    target = {
+        "below": "below 0",
+        "above": "above 0",
+        "within": f"above −{claim.margin:g}",
+    }[claim.kind]
+    return f"{claim.id} {claim.source}: {claim.text} (needs the difference {target})"
+
+
+def verdict_tables(
+    claims: Sequence[Claim], summaries: Mapping[str, Mapping[str, Any]]
+) -> tuple[list[str], list[str]]:
+    """The verdict table (one row per claim: verdict, primary setting's difference, 95% interval,
+    test, sections) and the table of every comparison behind it, as Markdown lines."""
+    head = [
+        "| claim | verdict | difference, primary setting (points) | 95% interval | test "
+        "| sections |",
+        "|---|---|---|---|---|---|",
+    ]
+    detail = [
+        "| claim | setting | compared | difference (points) | 95% interval | test | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for claim in claims:
+        if claim.not_tested:
+            why = f"**not tested**: {claim.not_tested}"
+            head.append(f"| {_claim_text(claim)} | {why} | - | - | - | - |")
+            continue
+        comparisons = evaluate(claim, summaries)
+        first = comparisons[0]
+        diff, interval, test = _interval(first.difference)
+        compared = _compared(first.evidence)
+        sections = sorted({c.evidence.experiment for c in comparisons})
+        links = ", ".join(f"[{s}](#{s})" for s in sections)
+        head.append(
+            f"| {_claim_text(claim)} | **{overall(comparisons)}** | {compared}, "
+            f"{_setting(first.evidence)}: {diff} | {interval} | {test} | {links} |"
+        )
+        for c in comparisons:
+            diff, interval, test = _interval(c.difference)
+            detail.append(
+                f"| {claim.id} | {_setting(c.evidence)} | {_compared(c.evidence)} | {diff} | "
+                f"{interval} | {test} | {c.verdict} |"
+            )
+    return head, detail

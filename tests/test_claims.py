@@ -1,0 +1,188 @@
+"""The verdict table: Welch's interval against its formula and scipy, the verdict rules, and the
+claims file's checks."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+from scipy import stats
+
+from dfatorch._stats import welch
+from dfatorch.claims import Claim, Evidence, evaluate, load_claims, overall, verdict_tables
+
+
+def test_welch_interval_equals_its_formula_and_scipy():
+    a, b = [61.2, 60.1, 62.9, 59.8], [63.0, 64.1, 63.6]
+    d = welch(a, b)
+    va, vb = statistics.variance(a) / 4, statistics.variance(b) / 3
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / 3 + vb**2 / 2)
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    assert d.diff == pytest.approx(diff, abs=1e-12)
+    assert d.df == pytest.approx(df, rel=1e-12)
+    assert d.high - d.diff == pytest.approx(stats.t.ppf(0.975, df) * se, rel=1e-12)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert d.p == pytest.approx(ref.pvalue, rel=1e-9)
+    ci = ref.confidence_interval(0.95)
+    assert (d.low, d.high) == pytest.approx((ci.low, ci.high), rel=1e-9)
+    assert d.n == (4, 3)
+    wide = welch(a, b, level=0.99)
+    assert wide.low < d.low and wide.high > d.high
+
+
+def test_one_seed_or_no_spread_gives_no_interval():
+    assert welch([1.0], [2.0, 3.0]).low is None
+    assert welch([1.0, 1.0], [2.0, 2.0]).p is None
+    assert welch([1.0], [2.0, 3.0]).diff == pytest.approx(-1.5)
+    with pytest.raises(ValueError):
+        welch([], [1.0])
+
+
+def _summary(**methods):
+    """An experiment summary with one grid point (``fraction`` 0.1) and the given seeds' final
+    accuracies (fractions) per method."""
+    rows = [
+        {"method": m, "fraction": 0.1, "runs": [{"final_acc": v} for v in values]}
+        for m, values in methods.items()
+    ]
+    return {"exp": {"name": "exp", "rows": rows}}
+
+
+def _claim(kind, margin=0.0):
+    ev = Evidence(experiment="exp", method="a", reference="b", at={"fraction": 0.1})
+    return Claim(id="(x)", source="S", text="t", kind=kind, margin=margin, evidence=(ev,))
+
+
+@pytest.mark.parametrize(
+    ("kind", "margin", "a", "verdict"),
+    [
+        ("below", 0.0, [0.50, 0.51, 0.52], "holds"),  # 10 points below b
+        ("below", 0.0, [0.70, 0.71, 0.72], "contradicted"),
+        ("below", 0.0, [0.58, 0.62, 0.60], "not shown"),
+        ("above", 0.0, [0.70, 0.71, 0.72], "holds"),
+        ("above", 0.0, [0.50, 0.51, 0.52], "contradicted"),
+        ("above", 0.0, [0.58, 0.62, 0.60], "not shown"),
+        ("within", 1.0, [0.598, 0.600, 0.602], "holds"),  # 0.1 point below b, tight
+        ("within", 1.0, [0.570, 0.575, 0.572], "contradicted"),  # 2.8 points below
+        ("within", 1.0, [0.58, 0.60, 0.62], "not shown"),
+    ],
+)
+def test_verdict_rules(kind, margin, a, verdict):
+    b = [0.600, 0.601, 0.603]
+    (c,) = evaluate(_claim(kind, margin), _summary(a=a, b=b))
+    assert c.verdict == verdict
+    assert c.difference.diff == pytest.approx(100 * (statistics.fmean(a) - statistics.fmean(b)))
+
+
+def test_missing_cells_and_single_seeds_are_said_so():
+    (c,) = evaluate(_claim("above"), _summary(a=[0.7], b=[0.6, 0.61]))
+    assert c.verdict == "no interval" and overall([c]) == "no interval"
+    (c,) = evaluate(_claim("above"), _summary(a=[], b=[0.6, 0.61]))
+    assert c.verdict == "not run" and overall([c]) == "not run"
+
+
+def test_overall_counts_only_comparisons_with_an_interval():
+    claim = _claim("above")
+    hold = evaluate(claim, _summary(a=[0.70, 0.71, 0.72], b=[0.60, 0.61, 0.60]))
+    against = evaluate(claim, _summary(a=[0.50, 0.51, 0.52], b=[0.60, 0.61, 0.60]))
+    single = evaluate(claim, _summary(a=[0.5], b=[0.6]))
+    assert overall(hold + hold + single) == "holds (2 of 2 settings)"
+    assert overall(hold + against + hold) == "mixed: holds in 2 of 3; contradicted in 1 of 3"
+
+
+def test_an_ambiguous_or_unknown_setting_is_refused():
+    summary = _summary(a=[0.5, 0.6], b=[0.6, 0.7])
+    summary["exp"]["rows"].append({"method": "a", "fraction": 0.2, "runs": []})
+    loose = Claim(id="(x)", source="S", text="t", evidence=(Evidence("exp", "a", "b"),))
+    with pytest.raises(ValueError, match="matches 2 grid points"):
+        evaluate(loose, summary)
+    typo = Claim("(x)", "S", "t", evidence=(Evidence("exp", "a", "b", at={"fraction": 0.3}),))
+    with pytest.raises(ValueError, match="no grid point for a"):
+        evaluate(typo, summary)
+    summary["exp"]["cells_missing"] = 4  # a sweep that has not reached the point yet
+    assert evaluate(typo, summary)[0].verdict == "not run"
+    with pytest.raises(ValueError, match="no experiment named 'nope'"):
+        evaluate(Claim("(x)", "S", "t", evidence=(Evidence("nope", "a", "b"),)), summary)
+
+
+def test_tables_have_a_row_per_claim_and_per_comparison():
+    untested = Claim(id="(u)", source="S", text="u", not_tested="no data")
+    head, detail = verdict_tables(
+        [_claim("above"), untested], _summary(a=[0.70, 0.71, 0.72], b=[0.60, 0.61, 0.60])
+    )
+    assert len(head) == 4 and len(detail) == 3
+    assert "**holds**" in head[2] and "[exp](#exp)" in head[2]
+    assert "**not tested**: no data" in head[3] and "needs" not in head[3]
+
+
+def test_claims_file_checks(tmp_path):
+    path = tmp_path / "claims.toml"
+    good = (
+        '[[claims]]\nid = "(1)"\nsource = "S"\ntext = "t"\nkind = "within"\nmargin = 1.0\n'
+        'evidence = [{ experiment = "e", method = "a", reference = "b", '
+        "at = { fraction = 0.1 } }]\n"
+    )
+    path.write_text(good)
+    (claim,) = load_claims(path)
+    assert claim.evidence[0].at == {"fraction": 0.1} and claim.margin == 1.0
+    for bad, message in [
+        (good.replace('"within"', '"beside"'), "is not one of"),
+        (good.replace("margin = 1.0", "margin = 0.0"), "needs a positive margin"),
+        (good.replace('reference = "b", ', ""), "evidence takes experiment, method, reference"),
+        ('[[claims]]\nid = "(1)"\nsource = "S"\ntext = "t"\n', "say why it is not tested"),
+    ]:
+        path.write_text(bad)
+        with pytest.raises(ValueError, match=message):
+            load_claims(path)
+
+
+def test_the_committed_claims_file_resolves_against_the_committed_results():
+    """Every comparison in experiments/claims.toml names a grid point that exists."""
+    from pathlib import Path
+
+    from dfatorch.experiment import aggregate, load_experiment
+
+    root = Path(__file__).resolve().parents[1]
+    claims = load_claims(root / "experiments" / "claims.toml")
+    names = {ev.experiment for c in claims for ev in c.evidence}
+    summaries = {}
+    for path in sorted((root / "experiments").glob("*.toml")):
+        if path.name == "claims.toml":
+            continue
+        exp = load_experiment(path)
+        if exp.name in names:
+            summaries[exp.name] = aggregate(exp, root / "experiments" / "results" / exp.name)
+    assert names <= set(summaries)
+    head, _ = verdict_tables(claims, summaries)
+    assert len(head) == 2 + len(claims)
+
+
+def test_difference_of_differences_equals_its_formula():
+    """(a − b) − (c − d): the variances add, and the Welch–Satterthwaite df sums over 4 groups."""
+    from dfatorch._stats import contrast
+
+    groups = [[50.1, 51.0, 49.2], [60.0, 60.4, 59.1], [58.0, 57.1, 58.8, 57.5], [60.2, 61.0, 60.1]]
+    d = contrast(groups, [1, -1, -1, 1])
+    means = [statistics.fmean(g) for g in groups]
+    v = [statistics.variance(g) / len(g) for g in groups]
+    df = sum(v) ** 2 / sum(vi**2 / (len(g) - 1) for vi, g in zip(v, groups))
+    assert d.diff == pytest.approx(means[0] - means[1] - means[2] + means[3], abs=1e-12)
+    assert d.df == pytest.approx(df, rel=1e-12)
+    half = stats.t.ppf(0.975, df) * math.sqrt(sum(v))
+    assert (d.low, d.high) == pytest.approx((d.diff - half, d.diff + half), rel=1e-12)
+    assert d.n == (3, 3, 4, 3)
+
+
+def test_a_claim_against_a_baseline_point_compares_the_gaps():
+    rows = [
+        {"method": m, "b": b, "runs": [{"final_acc": v + dv} for dv in (0.0, 0.002, 0.004)]}
+        for m, b, v in [("dfa", 5, 0.30), ("bp", 5, 0.40), ("dfa", 800, 0.45), ("bp", 800, 0.46)]
+    ]
+    ev = Evidence("exp", "dfa", "bp", at={"b": 5}, baseline_at={"b": 800})
+    claim = Claim(id="(B)", source="S", text="t", kind="below", evidence=(ev,))
+    (c,) = evaluate(claim, {"exp": {"name": "exp", "rows": rows}})
+    assert c.difference.diff == pytest.approx(-9.0) and c.verdict == "holds"
+    _, detail = verdict_tables([claim], {"exp": {"name": "exp", "rows": rows}})
+    assert "(dfa − bp) − the same at b 800" in detail[2] and "against b 800" in detail[2]
