@@ -17,12 +17,18 @@ from typing import Any
 
 from ._enums import StrEnum
 from .data import DATASET_NAMES, canonical_name
+from .data.registry import SEQUENCE_DATASETS, TEXT_DATASETS
 from .engine import ConvError, Inner, Rule, Scope
 from .feedback import PATTERNS, STORAGES, make_pattern
 from .kfac import SOLVERS, Preconditioner
-from .models import ACTIVATIONS, MODELS
+from .models import ACTIVATIONS, MODELS, RECURRENT_MODELS
 
-__all__ = ["OptimizerName", "Schedule", "TrainConfig", "choices", "parse_options"]
+__all__ = [
+    "DEFAULT_SEQ_LEN", "OptimizerName", "Schedule", "TrainConfig", "choices", "parse_options"
+]  # fmt: skip
+
+#: Characters per training sequence of the text datasets when ``seq_len`` is unset.
+DEFAULT_SEQ_LEN = 100
 
 
 class OptimizerName(StrEnum):
@@ -92,7 +98,20 @@ class TrainConfig:
     augment: bool | None = _field(
         None, "random crop (4-pixel padding) and horizontal flip; unset: on for CIFAR only"
     )
+    permute: bool = _field(
+        False,
+        "seq-mnist, seq-fashion-mnist: 784 steps of one pixel in a fixed random order (instead of "
+        "28 rows of 28 pixels)",
+    )
+    seq_len: int | None = _field(
+        None, f"tinyshakespeare, text: characters per sequence (default {DEFAULT_SEQ_LEN})"
+    )
+    text_file: str | None = _field(None, "dataset text: the UTF-8 text file to model")
     model: str = _field("small_cnn", "a model of the zoo", choices=MODELS)
+    hidden_size: int | None = _field(
+        None, "rnn, gru, lstm: units per recurrent layer (default 128; --width multiplies it)"
+    )
+    num_layers: int | None = _field(None, "rnn, gru, lstm: stacked recurrent layers (default 1)")
     activation: str | None = _field(
         None, "hidden activation; unset: the model's own", choices=ACTIVATIONS
     )
@@ -258,9 +277,44 @@ class TrainConfig:
             raise ValueError(f"modules applies to scope=module, not scope={self.scope.value}")
         if self.scope is Scope.MODULE and self.align_every:
             raise ValueError("align_every: alignment probes do not support scope=module")
+        self._check_sequences()
         if self.private:
             self._check_private()
         self._check_kfac()
+
+    def _check_sequences(self) -> None:
+        recurrent = self.model in RECURRENT_MODELS
+        for name in ("hidden_size", "num_layers", "seq_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        for name in ("hidden_size", "num_layers"):
+            if getattr(self, name) is not None and not recurrent:
+                raise ValueError(f"{name} applies to the recurrent models rnn, gru, lstm")
+        if self.permute and self.dataset not in SEQUENCE_DATASETS:
+            raise ValueError(f"permute applies to {', '.join(SEQUENCE_DATASETS)}")
+        if self.seq_len is not None and self.dataset not in TEXT_DATASETS:
+            raise ValueError(f"seq_len applies to the text datasets {', '.join(TEXT_DATASETS)}")
+        if (self.text_file is not None) != (self.dataset == "text"):
+            raise ValueError("text_file and dataset=text go together: --dataset text --text-file F")
+        if self.dataset in TEXT_DATASETS and not recurrent:
+            raise ValueError(
+                f"{self.dataset} is language modelling: it needs a recurrent model (rnn, gru, lstm)"
+            )
+        if not recurrent:
+            return
+        if Rule(self.method) not in (Rule.BP, Rule.DFA, Rule.BDFA):
+            raise ValueError(f"{self.model} trains by bp, dfa or bdfa, not {self.method}")
+        refused = {
+            "scope=module": self.scope is Scope.MODULE,
+            "align_every": self.align_every > 0,
+            "private": self.private,
+            "preconditioner": self.preconditioner is not Preconditioner.NONE,
+            "init=norm_matched": self.init == "norm_matched",
+        }
+        for what, used in refused.items():
+            if used:
+                raise ValueError(f"{what} is not supported with the recurrent model {self.model}")
 
     def _check_kfac(self) -> None:
         if not self.kfac_damping > 0:

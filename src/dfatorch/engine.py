@@ -34,6 +34,21 @@ a forward hook on each module (:class:`_ExitHook`) stashes its output, which rec
 ``g_M = e @ B_M`` from the same single projection; with ``inner="dfa"`` the inputs of the
 module's later layers are cut too (*inner points*) and receive ``A_l(g_M)``, a fixed random
 operator of the module's projected error, computed in the same backward call.
+
+*Recurrent layers* (``nn.RNNCell``, ``nn.GRUCell``, ``nn.LSTMCell``: an unrolled cell called once
+per time step) may run ``T`` times in a row in one forward pass. Under ``dfa``/``bdfa`` their
+feedback point is their own output: a forward hook (:class:`_StepHook`) stashes each step's hidden
+state ``h_t`` and returns it detached (for an LSTM cell ``(h_t, c_t)`` both detached), so that the
+state carried to step ``t + 1`` and the input of the layer above carry no gradient: nothing flows
+back through time nor through ``W_hh^T``. With ``a_t`` the cell's pre-activations,
+
+- last-step loss (logits ``(N, C)``, error ``e``): every step gets ``dL/dh_t := e @ B_l``;
+- every-step loss (logits ``(N, T, C)``, errors ``e_t``): step ``t`` gets ``e_t @ B_l``, all
+  ``T`` steps projected by one matmul ``[e_1; ...; e_T] @ B`` of ``(N T, C)`` by ``(C, D)``;
+
+and autograd runs each step's own backward, e.g. for ``h_t = tanh(W_ih x_t + W_hh h_{t-1} + b)``:
+``dW_hh = sum_t ((e_t B_l) * tanh'(a_t))^T h_{t-1}``, ``dW_ih = sum_t ((e_t B_l) * tanh'(a_t))^T
+x_t`` (``h_{t-1}``, ``x_t`` constants). Under ``bp`` a recurrent layer is left alone: BPTT.
 """
 
 from __future__ import annotations
@@ -86,6 +101,10 @@ __all__ = [
 
 #: Modules that carry a rule: the weight layers of the model.
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+#: Recurrent cells: layers that may run once per time step in one forward pass (see the module
+#: docstring); their feedback point under a direct rule is their output ``h_t`` at every step.
+RECURRENT_TYPES: tuple[type[nn.Module], ...] = (nn.RNNCellBase,)
 
 #: Parametrised modules that may sit inside a segment: they are trained by the gradient that
 #: arrives at them, like the layer they follow.
@@ -183,6 +202,22 @@ class LayerInfo:
     rule: Rule
     is_output: bool = False
 
+    @property
+    def recurrent(self) -> bool:
+        """A recurrent cell, which may run once per time step (:data:`RECURRENT_TYPES`)."""
+        return isinstance(self.module, RECURRENT_TYPES)
+
+
+@dataclass(frozen=True)
+class _Routing:
+    """Which feedback block and time step each point of a pass takes, when some layer ran more
+    than once or the output is a sequence: ``slots[i]`` is point ``i``'s block of ``B``,
+    ``steps[i]`` its step within that block, ``layouts`` one per block."""
+
+    slots: tuple[int, ...]
+    steps: tuple[int, ...]
+    layouts: tuple[tuple[torch.Size, tuple[int, ...]], ...]
+
 
 class _DeliverFeedback(torch.autograd.Function):
     """Identity on ``y``; backward returns ``e @ B_l`` as the gradient of each feedback point.
@@ -197,10 +232,16 @@ class _DeliverFeedback(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, engine: DFAEngine, count: int, inner: int, y: Tensor, *rest: Tensor
+        ctx: Any,
+        engine: DFAEngine,
+        count: int,
+        inner: int,
+        routing: _Routing | None,
+        y: Tensor,
+        *rest: Tensor,
     ) -> Tensor:
         points = rest[:count]
-        ctx.engine, ctx.count, ctx.inner = engine, count, inner
+        ctx.engine, ctx.count, ctx.inner, ctx.routing = engine, count, inner, routing
         # shape and strides of each point, to hand back its gradient in the same layout
         ctx.layouts = [(p.shape, p.stride()) for p in points]
         if len(rest) > count + inner:
@@ -210,11 +251,17 @@ class _DeliverFeedback(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        needs = ctx.needs_input_grad[4 : 4 + ctx.count]
-        tail = ctx.needs_input_grad[4 + ctx.count :]
+        needs = ctx.needs_input_grad[5 : 5 + ctx.count]
+        tail = ctx.needs_input_grad[5 + ctx.count :]
         learned, inner = tail[: len(tail) - ctx.inner], tail[len(tail) - ctx.inner :]
         if not any(needs) and not any(learned) and not any(inner):
-            return (None, None, None, grad_y, *([None] * (len(needs) + len(tail))))
+            return (None, None, None, None, grad_y, *([None] * (len(needs) + len(tail))))
+        if ctx.routing is not None:  # recurrent steps (no learned or inner points: refused)
+            steps = ctx.engine._step_signals(grad_y, ctx.routing)
+            return (
+                None, None, None, None, grad_y,
+                *(s if n else None for s, n in zip(steps, needs)),
+            )  # fmt: skip
         signals, error = ctx.engine._project(grad_y, ctx.layouts)  # views of one (N, D) product
         updates = [
             error.T @ h.reshape(h.shape[0], -1).to(error.dtype) if n else None
@@ -222,6 +269,7 @@ class _DeliverFeedback(torch.autograd.Function):
         ]
         inner_grads = ctx.engine._inner_signals(signals, inner)
         return (
+            None,
             None,
             None,
             None,
@@ -267,17 +315,30 @@ class _SendBack(torch.autograd.Function):
 class _PassState:
     """What the hooks track during one forward pass (and the switches they read)."""
 
-    __slots__ = ("capture", "checked", "enabled", "held", "inner", "next", "recording", "stash")
+    __slots__ = (
+        "capture", "checked", "enabled", "held", "inner", "next", "owner", "recording", "stash"
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.next = 0  # index of the layer expected to run next
         self.stash: list[Tensor] = []  # feedback points of the pass in progress
+        self.owner: list[int] = []  # per stashed point, its block of B (its slot)
         self.inner: list[Tensor] = []  # inner points of module-wise DFA
         self.held: dict[int, Tensor] = {}  # un-detached inputs of layers with a layer-wise B
         self.enabled = True
         self.checked = False  # the chain check ran (first pass only)
         self.capture: list[Tensor] | None = None
         self.recording: list[Tensor | None] | None = None
+
+    def reset(self) -> None:
+        """A new forward pass starts: nothing stashed, the first layer expected."""
+        self.next = 0
+        self.stash = []
+        self.owner = []
+        self.inner = []
+        self.held = {}
+        if self.capture is not None:
+            self.capture.clear()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _PassState:
         # a copied model starts with no pass in progress (the stash holds graph tensors)
@@ -293,11 +354,13 @@ class _PreHook:
     with its engine: the copy trains with its own engine state.
     """
 
-    __slots__ = ("cut", "engine", "index", "inner", "name", "through")
+    __slots__ = ("cut", "engine", "index", "inner", "name", "recurrent", "slot", "through")
 
     def __init__(self, engine: DFAEngine, index: int) -> None:
         self.engine = engine
         self.index = index
+        self.recurrent = engine.layers[index].recurrent  # may run again right after itself
+        self.slot = engine._slot.get(index - 1, -1)  # the block of B of the point it cuts
         kind = engine._plan[index]
         self.cut = kind == "cut"  # the input is a feedback point: stash and detach
         self.through = kind == "through"  # the error goes back through this layer's B
@@ -306,21 +369,25 @@ class _PreHook:
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> Any:
         state, index = self.engine._pass, self.index
-        if index == 0:
-            state.next = 0
-            state.stash = []
-            state.inner = []
-            state.held = {}
-            if state.capture is not None:
-                state.capture.clear()
-        if index != state.next:
+        # a recurrent layer's next time step (the model's own pre-hook starts every pass)
+        repeat = self.recurrent and state.next == index + 1
+        if index == 0 and not repeat:
+            if self.engine._recurrent and state.next != 0:  # _StartHook starts passes here
+                raise RuntimeError(
+                    f"layer {self.name!r} ran again after other layers in one forward pass: "
+                    "a recurrent stack must run layer by layer (all time steps of a cell, then "
+                    "the next cell), not step by step through the stack"
+                )
+            state.reset()
+        if index != state.next and not repeat:
             layers = self.engine.layers
             expected = layers[state.next].name if state.next < len(layers) else None
             raise RuntimeError(
                 f"layer {self.name!r} ran where {expected!r} was expected: the "
                 "engine needs the layers to run once each, in registration order, starting "
-                "from the first (pass output=... to attach() if the last registered layer "
-                "is not the output layer)"
+                "from the first (only a recurrent cell, nn.RNNCell/GRUCell/LSTMCell, may run "
+                "again, right after itself: one call per time step; pass output=... to "
+                "attach() if the last registered layer is not the output layer)"
             )
         state.next = index + 1
         if index == 0:
@@ -339,6 +406,7 @@ class _PreHook:
             return None
         if self.cut:
             state.stash.append(point)
+            state.owner.append(self.slot)
         elif self.inner:
             state.inner.append(point)
         else:
@@ -400,6 +468,51 @@ class _ExitHook:
         return output.detach()
 
 
+class _StepHook:
+    """The forward hook of a recurrent layer under a direct rule: its output ``h_t`` (an LSTM
+    cell's ``(h_t, c_t)``: ``h_t``) is this step's feedback point, stashed; the output is
+    returned detached, so that neither the next step (``W_hh h_t``, ``c_t``) nor the layer above
+    sends any gradient back to it: it receives ``e @ B_l`` (or ``e_t @ B_l``) only."""
+
+    __slots__ = ("engine", "index", "slot")
+
+    def __init__(self, engine: DFAEngine, index: int) -> None:
+        self.engine = engine
+        self.index = index
+        self.slot = engine._slot[index]
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        state = self.engine._pass
+        if not (state.enabled and torch.is_grad_enabled()):
+            return None
+        h = output[0] if isinstance(output, tuple) else output
+        if not isinstance(h, Tensor) or h.dim() != 2:
+            shape = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
+            raise ValueError(
+                f"recurrent layer {self.engine.layers[self.index].name!r} returned {shape}; "
+                "DFA needs batched (batch, hidden) states"
+            )
+        state.stash.append(h)
+        state.owner.append(self.slot)
+        if isinstance(output, tuple):
+            return tuple(o.detach() if isinstance(o, Tensor) else o for o in output)
+        return h.detach()
+
+
+class _StartHook:
+    """The forward pre-hook of the model itself, for engines with a recurrent layer: every call
+    of the model starts a pass (the first layer may run several times in a row, so its own
+    call cannot tell a new pass from the next time step)."""
+
+    __slots__ = ("engine",)
+
+    def __init__(self, engine: DFAEngine) -> None:
+        self.engine = engine
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.engine._pass.reset()
+
+
 class _OutputHook:
     """The forward hook of the output layer (see :meth:`DFAEngine._deliver`)."""
 
@@ -412,7 +525,7 @@ class _OutputHook:
         return self.engine._deliver(y)
 
 
-_HOOK_TYPES = (_PreHook, _ThroughHook, _ExitHook, _OutputHook)
+_HOOK_TYPES = (_PreHook, _ThroughHook, _ExitHook, _StepHook, _StartHook, _OutputHook)
 
 
 def _hook_dicts(module: nn.Module) -> tuple[dict[int, Any], ...]:
@@ -487,13 +600,21 @@ class DFAEngine(nn.Module):
         else:
             for index, below in enumerate(layers[:-1], 1):
                 self._plan[index] = (
-                    "cut"
+                    None  # a recurrent layer's point is its output, cut by its _StepHook
+                    if below.recurrent
+                    else "cut"
                     if below.rule.is_direct
                     else "through"
                     if below.rule.is_layerwise
                     else None
                 )
             self.points = [(i.name, i.rule) for i in layers[:-1] if i.rule.is_direct]
+        #: the block of ``B`` (the slot) of each layer with a direct rule, by layer index
+        self._slot: dict[int, int] = {}
+        if not self.module_infos:
+            direct = [i for i, info in enumerate(layers[:-1]) if info.rule.is_direct]
+            self._slot = {i: k for k, i in enumerate(direct)}
+        self._recurrent = any(info.recurrent for info in layers)
         #: the inner operators of module-wise DFA (``inner="dfa"``), built with the feedback
         self.operators = nn.ModuleList()
         self.num_classes = num_classes
@@ -536,10 +657,14 @@ class DFAEngine(nn.Module):
                         normalize=normalize,
                     )
                 )
+        if self._recurrent:
+            model.register_forward_pre_hook(_StartHook(self))
         for index, info in enumerate(layers):
             info.module.register_forward_pre_hook(_PreHook(self, index))
             if index in through:
                 info.module.register_forward_hook(_ThroughHook(self, index, through[index]))
+            if info.recurrent and info.rule.is_direct:
+                info.module.register_forward_hook(_StepHook(self, index))
         for index, module in enumerate(self.module_infos):
             module.exit.register_forward_hook(_ExitHook(self, index))
         layers[-1].module.register_forward_hook(_OutputHook(self))
@@ -579,6 +704,8 @@ class DFAEngine(nn.Module):
 
     def _own_hooks(self) -> Iterator[tuple[dict[int, Any], int]]:
         hooked = [info.module for info in self.layers] + [m.exit for m in self.module_infos]
+        if self._recurrent:
+            hooked.append(self.model)
         for module in dict.fromkeys(hooked):
             for hooks in _hook_dicts(module):
                 for key, hook in list(hooks.items()):
@@ -594,6 +721,7 @@ class DFAEngine(nn.Module):
         for hooks, key in list(self._own_hooks()):
             del hooks[key]
         self._pass.stash = []
+        self._pass.owner = []
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -672,6 +800,8 @@ class DFAEngine(nn.Module):
         (``scope="module"``). A layer-wise rule's cut is not counted: its ``B`` product replaces
         ``W^T delta`` at the same cost."""
         cuts = [kind in ("cut", "inner") for kind in self._plan]
+        for index, below in enumerate(self.layers[:-1], 1):  # cut at a recurrent layer's output
+            cuts[index] |= below.recurrent and below.rule.is_direct
         for module in self.module_infos:
             cuts[module.layers[-1] + 1] = True
         return cuts
@@ -697,6 +827,7 @@ class DFAEngine(nn.Module):
     def capturing(self) -> Iterator[list[Tensor]]:
         """Within: every hidden layer's output (the next layer's input) is collected, in order,
         as the forward pass runs (the list restarts when the first layer runs again)."""
+        self._refuse_recurrent("capturing()")
         captured: list[Tensor] = []
         self._pass.capture = captured
         try:
@@ -709,12 +840,20 @@ class DFAEngine(nn.Module):
         """Within: the gradient each hidden layer's output receives in backward is recorded (one
         slot per hidden layer: ``e @ B_l`` at a DFA layer, the back-propagated gradient at a BP
         layer). Forward and backward must both run inside."""
+        self._refuse_recurrent("recording()")
         slots: list[Tensor | None] = [None] * (len(self.layers) - 1)
         self._pass.recording = slots
         try:
             yield slots
         finally:
             self._pass.recording = None
+
+    def _refuse_recurrent(self, what: str) -> None:
+        if self._recurrent:
+            raise ValueError(
+                f"{what} collects one tensor per hidden layer; a recurrent layer has one per time "
+                "step: not supported (alignment probes, norm_matched, calibrate)"
+            )
 
     def true_signals(
         self,
@@ -780,23 +919,29 @@ class DFAEngine(nn.Module):
         if not (state.enabled and torch.is_grad_enabled()):
             return None
         points, state.stash = state.stash, []
+        owners, state.owner = state.owner, []
         inner, state.inner = state.inner, []
-        if not isinstance(y, Tensor) or y.dim() != 2:
+        sequence = self._recurrent and isinstance(y, Tensor) and y.dim() == 3
+        if not isinstance(y, Tensor) or not (y.dim() == 2 or sequence):
             shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
             raise ValueError(
                 f"the output layer {self.layers[-1].name!r} returned {shape}; DFA needs "
-                "(batch, classes) logits"
+                "(batch, classes) logits (or (batch, steps, classes) for a recurrent model)"
             )
-        if self.num_classes is not None and y.shape[1] != self.num_classes:
+        if self.num_classes is not None and y.shape[-1] != self.num_classes:
             raise ValueError(
-                f"the output has {y.shape[1]} units but the feedback is for {self.num_classes}"
+                f"the output has {y.shape[-1]} units but the feedback is for {self.num_classes}"
             )
         if not points:
             return None
+        routing = self._routing(y, points, owners) if self._recurrent else None
+        # one point per block of B: the first step of each recurrent layer stands for all
+        firsts = points if routing is None else [points[routing.slots.index(k)]
+                                                 for k in range(len(self.points))]  # fmt: skip
         if self.feedback is None:
-            self._build_feedback(y, points, inner)
+            self._build_feedback(y, firsts, inner)
         else:
-            self._check_sizes(points, inner)
+            self._check_sizes(firsts, inner)
         if not state.checked:
             _check_chain(y, points)
             if self.module_infos:
@@ -804,8 +949,58 @@ class DFAEngine(nn.Module):
             state.checked = True
         assert self.feedback is not None
         return _DeliverFeedback.apply(
-            self, len(points), len(inner), y, *points, *self.feedback.learned_blocks, *inner
+            self, len(points), len(inner), routing, y, *points, *self.feedback.learned_blocks,
+            *inner,
+        )  # fmt: skip
+
+    def _routing(self, y: Tensor, points: list[Tensor], owners: list[int]) -> _Routing:
+        """The block and time step of every point of a pass of a recurrent model; checks that
+        every layer with a direct rule gave its points and, for a sequence output ``(N, T, C)``,
+        that each is a recurrent layer that ran exactly ``T`` steps."""
+        counts = [owners.count(k) for k in range(len(self.points))]
+        missing = [self.points[k][0] for k, c in enumerate(counts) if c == 0]
+        if missing or len(owners) != len(points):  # pragma: no cover - the hooks ran in order
+            raise RuntimeError(f"layers {missing} gave no feedback point in this pass")
+        seen = [0] * len(self.points)
+        steps = []
+        first: list[Tensor | None] = [None] * len(self.points)
+        for point, k in zip(points, owners):
+            steps.append(seen[k])
+            seen[k] += 1
+            start = first[k]
+            if start is None:
+                first[k] = point
+            elif point.shape != start.shape:
+                raise ValueError(
+                    f"the state of layer {self.points[k][0]!r} changed from {tuple(start.shape)} "
+                    f"to {tuple(point.shape)} between steps: variable-length sequences (shrinking "
+                    "batches, packed sequences) are not supported; pad them to one length"
+                )
+        if y.dim() == 3:
+            if self.error_transforms or self.signal_transforms:
+                raise ValueError(
+                    "error and signal transforms act per example on (batch, classes) errors; "
+                    "with (batch, steps, classes) outputs they are not supported"
+                )
+            recurrent = {self._slot[i] for i, info in enumerate(self.layers) if info.recurrent
+                         and i in self._slot}  # fmt: skip
+            for k, (name, _) in enumerate(self.points):
+                if k not in recurrent:
+                    raise ValueError(
+                        f"with (batch, steps, classes) outputs every DFA layer must be "
+                        f"recurrent; {name!r} is not (give it rule 'bp')"
+                    )
+                if counts[k] != y.shape[1]:
+                    raise ValueError(
+                        f"recurrent layer {name!r} ran {counts[k]} steps but the output has "
+                        f"{y.shape[1]}: with a loss on every step, each step's state gets that "
+                        "step's error"
+                    )
+        layouts = tuple(
+            (points[owners.index(k)].shape, points[owners.index(k)].stride())
+            for k in range(len(self.points))
         )
+        return _Routing(tuple(owners), tuple(steps), layouts)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -901,8 +1096,23 @@ class DFAEngine(nn.Module):
             out.append(op(signal))
         return out
 
+    def _step_signals(self, error: Tensor, routing: _Routing) -> list[Tensor]:
+        """The signal of every point of a recurrent model's pass, from one projection.
+
+        Last-step loss (``error`` ``(N, C)``): ``e @ B`` once, each step of layer ``k`` taking
+        the view ``e @ B_k``. Every-step loss (``error`` ``(N, T, C)``): the steps stacked,
+        ``(N T, C) @ (C, D)`` in one matmul, step ``t`` of layer ``k`` taking ``e_t @ B_k``.
+        """
+        if error.dim() == 2:
+            blocks, _ = self._project(error, list(routing.layouts))
+            return [blocks[k] for k in routing.slots]
+        n, t, c = error.shape
+        blocks, _ = self._project(error.reshape(n * t, c), None)
+        per_step = [b.view(n, t, -1) for b in blocks]  # (N, T, d_k) views of one product
+        return [per_step[k][:, s] for k, s in zip(routing.slots, routing.steps)]
+
     def _project(
-        self, error: Tensor, like: list[tuple[torch.Size, tuple[int, ...]]]
+        self, error: Tensor, like: list[tuple[torch.Size, tuple[int, ...]]] | None
     ) -> tuple[list[Tensor], Tensor]:
         if self.structure.name == FeedbackInit.NORM_MATCHED.value and not self.calibrated:
             raise RuntimeError(
@@ -1047,11 +1257,12 @@ def _check_chain(y: Tensor, points: list[Tensor]) -> None:
 
 
 def _layer_list(model: nn.Module, output: str | None) -> list[tuple[str, nn.Module]]:
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+    kinds = LAYER_TYPES + RECURRENT_TYPES
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
     if not found:
         raise ValueError(
-            f"{type(model).__name__} has no layer the engine can train: it needs nn.Linear or "
-            "nn.Conv1d/2d/3d modules"
+            f"{type(model).__name__} has no layer the engine can train: it needs nn.Linear, "
+            "nn.Conv1d/2d/3d or recurrent cell (nn.RNNCell/GRUCell/LSTMCell) modules"
         )
     if output is not None:
         names = [n for n, _ in found]
@@ -1076,6 +1287,9 @@ def _execution_order(
     finally:
         for h in handles:
             h.remove()
+    # a recurrent cell runs once per time step, in a row: one entry per run of calls
+    ran = [i for k, i in enumerate(ran)
+           if not (k and ran[k - 1] == i and isinstance(found[i][1], RECURRENT_TYPES))]  # fmt: skip
     twice = sorted({found[i][0] for i in ran if ran.count(i) > 1})
     if twice:
         raise ValueError(f"layers {twice} ran more than once in one forward; DFA needs each once")
@@ -1099,7 +1313,8 @@ def _resolve_rules(
     hidden = found[:-1]
     rules: list[Rule] = []
     for _name, module in hidden:
-        if method is Rule.BP or scope is not Scope.FC or isinstance(module, nn.Linear):
+        # the hybrid leaves convolutions to BP; linear and recurrent layers take the method
+        if method is Rule.BP or scope is not Scope.FC or not isinstance(module, _CONV_TYPES):
             rules.append(method)
         else:
             rules.append(Rule.BP)
@@ -1123,8 +1338,39 @@ def _resolve_rules(
     return rules
 
 
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _check_recurrent(layers: Sequence[LayerInfo], scope: Scope) -> None:
+    """Refuse, in one line, what the recurrent path does not cover: a recurrent output layer,
+    rules other than ``bp``/``dfa``/``bdfa`` on a recurrent layer, module-wise DFA, and a
+    recurrent layer fed by a layer with a feedback rule (whose point would be cut per step)."""
+    if not any(info.recurrent for info in layers):
+        return
+    if layers[-1].recurrent:
+        raise ValueError(
+            f"the output layer {layers[-1].name!r} is a recurrent cell; put an nn.Linear head "
+            "on its states"
+        )
+    if scope is Scope.MODULE:
+        raise ValueError("scope='module' does not support recurrent layers: use 'all' or 'fc'")
+    for index, info in enumerate(layers[:-1]):
+        if not info.recurrent:
+            continue
+        if info.rule not in (Rule.BP, Rule.DFA, Rule.BDFA):
+            raise ValueError(
+                f"recurrent layer {info.name!r} takes dfa, bdfa or bp, not {info.rule.value!r}"
+            )
+        below = layers[index - 1] if index else None
+        if below is not None and not below.recurrent and below.rule.is_feedback:
+            raise ValueError(
+                f"recurrent layer {info.name!r} follows {below.name!r}, trained by "
+                f"{below.rule.value!r}: a layer below a recurrent one must be recurrent or 'bp'"
+            )
+
+
 def _check_unsupported(model: nn.Module, overrides: Mapping[str, Any] | None) -> None:
-    allowed = LAYER_TYPES + SEGMENT_TYPES
+    allowed = LAYER_TYPES + RECURRENT_TYPES + SEGMENT_TYPES
     for name, module in model.named_modules():
         if isinstance(module, allowed) or not any(True for _ in module.parameters(recurse=False)):
             continue
@@ -1164,7 +1410,10 @@ def attach(
 
     Args:
         model: any module whose ``nn.Linear``/``nn.Conv*d`` layers run once each per forward, in
-            registration order, the last one producing ``(batch, classes)`` outputs.
+            registration order, the last one producing ``(batch, classes)`` outputs. Recurrent
+            cells (``nn.RNNCell``/``GRUCell``/``LSTMCell``) may run once per time step, their
+            steps in a row; the output may then be ``(batch, steps, classes)`` (a loss on every
+            step). See the module docstring for what each step receives.
         method: a :class:`Rule` for the hidden layers in ``scope``: ``"bp"``; the direct rules
             ``"dfa"``, ``"bdfa"``, ``"dkp"`` (learned ``B_l``); the layer-wise rules ``"fa"``,
             ``"usf"``, ``"brsf"``, ``"frsf"``, ``"kp"`` (learned ``B``). A learned feedback is in
@@ -1258,6 +1507,7 @@ def attach(
     layer_rules = _resolve_rules(found, method, scope, conv_error, rules, known)
     layers = [LayerInfo(n, m, r) for (n, m), r in zip(found[:-1], layer_rules)]
     layers.append(LayerInfo(found[-1][0], found[-1][1], Rule.BP, is_output=True))
+    _check_recurrent(layers, scope)
     module_infos: list[ModuleInfo] = []
     if module_wise and len(found) > 1:
         specs = modules if modules is not None else getattr(model, "feedback_modules", None)

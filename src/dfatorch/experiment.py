@@ -446,6 +446,9 @@ def aggregate(exp: Experiment, results_dir: str | Path) -> dict[str, Any]:
         final_mean, final_std = mean_std(finals)
         best_mean, best_std = mean_std(bests)
         spe = mean_std([r["seconds_per_epoch"] for r in runs])[0]
+        bpc_mean, bpc_std = mean_std(
+            [r["final_bpc"] for r in runs if r.get("final_bpc") is not None]
+        )
         table.append(
             {
                 **row,
@@ -454,6 +457,8 @@ def aggregate(exp: Experiment, results_dir: str | Path) -> dict[str, Any]:
                 "final_acc_std": final_std,
                 "best_acc_mean": best_mean,
                 "best_acc_std": best_std,
+                "final_bpc_mean": bpc_mean,
+                "final_bpc_std": bpc_std,
                 "seconds_per_epoch": spe,
                 "runs": runs,
             }

@@ -27,11 +27,16 @@ name                    architecture (for 3x32x32 inputs)
 ``resnet20``            He et al. (2016), the CIFAR ResNet-20: conv16, 3 stages x 3 basic blocks
                         (16, 32, 64 channels; two 3x3 convs with batch norm each), option A
                         shortcuts, global average pooling, FC (:class:`ResNet20`)
+``rnn``, ``gru``,       recurrent (:class:`RecurrentNet`): ``layers`` stacked ``nn.RNNCell`` /
+``lstm``                ``nn.GRUCell`` / ``nn.LSTMCell`` of ``hidden_size`` units (default 1 x 128)
+                        unrolled over the input's rows, and a linear head on the last step (or on
+                        every step, for language modelling)
 ======================  ==========================================================================
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,9 +48,11 @@ from torch import nn
 
 __all__ = [
     "MODELS",
+    "RECURRENT_MODELS",
     "BasicBlock",
     "LayerCost",
     "ModelStats",
+    "RecurrentNet",
     "ResNet20",
     "build_model",
     "cnn",
@@ -332,6 +339,108 @@ def _resnet20(input_shape: Sequence[int], num_classes: int, **kw: Any) -> ResNet
     return ResNet20(input_shape, num_classes, **kw)
 
 
+_CELLS: dict[str, type[nn.RNNCellBase]] = {
+    "rnn": nn.RNNCell,
+    "gru": nn.GRUCell,
+    "lstm": nn.LSTMCell,
+}
+
+
+class RecurrentNet(nn.Module):
+    """``layers`` recurrent cells unrolled over time, then a linear head (``head``).
+
+    Input ``(N, C, H, W)`` is read as ``T = H`` time steps of ``C W`` features (sequential
+    MNIST: 28 rows of 28 pixels; permuted: ``(N, 1, 784, 1)``, 784 steps of one pixel). With
+    ``tokens=V`` the input ``(N, 1, T, 1)`` holds token ids (``0 .. V-1``, as floats) fed as
+    one-hot vectors. The cells (``cells.0``, ``cells.1``, ...) are ``nn.RNNCell`` (``tanh`` or
+    ``relu``), ``nn.GRUCell`` or ``nn.LSTMCell``, called once per step, layer after layer (all
+    ``T`` steps of a layer, then the next): the engine's hooks see every step. The head reads the
+    last step's state, ``(N, classes)`` logits, or with ``every_step=True`` every step's,
+    ``(N, T, classes)`` (language modelling). Initial states are zero.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        *,
+        cell: str = "lstm",
+        hidden_size: int = 128,
+        layers: int = 1,
+        tokens: int | None = None,
+        every_step: bool = False,
+        activation: str = "tanh",
+    ) -> None:
+        super().__init__()
+        if len(input_shape) != 3:
+            raise ValueError(f"{cell} needs (C, H, W) inputs (H steps), got {tuple(input_shape)}")
+        if cell not in _CELLS:
+            raise ValueError(f"cell {cell!r} is not one of {sorted(_CELLS)}")
+        if hidden_size < 1 or layers < 1:
+            raise ValueError(f"hidden_size and layers must be >= 1, got {hidden_size}, {layers}")
+        if cell != "rnn" and activation != "tanh":
+            raise ValueError(f"{cell} has its own gates: activation applies to rnn only")
+        if activation not in ("tanh", "relu"):
+            raise ValueError(f"rnn takes activation tanh or relu, not {activation!r}")
+        c, steps, w = input_shape
+        if tokens is not None and (c, w) != (1, 1):
+            raise ValueError(f"token input must be (1, T, 1), got {tuple(input_shape)}")
+        self.kind, self.steps, self.tokens, self.every_step = cell, steps, tokens, every_step
+        features = tokens if tokens is not None else c * w
+        kwargs: dict[str, Any] = {"nonlinearity": activation} if cell == "rnn" else {}
+        self.cells = nn.ModuleList(
+            _CELLS[cell](features if i == 0 else hidden_size, hidden_size, **kwargs)
+            for i in range(layers)
+        )
+        self.head = nn.Linear(hidden_size, num_classes)
+
+    def sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as ``(N, T, features)``."""
+        n, c, steps, w = x.shape
+        if self.tokens is not None:
+            ids = x.reshape(n, steps).round().long()
+            return F.one_hot(ids, self.tokens).to(x.dtype)
+        return x.permute(0, 2, 1, 3).reshape(n, steps, c * w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"{self.kind} takes a padded (N, C, T, W) tensor, got {type(x).__name__}: "
+                "variable-length sequences (PackedSequence) are not supported"
+            )
+        seq = self.sequence(x)
+        last = len(self.cells) - 1
+        for i, cell in enumerate(self.cells):
+            state: Any = None
+            outputs = []
+            for t in range(seq.shape[1]):
+                state = cell(seq[:, t], state)
+                outputs.append(state[0] if isinstance(state, tuple) else state)
+            if i == last and not self.every_step:
+                return self.head(outputs[-1])
+            seq = torch.stack(outputs, 1)
+        return self.head(seq)
+
+
+def _recurrent(cell: str) -> Callable[..., RecurrentNet]:
+    def build(input_shape: Sequence[int], num_classes: int, **kw: Any) -> RecurrentNet:
+        if kw.pop("batch_norm", False):
+            raise ValueError(f"{cell} has no batch norm option")
+        if kw.pop("dropout", 0.0):
+            raise ValueError(f"{cell} has no dropout option")
+        kw.pop("trainable_units", None)
+        width = kw.pop("width", 1.0)
+        kw["hidden_size"] = _scaled(kw.get("hidden_size") or 128, width)
+        if kw.get("activation") is None:
+            kw.pop("activation", None)
+        return RecurrentNet(input_shape, num_classes, cell=cell, **kw)
+
+    build.__doc__ = (
+        f"The zoo's ``{cell}``: a :class:`RecurrentNet` of ``nn.{_CELLS[cell].__name__}``."
+    )
+    return build
+
+
 def conv_features(model: nn.Sequential) -> nn.Sequential:
     """The convolutional part of a zoo CNN: its modules before ``nn.Flatten``, without the pooling
     that ends them. Shares the model's parameters (a view, not a copy)."""
@@ -363,7 +472,14 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp_3x800": _mlp_preset((800, 800, 800)),
     "mlp_3x1000": _mlp_preset((1000, 1000, 1000)),
     "resnet20": _resnet20,
+    "rnn": _recurrent("rnn"),
+    "gru": _recurrent("gru"),
+    "lstm": _recurrent("lstm"),
 }
+
+#: The recurrent models of the zoo (options ``hidden_size``, ``layers``, ``tokens``,
+#: ``every_step``).
+RECURRENT_MODELS: tuple[str, ...] = ("rnn", "gru", "lstm")
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, **options: Any) -> Any:
@@ -371,7 +487,7 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **optio
     ``nn.Sequential``; ``resnet20``: a :class:`ResNet20`)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    if len(input_shape) != 3 and (name.endswith("_cnn") or name == "resnet20"):
+    if len(input_shape) != 3 and (name.endswith("_cnn") or name in ("resnet20", *RECURRENT_MODELS)):
         raise ValueError(f"{name} needs (C, H, W) inputs, got {tuple(input_shape)}")
     return MODELS[name](tuple(input_shape), num_classes, **options)
 
@@ -410,12 +526,19 @@ def layer_costs(model: nn.Module, input_shape: Sequence[int]) -> list[LayerCost]
 
     def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
         inp = args[0]
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.RNNCellBase):  # one call per step: the steps add up
+            macs = module.weight_ih.numel() + module.weight_hh.numel()
+            if costs and costs[-1].name == names[module]:
+                last = costs.pop()
+                costs.append(dataclasses.replace(last, macs=last.macs + macs))
+                return
+        elif isinstance(module, nn.Linear):
             macs = module.in_features * module.out_features
         else:
             assert isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d)
             per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
             macs = out[0].numel() * per_output
+        out = out[0] if isinstance(out, tuple) else out  # an LSTM cell's (h, c)
         costs.append(
             LayerCost(
                 names[module],
@@ -427,7 +550,7 @@ def layer_costs(model: nn.Module, input_shape: Sequence[int]) -> list[LayerCost]
             )
         )
 
-    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.RNNCellBase)
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
     param = next(model.parameters())
     was_training = model.training

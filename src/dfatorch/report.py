@@ -57,6 +57,10 @@ def _table(summary: dict[str, Any], axes: list[str], exp: Experiment | None = No
     # no seconds per epoch: on a shared machine they measure contention, not the method (the
     # benchmark sections time the methods)
     header = ["method", *axes, "seeds", "final acc (%)", "best acc (%)"]
+    # language modelling: bits per character on the test text (lower is better)
+    bpc = any(r.get("final_bpc_mean") is not None for r in summary["rows"])
+    if bpc:
+        header.append("test bits/char")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in summary["rows"]))}
     points = exp._grid_points() if exp is not None else []
@@ -75,6 +79,8 @@ def _table(summary: dict[str, Any], axes: list[str], exp: Experiment | None = No
             _pm(row["final_acc_mean"], row["final_acc_std"]),
             _pm(row["best_acc_mean"], row["best_acc_std"]),
         ]
+        if bpc:
+            cells.append(_pm(row.get("final_bpc_mean"), row.get("final_bpc_std"), scale=1.0))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -498,6 +504,7 @@ def _speed_section(folder: Path) -> list[str]:
     lines += _scaling_section(folder / "scaling.json")
     lines += _private_step_section(folder / "private_step_time.json")
     lines += _kfac_overhead_section(folder / "kfac_overhead.json")
+    lines += _recurrent_memory_section(folder / "recurrent_memory.json")
     track = folder / "tracking_speed.json"
     if track.exists():
         data = json.loads(track.read_text())
@@ -615,6 +622,36 @@ def _private_step_section(path: Path) -> list[str]:
                 f"| {model} | {method} | {r['off']['ms_median']:.1f} | "
                 f"{r['native']['ms_median']:.1f} ({r['native']['ratio_to_non_private']:.2f}) | "
                 f"{r['opacus']['ms_median']:.1f} ({r['opacus']['ratio_to_non_private']:.2f}) |"
+            )
+    return [*lines, ""]
+
+
+def _recurrent_memory_section(path: Path) -> list[str]:
+    """The table of ``benchmarks/recurrent_memory.py``'s JSON: BPTT against DFA over ``T``."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    env, cfg = data["environment"], data["config"]
+    lines = [
+        "## Memory and speed: recurrent networks",
+        "",
+        f"`{data['command']}` ({env.get('processor')}, {cfg['threads']} threads; one layer of "
+        f"{cfg['hidden']} units, batch {cfg['batch']}, last-step loss; {cfg['rounds']} interleaved "
+        f"rounds after {cfg['warmup']} warm-up, medians). Saved bytes: the distinct storages "
+        "autograd keeps for the backward pass (pack hook, parameters excluded). Both methods keep "
+        "every step's local graph until the loss is known, so both grow linearly in `T`; DFA "
+        "removes the sequential chain through time, not the storage.",
+        "",
+        "| cell | T | BPTT saved MiB | DFA saved MiB | BPTT ms | DFA ms | DFA / BPTT time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for cell, rows in data["results"].items():
+        for steps, r in rows.items():
+            t = r["time"]
+            lines.append(
+                f"| {cell} | {steps} | {r['bp']['saved_bytes'] / 2**20:.2f} | "
+                f"{r['dfa']['saved_bytes'] / 2**20:.2f} | {t['bp']['ms_median']:.1f} | "
+                f"{t['dfa']['ms_median']:.1f} | {t['dfa_over_bp']:.2f} |"
             )
     return [*lines, ""]
 

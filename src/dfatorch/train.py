@@ -37,7 +37,7 @@ from . import __version__
 from ._console import progress_bar, warn
 from ._io import atomic_write, portable_path
 from .callbacks import Callback, NonFiniteLossError, TrainingDiverged, TrainState, default_callbacks
-from .config import OptimizerName, Schedule, TrainConfig, parse_options
+from .config import DEFAULT_SEQ_LEN, OptimizerName, Schedule, TrainConfig, parse_options
 from .data import BatchLoader, DatasetSplits, load_dataset, stratified_subset, train_val_split
 from .data.loader import derive_seed
 from .distributed import (
@@ -54,7 +54,7 @@ from .distributed import (
 )
 from .engine import DFAEngine, Rule, Scope, Transform, attach, get_rng_states, set_rng_states
 from .feedback import make_pattern
-from .models import build_model, model_stats
+from .models import RECURRENT_MODELS, build_model, model_stats
 from .rundir import CheckpointError, RunDir, load_checkpoint
 
 __all__ = [
@@ -95,6 +95,17 @@ class RunResult:
 
 
 # -- building blocks ---------------------------------------------------------------------------
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """The default loss: cross-entropy of ``(N, C)`` logits and ``(N,)`` labels, or of ``(N, T,
+    C)`` logits and per-step labels ``(N, T)`` (language modelling: the mean over every step of
+    every sequence, in nats; divided by ``ln 2`` it is the bits per character)."""
+    if logits.dim() == 3:
+        logits, targets = logits.flatten(0, 1), targets.flatten()
+    if reduction == "mean":  # the plain call, as before sequences (tests wrap it by its arguments)
+        return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets, reduction=reduction)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -149,7 +160,13 @@ def _build(
     if group.enabled and device.type == "cuda":
         device = torch.device("cuda", group.local_rank)  # one GPU per process
     splits = load_dataset(
-        config.dataset, config.data_dir, download=config.download, label=config.label
+        config.dataset,
+        config.data_dir,
+        download=config.download,
+        label=config.label,
+        permute=config.permute,
+        seq_len=config.seq_len or DEFAULT_SEQ_LEN,
+        text_file=config.text_file,
     )
     train_set = splits.train
     if config.fraction < 1:
@@ -186,6 +203,10 @@ def _build(
     for name in ("bottleneck", "trainable_units"):  # MLP-only options, passed when set
         if getattr(config, name) is not None:
             options[name] = getattr(config, name)
+    if config.model in RECURRENT_MODELS:
+        options.update(hidden_size=config.hidden_size, layers=config.num_layers or 1)
+        if splits.per_step:  # language modelling: one-hot characters in, a prediction per step
+            options.update(tokens=splits.num_classes, every_step=True)
     model = build_model(config.model, splits.input_shape, splits.num_classes, **options).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -279,11 +300,11 @@ def _evaluation_sums(
         for x, y in loader:
             logits = model(_inputs(x, channels_last))
             if loss_fn is None:
-                loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+                loss_sum += cross_entropy(logits, y, reduction="sum").item()
             else:
-                loss_sum += loss_fn(logits, y).item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
+                loss_sum += loss_fn(logits, y).item() * y.numel()
+            correct += int((logits.argmax(-1) == y).sum())
+            seen += y.numel()
     finally:
         model.train(was_training)
     return loss_sum, correct, seen
@@ -579,7 +600,7 @@ def _train(
         model=built.model,
         engine=built.engine,
         optimizer=built.optimizer,
-        loss_fn=loss_fn or F.cross_entropy,
+        loss_fn=loss_fn or cross_entropy,
         steps_per_epoch=len(built.train_loader),
         partial=_fresh(),
         group=group,
@@ -664,9 +685,9 @@ def _train_epoch(
             local_loss = state.loss.item()  # one device sync for the loss per step
             loss_sum, seen, correct, stops = all_reduce_sum(
                 [
-                    local_loss * len(y),
-                    len(y),
-                    int((state.logits.detach().argmax(1) == y).sum()),
+                    local_loss * y.numel(),  # examples, or predicted steps (per-step labels)
+                    y.numel(),
+                    int((state.logits.detach().argmax(-1) == y).sum()),
                     float(stop.requested),
                 ],
                 group,
@@ -719,6 +740,8 @@ def _end_epoch(
             loss_sum, correct, seen = all_reduce_sum(sums, built.group, built.device)
             record[f"{split}_loss"] = loss_sum / max(seen, 1)
             record[f"{split}_acc"] = int(correct) / max(seen, 1)
+            if built.splits.per_step:  # language modelling: bits per character
+                record[f"{split}_bpc"] = record[f"{split}_loss"] / math.log(2)
         elif loader is not None or split == "test":
             record[f"{split}_loss"] = record[f"{split}_acc"] = None
     for callback in callbacks:
@@ -746,7 +769,7 @@ def probe_batch(
     loader = BatchLoader(dataset, batch_size, shuffle=True, augment=False, mean=run.splits.mean,
                          std=run.splits.std, seed=config.seed, device=run.device)  # fmt: skip
     x, y = next(iter(loader))
-    return run.engine, _inputs(x, config.channels_last), y, F.cross_entropy
+    return run.engine, _inputs(x, config.channels_last), y, cross_entropy
 
 
 def is_finished(run_dir: str | Path) -> bool:
@@ -756,7 +779,8 @@ def is_finished(run_dir: str | Path) -> bool:
 
 def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
     """Final and best evaluation accuracy (test if evaluated, else validation), final loss, epochs
-    and mean seconds per epoch of a run's history."""
+    and mean seconds per epoch of a run's history; for language modelling also the final bits per
+    character (``final_bpc``)."""
     if not history:
         return {"epochs": 0, "split": None}
     split = "test" if any(h.get("test_acc") is not None for h in history) else "val"
@@ -769,6 +793,7 @@ def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
         "final_loss": evaluated[-1][f"{split}_loss"] if evaluated else None,
         "final_train_acc": history[-1]["train_acc"],
         "seconds_per_epoch": sum(h["epoch_seconds"] for h in history) / len(history),
+        "final_bpc": evaluated[-1].get(f"{split}_bpc") if evaluated else None,
     }
 
 

@@ -36,6 +36,7 @@ from .loader import (
     random_flip_mask,
 )
 from .registry import DATASET_NAMES, canonical_name, load_dataset, resolve_data_dir
+from .sequence import load_text, permuted
 from .subset import stratified_subset, train_val_split
 
 __all__ = [
@@ -60,10 +61,12 @@ __all__ = [
     "load_digits",
     "load_idx_folder",
     "load_pickle",
+    "load_text",
     "make_splits",
     "manual_instructions",
     "md5sum",
     "normalize",
+    "permuted",
     "random_crop",
     "random_crop_offsets",
     "random_flip",

@@ -24,7 +24,8 @@ class ImageDataset:
 
     Attributes:
         images: uint8 tensor of shape (N, C, H, W), pixel values 0..255.
-        labels: int64 tensor of shape (N,), values in ``0 .. len(classes) - 1``.
+        labels: int64 tensor of shape (N,), values in ``0 .. len(classes) - 1``; or (N, T), a
+            label per time step (character-level language modelling: the next character).
         classes: human-readable class names; the label ``i`` means ``classes[i]``.
         name: short dataset name (``"cifar10"``, ``"mnist"``...), used in logs and errors.
     """
@@ -40,14 +41,14 @@ class ImageDataset:
                 f"{self.name}: images must be uint8 (N, C, H, W), "
                 f"got {self.images.dtype} {tuple(self.images.shape)}"
             )
-        if self.labels.dtype != torch.int64 or self.labels.dim() != 1:
+        if self.labels.dtype != torch.int64 or self.labels.dim() not in (1, 2):
             raise ValueError(
-                f"{self.name}: labels must be int64 (N,), "
+                f"{self.name}: labels must be int64 (N,) or (N, T), "
                 f"got {self.labels.dtype} {tuple(self.labels.shape)}"
             )
-        if self.labels.numel() != self.images.shape[0]:
+        if self.labels.shape[0] != self.images.shape[0]:
             raise ValueError(
-                f"{self.name}: {self.images.shape[0]} images but {self.labels.numel()} labels"
+                f"{self.name}: {self.images.shape[0]} images but {self.labels.shape[0]} labels"
             )
         if not isinstance(self.classes, tuple):
             # Accept lists but store a tuple, so the dataset stays immutable.
@@ -61,7 +62,7 @@ class ImageDataset:
             )
 
     def __len__(self) -> int:
-        return int(self.labels.numel())
+        return int(self.labels.shape[0])
 
     def __repr__(self) -> str:
         return (
@@ -87,7 +88,7 @@ class ImageDataset:
 
     def class_counts(self) -> torch.Tensor:
         """Number of examples per class, int64 tensor of shape (num_classes,)."""
-        return torch.bincount(self.labels, minlength=self.num_classes)
+        return torch.bincount(self.labels.flatten(), minlength=self.num_classes)
 
 
 def channel_stats(
@@ -146,6 +147,11 @@ class DatasetSplits:
     def name(self) -> str:
         """Name of the dataset (the train set's name)."""
         return self.train.name
+
+    @property
+    def per_step(self) -> bool:
+        """Labels per time step ``(N, T)`` (language modelling): the inputs are token ids."""
+        return self.train.labels.dim() == 2
 
 
 def make_splits(train: ImageDataset, test: ImageDataset) -> DatasetSplits:

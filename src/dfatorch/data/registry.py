@@ -5,22 +5,34 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .base import DataError, DatasetSplits
+from .base import DataError, DatasetSplits, ImageDataset
 from .cifar import load_cifar10, load_cifar100
 from .digits import load_digits
 from .download import REGISTRY, download_dataset, md5sum, safe_extract_tar
 from .idx import FASHION_MNIST_CLASSES, MNIST_CLASSES, find_idx_folder, load_idx_folder
+from .sequence import load_text, permuted
 
 __all__ = [
     "DATASET_NAMES",
     "DATA_ENV",
+    "SEQUENCE_DATASETS",
     "SYSTEM_FASHION_MNIST_DIR",
+    "TEXT_DATASETS",
     "canonical_name",
     "load_dataset",
     "resolve_data_dir",
 ]
 
-DATASET_NAMES: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100")
+DATASET_NAMES: tuple[str, ...] = (
+    "digits", "mnist", "fashion-mnist", "cifar10", "cifar100",
+    "seq-mnist", "seq-fashion-mnist", "tinyshakespeare", "text",
+)  # fmt: skip
+#: Images read as sequences by a recurrent model (28 rows of 28 pixels; ``permuted``: 784 pixels).
+SEQUENCE_DATASETS: tuple[str, ...] = ("seq-mnist", "seq-fashion-mnist")
+#: Character-level language modelling (per-step labels): the bundled text's folder, or any file.
+TEXT_DATASETS: tuple[str, ...] = ("tinyshakespeare", "text")
+#: Where ``tinyshakespeare`` is looked for under the data folder.
+TINYSHAKESPEARE_FILE = Path("tinyshakespeare") / "input.txt"
 DATA_ENV = "DFATORCH_DATA"
 DEFAULT_DATA_DIR = Path("~/.cache/dfatorch/data")
 # Where the Debian package ``dataset-fashion-mnist`` installs the official files.
@@ -31,6 +43,8 @@ _ALIASES = {
     "cifar-100": "cifar100",
     "fashionmnist": "fashion-mnist",
     "fmnist": "fashion-mnist",
+    "sequential-mnist": "seq-mnist",
+    "seq-fmnist": "seq-fashion-mnist",
 }
 
 
@@ -106,12 +120,22 @@ def _ensure_cifar(name: str, root: Path, download: bool) -> Path:
     return download_dataset(name, root)
 
 
+def _renamed(splits: DatasetSplits, name: str) -> DatasetSplits:
+    def rename(data: ImageDataset) -> ImageDataset:
+        return ImageDataset(data.images, data.labels, data.classes, name)
+
+    return DatasetSplits(rename(splits.train), rename(splits.test), splits.mean, splits.std)
+
+
 def load_dataset(
     name: str,
     data_dir: str | Path | None = None,
     *,
     download: bool = False,
     label: str = "fine",
+    permute: bool = False,
+    seq_len: int = 100,
+    text_file: str | Path | None = None,
 ) -> DatasetSplits:
     """Load train/test splits of ``name`` (``digits``, ``mnist``, ``fashion-mnist``, ``cifar10``,
     ``cifar100``) as uint8 images with train-set normalisation statistics.
@@ -124,13 +148,42 @@ def load_dataset(
     With ``download=True`` missing files are fetched and md5-checked; otherwise a
     :class:`DataError` says exactly which files to put where. ``label`` selects CIFAR-100's
     ``"fine"`` (100) or ``"coarse"`` (20) classes and is ignored by other datasets.
+
+    Sequences (:mod:`dfatorch.data.sequence`): ``seq-mnist`` and ``seq-fashion-mnist`` are the
+    IDX images found as above, read by a recurrent model as 28 steps of 28 pixels; with
+    ``permute=True`` as 784 steps of one pixel in a fixed random order. ``tinyshakespeare``
+    (``<data folder>/tinyshakespeare/input.txt``) and ``text`` (the file ``text_file``) are
+    character-level language modelling: windows of ``seq_len`` characters, the first 90% of the
+    text for training and the last 10% for the test.
     """
     key = canonical_name(name)
     if label not in ("fine", "coarse"):
         raise ValueError(f"label must be 'fine' or 'coarse', got {label!r}")
+    if permute and key not in SEQUENCE_DATASETS:
+        raise ValueError(f"permute applies to {', '.join(SEQUENCE_DATASETS)}, not {key}")
+    if text_file is not None and key != "text":
+        raise ValueError(f"text_file applies to the dataset 'text', not {key}")
+    if key == "text":
+        if text_file is None:
+            raise ValueError("dataset 'text' needs a text file: --text-file PATH (text_file=)")
+        return load_text(Path(text_file).expanduser(), seq_len, name="text")
     if key == "digits":
         return load_digits()
     root = resolve_data_dir(data_dir)
+    if key == "tinyshakespeare":
+        path = root / TINYSHAKESPEARE_FILE
+        if not path.is_file():
+            raise DataError(
+                f"tinyshakespeare not found ({path}); put Karpathy's char-rnn input.txt there, or "
+                f"point --data-dir (Python: data_dir=, or ${DATA_ENV}) at a folder holding "
+                f"{TINYSHAKESPEARE_FILE}, or train on any file with --dataset text --text-file PATH"
+            )
+        return load_text(path, seq_len, name="tinyshakespeare")
+    if key in SEQUENCE_DATASETS:
+        image_name = key.removeprefix("seq-")
+        splits = _load_idx(image_name, root, download)
+        splits = permuted(splits) if permute else splits
+        return _renamed(splits, key)
     if key in ("mnist", "fashion-mnist"):
         return _load_idx(key, root, download)
     if key == "cifar10":

@@ -15,7 +15,10 @@ def _round_half_up(x: float) -> int:
 
 
 def _class_permutations(labels: torch.Tensor, seed: int) -> list[torch.Tensor]:
-    """For each class in increasing label order, its example indices in a seeded random order."""
+    """For each class in increasing label order, its example indices in a seeded random order.
+    Per-step labels ``(N, T)`` (language modelling) have no class per example: one group."""
+    if labels.dim() == 2:
+        labels = torch.zeros(labels.shape[0], dtype=torch.int64)
     if labels.dim() != 1:
         raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
     labels = labels.cpu()
