@@ -372,3 +372,21 @@ def test_an_experiment_may_declare_its_processes(tmp_path):
     path.write_text('name = "t"\nnproc = 0' + body)
     with pytest.raises(ValueError, match="nproc must be a positive integer"):
         load_experiment(path)
+
+
+def test_a_choice_on_the_grid_edge_is_flagged():
+    from dfatorch.report import _search_table, search_edges
+
+    search = {
+        "a": [{"lr": lr, "val_acc": acc} for lr, acc in ((0.1, 0.5), (0.3, 0.6), (1.0, 0.7))],
+        "b": [{"lr": lr, "val_acc": acc} for lr, acc in ((0.1, 0.5), (0.3, 0.8), (1.0, 0.7))],
+        "c": [{"lr": lr, "val_acc": acc} for lr, acc in ((0.1, 0.9), (0.3, 0.8), (1.0, 0.7))],
+    }
+    summary = {"search": search, "chosen": {"a": {"lr": 1.0}, "b": {"lr": 0.3}, "c": {"lr": 0.1}}}
+    assert search_edges(summary) == {"a": ["lr"], "c": ["lr"]}
+    lines = _search_table(summary)
+    assert sum("**(chosen, on the grid's edge)**" in line for line in lines) == 2
+    assert "| b | 0.3 | 80.00 **(chosen)** |" in lines
+    assert lines[-1].startswith("2 of 3 groups chose a value on the edge")
+    single = {"search": {"a": search["a"][:1]}, "chosen": {"a": {"lr": 0.1}}}
+    assert search_edges(single) == {}  # one value: nothing was searched

@@ -162,21 +162,45 @@ def _time_to_target_table(exp: Experiment, results_dir: Path, axes: list[str]) -
     return lines
 
 
+def search_edges(summary: dict[str, Any]) -> dict[str, list[str]]:
+    """Per search group, the numeric axes whose chosen value is the smallest or the largest one
+    searched: a choice on the grid's edge, where the best value may lie outside the grid."""
+    edges: dict[str, list[str]] = {}
+    for group, picked in summary["chosen"].items():
+        points = summary["search"].get(group, [])
+        for axis, value in picked.items():
+            grid = {p[axis] for p in points if isinstance(p[axis], (int, float))}
+            if len(grid) > 1 and value in (min(grid), max(grid)):
+                edges.setdefault(group, []).append(axis)
+    return edges
+
+
 def _search_table(summary: dict[str, Any]) -> list[str]:
     search, chosen = summary["search"], summary["chosen"]
     if not search:
         return []
     axes = [k for k in next(iter(search.values()))[0] if k != "val_acc"]
+    edges = search_edges(summary)
     lines = [
         "| group | " + " | ".join(axes) + " | validation acc (%) |",
         "|---|" + "---|" * (len(axes) + 1),
     ]
     for group, points in search.items():
         for p in points:
-            mark = " **(chosen)**" if chosen.get(group) == {a: p[a] for a in axes} else ""
+            mark = ""
+            if chosen.get(group) == {a: p[a] for a in axes}:
+                edge = ", on the grid's edge" if edges.get(group) else ""
+                mark = f" **(chosen{edge})**"
             acc = "not run" if p["val_acc"] is None else f"{100 * p['val_acc']:.2f}"
             values = " | ".join(format_value(p[a]) for a in axes)
             lines.append(f"| {group} | {values} | {acc}{mark} |")
+    if edges:
+        lines += [
+            "",
+            f"{len(edges)} of {len(chosen)} groups chose a value on the edge of the searched grid "
+            f"({', '.join(sorted({a for axes_ in edges.values() for a in axes_}))}): their best "
+            "value may lie outside it.",
+        ]
     return lines
 
 
