@@ -93,20 +93,21 @@ def roi_align(
     # coordinate u maps to 2 u / W - 1
     xs = (boxes[:, 0:1] + (boxes[:, 2:3] - boxes[:, 0:1]) * t) * (2.0 / w) - 1  # (K, S r)
     ys = (boxes[:, 1:2] + (boxes[:, 3:4] - boxes[:, 1:2]) * t) * (2.0 / h) - 1
-    # grid (K, P_y, P_x, m_y, r_y, m_x, r_x): one row of grid_sample's output per output cell
-    # (box, block row, block column), holding that block's m r x m r samples
-    shape = (k, p, p, m, r, m, r)
-    gx = xs.view(k, 1, p, 1, 1, m, r).expand(shape)
-    gy = ys.view(k, p, 1, m, r, 1, 1).expand(shape)
-    grid = torch.stack([gx, gy], dim=-1).reshape(1, k * p * p, (m * r) ** 2, 2)
+    # grid (m_y, r_y, m_x, r_x, K, P_y, P_x): grid_sample's output holds, for each sample of a
+    # pooling block, one contiguous row over every output cell (box, block row, block column),
+    # so that the mean over samples and the max over bins are elementwise ops on whole rows
+    shape = (m, r, m, r, k, p, p)
+    gx = xs.t().reshape(p, m, r, k).permute(1, 2, 3, 0).reshape(1, 1, m, r, k, 1, p).expand(shape)
+    gy = ys.t().reshape(p, m, r, k).permute(1, 2, 3, 0).reshape(m, r, 1, 1, k, p, 1).expand(shape)
+    grid = torch.stack([gx, gy], dim=-1).reshape(1, (m * r) ** 2, k * p * p, 2)
     out = F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    out = out.view(c, k * p * p, m, r, m, r)
+    out = out.view(c, m, r, m, r, k * p * p)
     if r > 1:
-        out = out.mean(dim=(3, 5), keepdim=True)
-    bins = out.view(c, k * p * p, m * m)
-    pooled = bins[..., 0]
-    for i in range(1, m * m):  # elementwise maxima: exact, and fast on strided views
-        pooled = torch.maximum(pooled, bins[..., i])
+        out = out.mean(dim=(2, 4), keepdim=True)
+    bins = out.view(c, m * m, k * p * p)
+    pooled = bins[:, 0]
+    for i in range(1, m * m):  # elementwise maxima: exact
+        pooled = torch.maximum(pooled, bins[:, i])
     return pooled.view(c, k, p, p).permute(1, 0, 2, 3)
 
 

@@ -226,7 +226,7 @@ def _rows(chunks: Sequence[Tensor], index: np.ndarray) -> Tensor:
     for j in np.unique(which):
         sel = np.flatnonzero(which == j)
         src = torch.from_numpy(local[sel]).to(first.device)
-        out[torch.from_numpy(sel).to(first.device)] = chunks[j][src]
+        out.index_copy_(0, torch.from_numpy(sel).to(first.device), chunks[j].index_select(0, src))
     return out
 
 
