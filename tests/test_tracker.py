@@ -16,7 +16,7 @@ from dfatorch._io import CheckpointError
 from dfatorch.models import build_model, conv_features
 from dfatorch.tracking import iou, load_sequence, run_sequence
 from dfatorch.tracking.features import FeatureExtractor, FeatureMap, load_backbone, roi_align
-from dfatorch.tracking.run import evaluate_updates, track_sequence
+from dfatorch.tracking.run import _check_provenance, evaluate_updates, track_sequence
 from dfatorch.tracking.sampling import clip_boxes, sample_boxes
 from dfatorch.tracking.tracker import MDNetTracker, TrackerConfig
 
@@ -260,6 +260,25 @@ def test_load_backbone_accepts_trainer_checkpoints_and_bare_state_dicts(tmp_path
     assert random.is_random and "NOT pre-trained" in random.describe()
     same = load_backbone(None, seed=4)
     torch.testing.assert_close(random.module[0].weight, same.module[0].weight)
+
+
+def test_backbone_is_recorded_by_relative_path_and_hash(tmp_path, monkeypatch):
+    path = tmp_path / "runs" / "bb" / "checkpoint.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"model": build_model("track_cnn", (3, 32, 32), 10).state_dict()}, path)
+    monkeypatch.chdir(tmp_path)
+    bb = load_backbone(path)  # an absolute path: no folder of this machine in the record
+    assert bb.info["path"] == str(Path("runs", "bb", "checkpoint.pt"))
+    assert len(bb.info["sha256"]) == 16 and bb.info["sha256"] in bb.describe()
+    assert str(tmp_path) not in json.dumps(bb.info) + bb.describe()
+    # a results folder knows its backbone by hash: the same checkpoint elsewhere is welcome,
+    # another checkpoint at the same path is refused
+    out = tmp_path / "cmp"
+    out.mkdir()
+    _check_provenance(out, {"backbone": bb.info, "config": {}})
+    _check_provenance(out, {"backbone": {**bb.info, "path": "elsewhere.pt"}, "config": {}})
+    with pytest.raises(ValueError, match="another backbone"):
+        _check_provenance(out, {"backbone": {**bb.info, "sha256": "0" * 16}, "config": {}})
 
 
 def test_missing_or_truncated_backbone_is_a_one_line_error(tmp_path):

@@ -775,8 +775,13 @@ def _tracking_section(folder: Path, out: Path) -> list[str]:
         "",
     ]
     provenance = folder / "provenance.json"
+    checkpoint = ""
     if provenance.exists():
-        cfg = json.loads(provenance.read_text())["config"]
+        saved = json.loads(provenance.read_text())
+        cfg = saved["config"]
+        info = saved.get("backbone") or {}
+        if info.get("sha256"):
+            checkpoint = f"; checkpoint `{info.get('path')}`, sha256 `{info['sha256']}`"
         start = (
             "starts from the backbone's pre-trained classifier layer"
             if cfg.get("fc4_from_backbone")
@@ -794,7 +799,8 @@ def _tracking_section(folder: Path, out: Path) -> list[str]:
         lines += [
             f"Backbone: `track_cnn` pre-trained by `{config['method']}` on `{config['dataset']}` "
             f"for {len(backbone)} epochs, final test accuracy "
-            f"{100 * backbone[-1]['test_acc']:.2f}% (record in `{folder / 'backbone'}`).",
+            f"{100 * backbone[-1]['test_acc']:.2f}% (record in `{folder / 'backbone'}`"
+            f"{checkpoint}).",
             "",
         ]
     lines += report_tables(report, names)

@@ -156,7 +156,8 @@ class Backbone:
         if self.info.get("kind") == "checkpoint":
             trained = self.info.get("trained_on")
             extra = f", trained on {trained}" if trained else ""
-            return f"track_cnn conv layers from {self.info.get('path')}{extra}"
+            digest = f" (sha256 {self.info['sha256']})" if self.info.get("sha256") else ""
+            return f"track_cnn conv layers from {self.info.get('path')}{digest}{extra}"
         return f"user module {type(self.module).__name__}"
 
 
