@@ -465,3 +465,14 @@ def test_report_recomputes_tracking_tables_from_the_per_frame_records(tmp_path):
         assert f"| {np.mean(scores):.3f} ± {np.std(scores, ddof=1):.3f} |" in rows[rule]
     assert "0.999" not in "\n".join(lines)
     assert (tmp_path / "docs" / "figures" / "tracking-success_precision.png").is_file()
+
+
+def test_report_shows_where_the_tracking_time_goes() -> None:
+    from dfatorch.report import _tracking_phases
+
+    phases = {"ms_per_frame": {"features": 10.0, "update": 30.0}}
+    phases["share"] = {k: v / 40.0 for k, v in phases["ms_per_frame"].items()}
+    lines = _tracking_phases({"bp": {"phases_640x360": phases}, "bdfa": {"fps_all": 1.0}})
+    assert "| phase | bp |" in lines
+    assert "| features | 10.0 (25%) |" in lines and "| update | 30.0 (75%) |" in lines
+    assert _tracking_phases({"bp": {"fps_all": 1.0}}) == []  # a JSON written before phases
