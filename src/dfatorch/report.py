@@ -512,7 +512,8 @@ def _speed_section(folder: Path) -> list[str]:
         lines += [
             "## Speed: tracking",
             "",
-            f"`{data['command']}` ({m.get('processor')}, {m.get('torch_threads')} threads{busy}). "
+            f"`{data['command']}` ({m.get('processor')}, {m.get('torch_threads')} "
+            f"thread{'' if m.get('torch_threads') == 1 else 's'}{busy}). "
             "Frames per second with the online updates included (image decoding excluded).",
             "",
             "| rule | fps, all sequences | fps, 640x360 | slowest 640x360 sequence |",
