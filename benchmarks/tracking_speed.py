@@ -12,9 +12,16 @@ median over ``--repeats``):
 - ``fps_tracking_only``: the same without the online update time (what the rest costs);
 - ``update_seconds`` (total), ``updates`` (count) and ``ms_per_update``: online updates only;
 - ``init_seconds``: the first frame (feature map of the whole image, first training, regressor);
-- ``success_auc``: so that a speed-up that breaks tracking shows.
+- ``success_auc``: so that a speed-up that breaks tracking shows;
+- ``ms_per_frame``: the tracker's time per frame (first frame included) split into the phases of
+  :data:`~dfatorch.tracking.tracker.PHASES` (backbone ``features``, box ``sampling``,
+  ``roi_pool``, candidate ``scoring``, ``bbreg``, first-frame ``init_train``, online ``update``)
+  and ``other`` (the rest: bookkeeping, Python).
 
-``torch.set_num_threads`` is only called with ``--threads``; the thread count used is reported.
+The summary gives each rule's fps and, over the 640x360 sequences, the phases in ms per frame and
+as shares of the time. ``torch.set_num_threads`` is only called with ``--threads``; the thread
+count used and the machine's load average (before and after: a shared machine slows every
+number) are reported.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from _common import command, emit
 
 from dfatorch.tracking import list_sequences, load_sequence, run_sequence
 from dfatorch.tracking.features import load_backbone
-from dfatorch.tracking.tracker import MDNetTracker, TrackerConfig
+from dfatorch.tracking.tracker import PHASES, MDNetTracker, TrackerConfig
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "otb"
 
@@ -41,6 +48,8 @@ def _cell(backbone, rule: str, seq, seed: int) -> dict[str, Any]:
     tracker = MDNetTracker(backbone, update=rule, config=TrackerConfig(), seed=seed)
     result = run_sequence(tracker, seq)
     update = float(tracker.update_seconds)
+    phases = {k: 1000 * v / result.frames for k, v in tracker.timings.seconds.items()}
+    phases["other"] = 1000 * result.track_seconds / result.frames - sum(phases.values())
     return {
         "fps": result.fps,
         "fps_tracking_only": result.frames / max(result.track_seconds - update, 1e-12),
@@ -50,15 +59,32 @@ def _cell(backbone, rule: str, seq, seed: int) -> dict[str, Any]:
         "init_seconds": result.init_seconds,
         "track_seconds": result.track_seconds,
         "success_auc": result.success_auc,
+        "ms_per_frame": phases,
     }
 
 
 def _median(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """Key by key median of the repeats (nested dicts key by key)."""
     out: dict[str, Any] = {}
     for key in cells[0]:
+        if isinstance(cells[0][key], dict):
+            out[key] = _median([c[key] for c in cells])
+            continue
         values = [c[key] for c in cells if c[key] is not None]
         out[key] = statistics.median(values) if values else None
     return out
+
+
+def _phases(results: dict[str, Any], names: list[str], rule: str) -> dict[str, Any]:
+    """ms per frame of each phase over the sequences ``names`` (frame-weighted) and shares."""
+    frames = sum(results[n]["frames"] for n in names)
+    ms = {
+        phase: sum(results[n][rule]["ms_per_frame"][phase] * results[n]["frames"] for n in names)
+        / frames
+        for phase in (*PHASES, "other")
+    }
+    total = sum(ms.values())
+    return {"ms_per_frame": ms, "share": {k: v / total for k, v in ms.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    load_before = os.getloadavg()
     backbone = load_backbone(args.backbone, seed=0)
     names = args.sequences or list_sequences(args.root)
     sequences = []
@@ -116,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             "fps_all": frames / seconds,
             "fps_640x360": wide_frames / wide_seconds if wide else None,
             "min_fps_640x360": min((results[n][rule]["fps"] for n in wide), default=None),
+            "phases_640x360": _phases(results, wide, rule) if wide else None,
         }
     report = {
         "command": command(__file__, argv),
@@ -125,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
+            "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
         },
         "backbone": backbone.info,
         "config": TrackerConfig().to_dict(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,9 @@ from dfatorch._io import CheckpointError
 from dfatorch.models import build_model, conv_features
 from dfatorch.tracking import iou, load_sequence, run_sequence
 from dfatorch.tracking.features import FeatureExtractor, FeatureMap, load_backbone, roi_align
-from dfatorch.tracking.run import evaluate_updates, track_sequence
+from dfatorch.tracking.run import _check_provenance, evaluate_updates, track_sequence
 from dfatorch.tracking.sampling import clip_boxes, sample_boxes
-from dfatorch.tracking.tracker import MDNetTracker, TrackerConfig
+from dfatorch.tracking.tracker import PHASES, MDNetTracker, TrackerConfig, _rows
 
 OTB_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "otb"
 
@@ -157,6 +158,30 @@ def test_roi_align_matches_crop_and_resize_for_an_axis_aligned_box():
         torch.testing.assert_close(together[i : i + 1], roi_align(fmap, boxes[i : i + 1], 3, 2))
 
 
+@pytest.mark.parametrize(("size", "ratio", "pool"), [(8, 1, 2), (8, 2, 2), (6, 1, 3), (4, 1, 1)])
+def test_roi_align_pools_blocks_as_max_pool2d_does(size, ratio, pool):
+    """RoIAlign and max-pooling in one pass give F.max_pool2d of the RoIAlign output."""
+    g = torch.Generator().manual_seed(1)
+    fmap = torch.randn(1, 7, 19, 23, generator=g)
+    corner = torch.rand(40, 2, generator=g) * 18 - 1
+    boxes = torch.cat([corner, corner + torch.rand(40, 2, generator=g) * 9 + 0.5], dim=1)
+    unpooled = roi_align(fmap, boxes, size, ratio)
+    pooled = roi_align(fmap, boxes, size, ratio, max_pool=pool)
+    assert pooled.shape == (40, 7, size // pool, size // pool)
+    torch.testing.assert_close(pooled, F.max_pool2d(unpooled, pool), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="not a multiple of max_pool"):
+        roi_align(fmap, boxes, 5, 1, max_pool=2)
+
+
+def test_update_rows_are_read_from_the_chunks_as_if_concatenated():
+    g = torch.Generator().manual_seed(2)
+    chunks = [torch.randn(n, 3, generator=g) for n in (5, 1, 7, 2)]
+    index = np.array([14, 0, 5, 6, 13, 4, 12, 6, 1])
+    torch.testing.assert_close(_rows(chunks, index), torch.cat(chunks)[torch.from_numpy(index)])
+    with pytest.raises(IndexError, match="out of range for 15 rows"):
+        _rows(chunks, np.array([15]))
+
+
 def test_box_features_do_not_depend_on_the_extracted_region(backbone):
     """One conv pass per region: a box far from the region's borders gets the same features
     from a small search region as from the whole image (same scale, cell-aligned offsets)."""
@@ -226,6 +251,24 @@ def test_same_seed_same_boxes_and_the_target_is_followed(backbone):
     assert iou(a, truth).mean() > 0.6
 
 
+def test_phase_timings_cover_the_tracking_time(backbone):
+    tracker = MDNetTracker(backbone, update="bdfa", config=SMALL, seed=0)
+    image, box = _scene(0)
+    start = time.perf_counter()
+    tracker.init(image, box)
+    for t in range(1, 6):
+        tracker.update(_scene(t)[0])
+    total = time.perf_counter() - start
+    seconds = tracker.timings.seconds
+    assert set(seconds) == set(PHASES)
+    for phase in ("features", "sampling", "roi_pool", "scoring", "init_train"):
+        assert seconds[phase] > 0, phase
+    assert 0 <= tracker.update_seconds - seconds["update"] < 0.05  # the same block, timed twice
+    assert 0.3 * total < sum(seconds.values()) <= total  # disjoint phases, most of the time
+    tracker.init(image, box)  # a new sequence starts from zero
+    assert tracker.timings.seconds["update"] == 0.0
+
+
 def test_tracker_leaves_the_global_rng_alone(backbone):
     torch.manual_seed(5)
     before = torch.get_rng_state()
@@ -260,6 +303,25 @@ def test_load_backbone_accepts_trainer_checkpoints_and_bare_state_dicts(tmp_path
     assert random.is_random and "NOT pre-trained" in random.describe()
     same = load_backbone(None, seed=4)
     torch.testing.assert_close(random.module[0].weight, same.module[0].weight)
+
+
+def test_backbone_is_recorded_by_relative_path_and_hash(tmp_path, monkeypatch):
+    path = tmp_path / "runs" / "bb" / "checkpoint.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"model": build_model("track_cnn", (3, 32, 32), 10).state_dict()}, path)
+    monkeypatch.chdir(tmp_path)
+    bb = load_backbone(path)  # an absolute path: no folder of this machine in the record
+    assert bb.info["path"] == str(Path("runs", "bb", "checkpoint.pt"))
+    assert len(bb.info["sha256"]) == 16 and bb.info["sha256"] in bb.describe()
+    assert str(tmp_path) not in json.dumps(bb.info) + bb.describe()
+    # a results folder knows its backbone by hash: the same checkpoint elsewhere is welcome,
+    # another checkpoint at the same path is refused
+    out = tmp_path / "cmp"
+    out.mkdir()
+    _check_provenance(out, {"backbone": bb.info, "config": {}})
+    _check_provenance(out, {"backbone": {**bb.info, "path": "elsewhere.pt"}, "config": {}})
+    with pytest.raises(ValueError, match="another backbone"):
+        _check_provenance(out, {"backbone": {**bb.info, "sha256": "0" * 16}, "config": {}})
 
 
 def test_missing_or_truncated_backbone_is_a_one_line_error(tmp_path):

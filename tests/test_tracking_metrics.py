@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -215,10 +216,29 @@ def test_multi_target_folder_expands(tmp_path: Path) -> None:
     np.testing.assert_array_equal(seqs[2].boxes - seqs[1].boxes, np.ones((6, 4)))
     with pytest.raises(FileNotFoundError, match=r"pass target=.*Jogging\.1"):
         load_sequence(tmp_path / "Jogging")
-    # some OTB copies ship a plain groundtruth_rect.txt beside the numbered ones, repeating
-    # target 1: it must not count as a third sequence (target 1 twice in the average)
+
+
+def test_plain_ground_truth_beside_numbered_ones_is_not_a_sequence(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # some OTB copies ship Jogging with groundtruth_rect.1.txt, .2.txt and a plain
+    # groundtruth_rect.txt repeating target 1: listed as three sequences, target 1 was counted
+    # twice in the average (issue 19)
+    _make_sequence(tmp_path / "Jogging", 6, _moving_boxes(6), gt_name="groundtruth_rect.1.txt")
+    write_boxes(tmp_path / "Jogging" / "groundtruth_rect.2.txt", _moving_boxes(6) + 1)
     write_boxes(tmp_path / "Jogging" / "groundtruth_rect.txt", _moving_boxes(6))
+    _make_sequence(tmp_path / "Biker", 4, _moving_boxes(4))
     assert list_sequences(tmp_path) == ["Biker", "Jogging.1", "Jogging.2"]
+    seqs = load_sequences(tmp_path)
+    assert capsys.readouterr().err == ""  # a verified copy of target 1: skipped without a word
+    assert [s.name for s in seqs] == ["Biker", "Jogging.1", "Jogging.2"]
+    np.testing.assert_array_equal(seqs[2].boxes - seqs[1].boxes, np.ones((6, 4)))
+    # a plain file that matches no target is still not a sequence, and is named in a warning
+    write_boxes(tmp_path / "Jogging" / "groundtruth_rect.txt", _moving_boxes(6) + 5)
+    assert list_sequences(tmp_path) == ["Biker", "Jogging.1", "Jogging.2"]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: ")
+    assert re.search(r"Jogging[/\\]groundtruth_rect\.txt differs .* ignored", err[0])
 
 
 @pytest.mark.parametrize(
@@ -445,3 +465,14 @@ def test_report_recomputes_tracking_tables_from_the_per_frame_records(tmp_path):
         assert f"| {np.mean(scores):.3f} ± {np.std(scores, ddof=1):.3f} |" in rows[rule]
     assert "0.999" not in "\n".join(lines)
     assert (tmp_path / "docs" / "figures" / "tracking-success_precision.png").is_file()
+
+
+def test_report_shows_where_the_tracking_time_goes() -> None:
+    from dfatorch.report import _tracking_phases
+
+    phases = {"ms_per_frame": {"features": 10.0, "update": 30.0}}
+    phases["share"] = {k: v / 40.0 for k, v in phases["ms_per_frame"].items()}
+    lines = _tracking_phases({"bp": {"phases_640x360": phases}, "bdfa": {"fps_all": 1.0}})
+    assert "| phase | bp |" in lines
+    assert "| features | 10.0 (25%) |" in lines and "| update | 30.0 (75%) |" in lines
+    assert _tracking_phases({"bp": {"fps_all": 1.0}}) == []  # a JSON written before phases

@@ -533,10 +533,18 @@ def _speed_section(folder: Path) -> list[str]:
     if track.exists():
         data = json.loads(track.read_text())
         m = data["machine"]
+        load = m.get("load_average_1_5_15min")
+        busy = (
+            f"; load average {load['before'][0]:.1f} before, {load['after'][0]:.1f} after on "
+            f"{m.get('cpu_count')} cores"
+            if load
+            else ""
+        )
         lines += [
             "## Speed: tracking",
             "",
-            f"`{data['command']}` ({m.get('processor')}, {m.get('torch_threads')} threads). "
+            f"`{data['command']}` ({m.get('processor')}, {m.get('torch_threads')} "
+            f"thread{'' if m.get('torch_threads') == 1 else 's'}{busy}). "
             "Frames per second with the online updates included (image decoding excluded).",
             "",
             "| rule | fps, all sequences | fps, 640x360 | slowest 640x360 sequence |",
@@ -548,7 +556,31 @@ def _speed_section(folder: Path) -> list[str]:
                 f"{v['min_fps_640x360']:.1f} |"
             )
         lines.append("")
+        lines += _tracking_phases(data["summary"])
     return lines
+
+
+def _tracking_phases(summary: dict[str, Any]) -> list[str]:
+    """Where a 640x360 frame's time goes, per rule: ms per frame (share), from the benchmark's
+    ``phases_640x360`` (absent in JSON files written before it existed)."""
+    rules = {rule: v["phases_640x360"] for rule, v in summary.items() if v.get("phases_640x360")}
+    if not rules:
+        return []
+    phases = list(next(iter(rules.values()))["ms_per_frame"])
+    lines = [
+        "Where the time of a 640x360 frame goes (ms per frame, share; the first frame's work "
+        "spread over the sequence):",
+        "",
+        "| phase | " + " | ".join(rules) + " |",
+        "|---|" + "---|" * len(rules),
+    ]
+    for phase in phases:
+        cells = [
+            f"{p['ms_per_frame'][phase]:.1f} ({100 * p['share'][phase]:.0f}%)"
+            for p in rules.values()
+        ]
+        lines.append(f"| {phase} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _refusal(reason: str) -> str:
@@ -843,8 +875,13 @@ def _tracking_section(folder: Path, out: Path) -> list[str]:
         "",
     ]
     provenance = folder / "provenance.json"
+    checkpoint = ""
     if provenance.exists():
-        cfg = json.loads(provenance.read_text())["config"]
+        saved = json.loads(provenance.read_text())
+        cfg = saved["config"]
+        info = saved.get("backbone") or {}
+        if info.get("sha256"):
+            checkpoint = f"; checkpoint `{info.get('path')}`, sha256 `{info['sha256']}`"
         start = (
             "starts from the backbone's pre-trained classifier layer"
             if cfg.get("fc4_from_backbone")
@@ -862,7 +899,8 @@ def _tracking_section(folder: Path, out: Path) -> list[str]:
         lines += [
             f"Backbone: `track_cnn` pre-trained by `{config['method']}` on `{config['dataset']}` "
             f"for {len(backbone)} epochs, final test accuracy "
-            f"{100 * backbone[-1]['test_acc']:.2f}% (record in `{folder / 'backbone'}`).",
+            f"{100 * backbone[-1]['test_acc']:.2f}% (record in `{folder / 'backbone'}`"
+            f"{checkpoint}).",
             "",
         ]
     lines += report_tables(report, names)

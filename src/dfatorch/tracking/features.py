@@ -48,8 +48,15 @@ _DATASET_STATS = {
 }
 
 
-def roi_align(features: Tensor, boxes: Tensor, output_size: int, sampling_ratio: int = 2) -> Tensor:
-    """RoIAlign (He et al. 2017) of ``boxes`` on one feature map, by one ``grid_sample`` call.
+def roi_align(
+    features: Tensor,
+    boxes: Tensor,
+    output_size: int,
+    sampling_ratio: int = 2,
+    max_pool: int = 1,
+) -> Tensor:
+    """RoIAlign (He et al. 2017) of ``boxes`` on one feature map, by one ``grid_sample`` call,
+    optionally followed by a ``max_pool x max_pool`` max-pooling of the bins.
 
     Args:
         features: ``(1, C, H, W)`` (or ``(C, H, W)``).
@@ -57,9 +64,12 @@ def roi_align(features: Tensor, boxes: Tensor, output_size: int, sampling_ratio:
             cell ``j`` spans ``[j, j + 1)``, its value sits at its centre ``j + 0.5``.
         output_size: ``S``, the pooled grid is ``S x S`` bins.
         sampling_ratio: ``r``, bilinear samples per bin along each axis, averaged.
+        max_pool: ``m`` (a divisor of ``S``): the maximum of each ``m x m`` block of bins, as
+            ``F.max_pool2d(roi_align(...), m)`` gives, but with the samples of a block laid out
+            next to each other, so that no ``(K, C, S, S)`` map is pooled (a slow kernel on CPU).
 
     Returns:
-        ``(K, C, S, S)``. Samples outside the map take the nearest border value.
+        ``(K, C, S / m, S / m)``. Samples outside the map take the nearest border value.
     """
     if features.dim() == 3:
         features = features.unsqueeze(0)
@@ -67,23 +77,38 @@ def roi_align(features: Tensor, boxes: Tensor, output_size: int, sampling_ratio:
         raise ValueError(
             f"roi_align pools from one feature map, got a batch of {features.shape[0]}"
         )
+    s, r, m = output_size, sampling_ratio, max_pool
+    if s % m:
+        raise ValueError(f"output_size {s} is not a multiple of max_pool {m}")
     k = boxes.shape[0]
     _, c, h, w = features.shape
-    s, r = output_size, sampling_ratio
+    p = s // m
     if k == 0:
-        return features.new_zeros(0, c, s, s)
+        return features.new_zeros(0, c, p, p)
     boxes = boxes.to(features)
-    # sample j of a box's S*r along an axis sits at fraction (j + 0.5) / (S r) of the box
+    # sample j of a box's S*r along an axis sits at fraction (j + 0.5) / (S r) of the box;
+    # j = (block * m + bin) * r + sample
     t = (torch.arange(s * r, device=features.device, dtype=features.dtype) + 0.5) / (s * r)
-    xs = boxes[:, 0:1] + (boxes[:, 2:3] - boxes[:, 0:1]) * t  # (K, S r)
-    ys = boxes[:, 1:2] + (boxes[:, 3:4] - boxes[:, 1:2]) * t
     # align_corners=False: normalised -1 and +1 are the outer edges of the map, so continuous
     # coordinate u maps to 2 u / W - 1
-    gx = (xs * (2.0 / w) - 1).unsqueeze(1).expand(k, s * r, s * r)
-    gy = (ys * (2.0 / h) - 1).unsqueeze(2).expand(k, s * r, s * r)
-    grid = torch.stack([gx, gy], dim=-1).reshape(1, k * s * r, s * r, 2)
+    xs = (boxes[:, 0:1] + (boxes[:, 2:3] - boxes[:, 0:1]) * t) * (2.0 / w) - 1  # (K, S r)
+    ys = (boxes[:, 1:2] + (boxes[:, 3:4] - boxes[:, 1:2]) * t) * (2.0 / h) - 1
+    # grid (m_y, r_y, m_x, r_x, K, P_y, P_x): grid_sample's output holds, for each sample of a
+    # pooling block, one contiguous row over every output cell (box, block row, block column),
+    # so that the mean over samples and the max over bins are elementwise ops on whole rows
+    shape = (m, r, m, r, k, p, p)
+    gx = xs.t().reshape(p, m, r, k).permute(1, 2, 3, 0).reshape(1, 1, m, r, k, 1, p).expand(shape)
+    gy = ys.t().reshape(p, m, r, k).permute(1, 2, 3, 0).reshape(m, r, 1, 1, k, p, 1).expand(shape)
+    grid = torch.stack([gx, gy], dim=-1).reshape(1, (m * r) ** 2, k * p * p, 2)
     out = F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out.view(c, k, s, r, s, r).mean(dim=(3, 5)).permute(1, 0, 2, 3)
+    out = out.view(c, m, r, m, r, k * p * p)
+    if r > 1:
+        out = out.mean(dim=(2, 4), keepdim=True)
+    bins = out.view(c, m * m, k * p * p)
+    pooled = bins[:, 0]
+    for i in range(1, m * m):  # elementwise maxima: exact
+        pooled = torch.maximum(pooled, bins[:, i])
+    return pooled.view(c, k, p, p).permute(1, 0, 2, 3)
 
 
 @torch.no_grad()
@@ -131,7 +156,8 @@ class Backbone:
         if self.info.get("kind") == "checkpoint":
             trained = self.info.get("trained_on")
             extra = f", trained on {trained}" if trained else ""
-            return f"track_cnn conv layers from {self.info.get('path')}{extra}"
+            digest = f" (sha256 {self.info['sha256']})" if self.info.get("sha256") else ""
+            return f"track_cnn conv layers from {self.info.get('path')}{digest}{extra}"
         return f"user module {type(self.module).__name__}"
 
 
@@ -347,7 +373,6 @@ class FeatureExtractor:
     def pool(self, fmap: FeatureMap, boxes: np.ndarray) -> Tensor:
         """Features of image boxes ``(K, 4)`` from ``fmap``: ``(K, feature_dim)``, flattened in
         the order of ``nn.Flatten`` on ``(K, C, H, W)`` (as the backbone's classifier)."""
-        pooled = roi_align(fmap.features, fmap.to_cells(boxes), self.roi_size, self.sampling_ratio)
-        if self.max_pool > 1:
-            pooled = F.max_pool2d(pooled, self.max_pool)
+        cells = fmap.to_cells(boxes)
+        pooled = roi_align(fmap.features, cells, self.roi_size, self.sampling_ratio, self.max_pool)
         return pooled.flatten(1)

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .._console import warn
+
 __all__ = [
     "OTB_FRAME_RANGES",
     "Sequence",
@@ -266,7 +268,9 @@ def list_sequences(root: str | Path) -> list[str]:
     """Sorted sequence names under ``root``; multi-target folders give ``"Name.1"``, ...
 
     A sub-folder counts as a sequence if it has an ``img`` folder or a ground-truth file, so
-    that an incomplete one fails loudly in :func:`load_sequence` instead of being skipped.
+    that an incomplete one fails loudly in :func:`load_sequence` instead of being skipped. A
+    folder with numbered ground-truth files lists one sequence per target; a plain
+    ``groundtruth_rect.txt`` beside them is not one more (a copy of a target, or a warning).
     """
     root = Path(root)
     if not root.is_dir():
@@ -276,11 +280,35 @@ def list_sequences(root: str | Path) -> list[str]:
         if not d.is_dir() or d.name.startswith("."):
             continue
         targets = _targets(d)
-        if targets:  # a plain groundtruth_rect.txt beside them repeats target 1: not counted twice
+        if targets:
+            _check_plain_copy(d, targets)
             names.extend(f"{d.name}.{t}" for t in targets)
         elif (d / "groundtruth_rect.txt").is_file() or (d / "img").is_dir():
             names.append(d.name)
     return names
+
+
+def _check_plain_copy(seq_dir: Path, targets: list[int]) -> None:
+    """A plain ``groundtruth_rect.txt`` beside numbered ones is never a sequence of its own:
+    some OTB copies (Jogging, Skating2) ship one that repeats a target. Checked against them:
+    a copy passes silently, anything else is named in a warning (it is ignored either way)."""
+    plain = seq_dir / "groundtruth_rect.txt"
+    if not plain.is_file():
+        return
+    try:
+        boxes = parse_groundtruth(plain)
+    except ValueError as exc:
+        warn(f"{plain} is ignored beside the numbered ground-truth files ({exc})")
+        return
+    for t in targets:
+        other = parse_groundtruth(seq_dir / f"groundtruth_rect.{t}.txt")
+        if other.shape == boxes.shape and np.array_equal(other, boxes):
+            return
+    numbered = ", ".join(f"groundtruth_rect.{t}.txt" for t in targets)
+    warn(
+        f"{plain} differs from every numbered ground-truth file beside it ({numbered}); it is "
+        f"ignored: the folder's sequences are {', '.join(f'{seq_dir.name}.{t}' for t in targets)}"
+    )
 
 
 def load_sequences(root: str | Path, names: Iterable[str] | None = None) -> list[Sequence]:

@@ -116,13 +116,23 @@ def _machine() -> dict[str, Any]:
     }
 
 
+def _identity(provenance: dict[str, Any]) -> dict[str, Any]:
+    """``provenance`` without the backbone checkpoint's path: a checkpoint is the same backbone
+    wherever it lies (its hash says which it is)."""
+    backbone = provenance.get("backbone")
+    if isinstance(backbone, dict) and backbone.get("sha256"):
+        backbone = {k: v for k, v in backbone.items() if k != "path"}
+    return {**provenance, "backbone": backbone}
+
+
 def _check_provenance(out_dir: Path, provenance: dict[str, Any]) -> None:
     """Refuse to mix results of another backbone or configuration in one folder: the experiment
-    resumes by skipping finished cells, which would silently combine them."""
+    resumes by skipping finished cells, which would silently combine them. Checkpoints are
+    compared by hash, not by path."""
     path = out_dir / "provenance.json"
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved != provenance:
+        if _identity(saved) != _identity(provenance):
             raise ValueError(
                 f"{out_dir} holds results of another backbone or tracker configuration "
                 f"(see {path}); use another out_dir or delete it"

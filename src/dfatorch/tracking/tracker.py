@@ -20,6 +20,8 @@ binary direct feedback alignment (BDFA) instead of back-propagation. Here:
   with hard negative mining.
 
 Everything is seeded by the tracker's ``seed``: the same seed gives the same boxes.
+:attr:`MDNetTracker.timings` splits the time of a sequence into its phases (features, sampling,
+RoI pooling, scoring, box regression, training) for ``benchmarks/tracking_speed.py``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import contextlib
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -42,9 +44,37 @@ from .features import Backbone, FeatureExtractor, FeatureMap
 from .metrics import iou
 from .sampling import SampleKind, sample_boxes
 
-__all__ = ["BoxRegressor", "MDNetTracker", "TrackerConfig", "build_head"]
+__all__ = ["PHASES", "BoxRegressor", "MDNetTracker", "PhaseTimer", "TrackerConfig", "build_head"]
 
 Box = tuple[float, float, float, float]
+
+#: The phases :attr:`MDNetTracker.timings` times, first frame and later frames alike:
+#: ``features`` the backbone on the image region, ``sampling`` drawing candidate and training
+#: boxes, ``roi_pool`` pooling their features, ``scoring`` the head on the candidates and the
+#: choice of the box, ``bbreg`` fitting and applying the box regressor, ``init_train`` the
+#: first frame's training, ``update`` the online updates (training after the first frame).
+PHASES = ("features", "sampling", "roi_pool", "scoring", "bbreg", "init_train", "update")
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase, summed over every :meth:`phase` block since
+    :meth:`reset` (``time.perf_counter``; a nested block counts in both phases)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+
+    def reset(self) -> None:
+        """Every phase back to zero."""
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Add the time spent inside the block to phase ``name``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 @dataclass(frozen=True)
@@ -182,6 +212,24 @@ def _cycled(rng: np.random.Generator, n: int, total: int) -> np.ndarray:
     return np.concatenate([rng.permutation(n) for _ in range(reps)])[:total]
 
 
+def _rows(chunks: Sequence[Tensor], index: np.ndarray) -> Tensor:
+    """Rows ``index`` of ``torch.cat(chunks)``, copied from the chunks without concatenating them
+    (the stores hold up to ``n_frames_long`` chunks; an update reads a fraction of their rows)."""
+    lengths = np.array([len(c) for c in chunks], dtype=np.int64)
+    ends = np.cumsum(lengths)
+    if len(index) and not 0 <= index.min() <= index.max() < ends[-1]:
+        raise IndexError(f"row index out of range for {ends[-1]} rows")
+    which = np.searchsorted(ends, index, side="right")
+    local = index - (ends - lengths)[which]
+    first = chunks[0]
+    out = first.new_empty((len(index), *first.shape[1:]))
+    for j in np.unique(which):
+        sel = np.flatnonzero(which == j)
+        src = torch.from_numpy(local[sel]).to(first.device)
+        out.index_copy_(0, torch.from_numpy(sel).to(first.device), chunks[j].index_select(0, src))
+    return out
+
+
 def _box_deltas(boxes: np.ndarray, target: np.ndarray) -> np.ndarray:
     """R-CNN regression targets from ``boxes`` to ``target``: centre offsets / size, log sizes."""
     c = boxes[:, :2] + boxes[:, 2:] / 2
@@ -244,6 +292,8 @@ class MDNetTracker:
         engine: the :class:`~dfatorch.engine.DFAEngine` on :attr:`head` (after :meth:`init`).
         last_score: the mean top-k log-odds of the last frame.
         updates: the number of online updates since the last :meth:`init`.
+        timings: a :class:`PhaseTimer`: seconds per phase (:data:`PHASES`) since the last
+            :meth:`init`, that first frame included.
         fc4_pretrained: whether fc4 started from the backbone's classifier layer.
     """
 
@@ -269,6 +319,7 @@ class MDNetTracker:
         self.name = name or f"mdnet-{self.rule.value}"
         self.update_seconds = 0.0
         self.updates = 0
+        self.timings = PhaseTimer()
         self.last_score = math.nan
         self.fc4_pretrained = False
         self.head: nn.Sequential | None = None
@@ -282,6 +333,8 @@ class MDNetTracker:
         """Learn the target in ``box`` ``(x, y, w, h)`` of the first ``image`` (uint8 H x W x 3)."""
         cfg = self.config
         self.update_seconds, self.updates, self._frame = 0.0, 0, 0
+        self.timings.reset()
+        phase = self.timings.phase
         self._rng = np.random.default_rng(self.seed)
         self._box = np.asarray(box, dtype=np.float64).reshape(4)
         self._trans = cfg.trans
@@ -289,7 +342,8 @@ class MDNetTracker:
         self._new_head()
 
         # the whole image at the target's scale: whole-image negatives need all of it
-        fmap = self.extractor.extract(image, (0, 0, w, h), self._scale(self._box))
+        with phase("features"):
+            fmap = self.extractor.extract(image, (0, 0, w, h), self._scale(self._box))
         bounds = (0.0, 0.0, float(w), float(h))
         pos_boxes = self._sample("pos", cfg.n_pos_init, bounds)
         half = cfg.n_neg_init // 2
@@ -299,24 +353,26 @@ class MDNetTracker:
                 self._sample("whole", cfg.n_neg_init - half, bounds),
             ]
         )
-        raw = self.extractor.pool(fmap, pos_boxes)
+        with phase("roi_pool"):
+            raw = self.extractor.pool(fmap, pos_boxes)
         # one scalar per sequence, so that learning rates do not depend on the backbone's scale;
         # a pre-trained fc4 expects the features as they are
-        self._feature_scale = (
-            torch.ones((), device=raw.device, dtype=raw.dtype)
-            if self.fc4_pretrained
-            else 1.0 / raw.pow(2).mean().sqrt().clamp_min(1e-12)
+        self._feature_scale: Tensor | None = (
+            None if self.fc4_pretrained else 1.0 / raw.pow(2).mean().sqrt().clamp_min(1e-12)
         )
-        pos = raw * self._feature_scale
+        pos = raw if self._feature_scale is None else raw * self._feature_scale
         neg = self._features(fmap, neg_boxes)
-        self._train(pos, neg, cfg.maxiter_init, self._opt_init)
+        with phase("init_train"):
+            self._train([pos], [neg], cfg.maxiter_init, self._opt_init)
 
         self._regressor: BoxRegressor | None = None
         if cfg.bbreg:
             reg_boxes = self._sample("bbreg", cfg.n_bbreg, bounds)
-            self._regressor = BoxRegressor(cfg.bbreg_alpha, cfg.overlap_bbreg[0]).fit(
-                self._features(fmap, reg_boxes), reg_boxes, self._box
-            )
+            reg_features = self._features(fmap, reg_boxes)
+            with phase("bbreg"):
+                self._regressor = BoxRegressor(cfg.bbreg_alpha, cfg.overlap_bbreg[0]).fit(
+                    reg_features, reg_boxes, self._box
+                )
         self._pos_store: deque[Tensor] = deque([pos], maxlen=cfg.n_frames_long)
         neg_update = self._features(fmap, self._sample("neg", cfg.n_neg_update, bounds))
         self._neg_store: deque[Tensor] = deque([neg_update], maxlen=cfg.n_frames_short)
@@ -324,34 +380,39 @@ class MDNetTracker:
     def update(self, image: np.ndarray) -> Box:
         """Locate the target in the next ``image``; returns ``(x, y, w, h)``."""
         cfg = self.config
+        phase = self.timings.phase
         self._frame += 1
         box = self._box
         pad = cfg.search_pad * box[2:].mean()
         region = (box[0] - pad, box[1] - pad, box[0] + box[2] + pad, box[1] + box[3] + pad)
-        fmap = self.extractor.extract(image, region, self._scale(box))
+        with phase("features"):
+            fmap = self.extractor.extract(image, region, self._scale(box))
         bounds = tuple(float(v) for v in fmap.region)
 
-        candidates = sample_boxes(
-            self._rng,
-            box,
-            cfg.n_samples,
-            kind=SampleKind.GAUSSIAN,
-            trans=self._trans,
-            scale=cfg.scale,
-            bounds=bounds,  # type: ignore[arg-type]
-            min_size=cfg.min_size,
-        )
+        with phase("sampling"):
+            candidates = sample_boxes(
+                self._rng,
+                box,
+                cfg.n_samples,
+                kind=SampleKind.GAUSSIAN,
+                trans=self._trans,
+                scale=cfg.scale,
+                bounds=bounds,  # type: ignore[arg-type]
+                min_size=cfg.min_size,
+            )
         features = self._features(fmap, candidates)
-        scores = self._score(features)
-        top = scores.topk(min(cfg.top_k, len(scores))).indices
-        self.last_score = float(scores[top].mean())
+        with phase("scoring"):
+            scores = self._score(features)
+            top = scores.topk(min(cfg.top_k, len(scores))).indices
+            self.last_score = float(scores[top].mean())
+            top_np = top.cpu().numpy()
         success = self.last_score > cfg.success_threshold
-        top_np = top.cpu().numpy()
         self._box = candidates[top_np].mean(0)
         self._trans = cfg.trans if success else min(self._trans * 1.1, cfg.trans_limit)
         result = self._box
         if success and self._regressor is not None:
-            result = self._regressor.predict(features[top], candidates[top_np]).mean(0)
+            with phase("bbreg"):
+                result = self._regressor.predict(features[top], candidates[top_np]).mean(0)
 
         if success:  # collect samples around the new box from this frame's feature map
             self._pos_store.append(
@@ -422,12 +483,15 @@ class MDNetTracker:
             "bbreg": dict(kind="uniform", trans=cfg.trans_bbreg, scale=cfg.scale_bbreg,
                           aspect=cfg.aspect_bbreg, iou_range=cfg.overlap_bbreg),
         }  # fmt: skip
-        return sample_boxes(
-            self._rng, self._box, n, bounds=bounds, min_size=cfg.min_size, **spec[what]
-        )
+        with self.timings.phase("sampling"):
+            return sample_boxes(
+                self._rng, self._box, n, bounds=bounds, min_size=cfg.min_size, **spec[what]
+            )
 
     def _features(self, fmap: FeatureMap, boxes: np.ndarray) -> Tensor:
-        return self.extractor.pool(fmap, boxes) * self._feature_scale
+        with self.timings.phase("roi_pool"):
+            features = self.extractor.pool(fmap, boxes)
+            return features if self._feature_scale is None else features * self._feature_scale
 
     @torch.no_grad()
     def _score(self, features: Tensor) -> Tensor:
@@ -439,18 +503,28 @@ class MDNetTracker:
 
     def _timed_update(self, pos: list[Tensor]) -> None:
         start = time.perf_counter()
-        self._train(torch.cat(pos), torch.cat(list(self._neg_store)), self.config.maxiter_update,
-                    self._opt_update)  # fmt: skip
+        with self.timings.phase("update"):
+            self._train(pos, list(self._neg_store), self.config.maxiter_update, self._opt_update)
         self.update_seconds += time.perf_counter() - start
         self.updates += 1
 
-    def _train(self, pos: Tensor, neg: Tensor, iters: int, opt: torch.optim.Optimizer) -> None:
+    def _train(
+        self,
+        pos: Sequence[Tensor],
+        neg: Sequence[Tensor],
+        iters: int,
+        opt: torch.optim.Optimizer,
+    ) -> None:
         """MDNet's ``train``: ``iters`` SGD steps on ``batch_pos`` positives and the
-        ``batch_neg`` highest-scoring of ``batch_neg_cand`` negatives (hard negative mining)."""
+        ``batch_neg`` highest-scoring of ``batch_neg_cand`` negatives (hard negative mining).
+
+        ``pos`` and ``neg`` are the stores' chunks (one per frame), read as if concatenated;
+        only the rows the minibatches use are copied."""
         cfg = self.config
         assert self.head is not None
-        pos_idx = torch.from_numpy(_cycled(self._rng, len(pos), iters * cfg.batch_pos))
-        neg_idx = torch.from_numpy(_cycled(self._rng, len(neg), iters * cfg.batch_neg_cand))
+        pos_idx = _cycled(self._rng, sum(len(p) for p in pos), iters * cfg.batch_pos)
+        neg_idx = _cycled(self._rng, sum(len(n) for n in neg), iters * cfg.batch_neg_cand)
+        pos_rows, neg_rows = _rows(pos, pos_idx), _rows(neg, neg_idx)
         labels = torch.cat(
             [
                 torch.ones(cfg.batch_pos, dtype=torch.long, device=self.device),
@@ -461,12 +535,8 @@ class MDNetTracker:
         dropout_seed = int(self._rng.integers(2**62))
         with _seeded(dropout_seed, self.device):
             for it in range(iters):
-                batch_pos = pos[
-                    pos_idx[it * cfg.batch_pos : (it + 1) * cfg.batch_pos].to(pos.device)
-                ]
-                cand = neg[
-                    neg_idx[it * cfg.batch_neg_cand : (it + 1) * cfg.batch_neg_cand].to(neg.device)
-                ]
+                batch_pos = pos_rows[it * cfg.batch_pos : (it + 1) * cfg.batch_pos]
+                cand = neg_rows[it * cfg.batch_neg_cand : (it + 1) * cfg.batch_neg_cand]
                 if cfg.batch_neg_cand > cfg.batch_neg:
                     cand = cand[self._score(cand).topk(cfg.batch_neg).indices]
                 self.head.train()
