@@ -153,7 +153,7 @@ def test_cli_experiment_report_and_align(swept, tmp_path, capsys):
     assert "## Online tracking: `tracking`" in text
     assert "| bdfa | 1 | 0.952 | 1.000 | 3.0 | - |" in text  # 20 of 21 overlap thresholds
     assert "Backbone: `track_cnn` pre-trained by `bp` on `digits` for 2 epochs" in text
-    assert "## tiny" in text and "| bdfa | 0.5 | 2 |" in text and "**(chosen)**" in text
+    assert "## tiny" in text and "| bdfa | 0.5 | 2 |" in text and "**(chosen" in text
     for link in [
         line[line.index("(") + 1 : -1] for line in text.splitlines() if line.startswith("![")
     ]:
