@@ -136,13 +136,13 @@ def test_convnet_gradients_close_under_8_bits_and_identical_where_left_alone():
     y = torch.randint(0, 10, (8,), generator=g)
     exact, _ = _grads(model, x, y)
     approx, stats = _grads(model, x, y, bits=8)
-    # x, both ReLU outputs (each also the max-pool's input) and the first pool's output are
-    # quantised; the second pool's flattened output (8 x 64 = 512 < 1024) is kept exact
-    assert stats.compressed_tensors == 4
-    # the first max-pool's int64 indices (8x8x8x8) point into 16x16 maps: below 256, stored as
-    # uint8; the second's (8x16x2x2 = 512 elements) are below min_numel and kept
-    assert stats.integer_tensors == 1 and stats.integer_bytes == 8 * 4096
-    assert stats.integer_stored_bytes == 4096
+    # x, both ReLU outputs and the first pool's output are quantised (the fused max-pools save
+    # no input); the second pool's flattened output (8 x 64 = 512 < 1024) is kept exact
+    assert stats.compressed_tensors == 4 and stats.skipped_bytes == 0
+    # each max-pool's int64 indices as positions in their windows: 2 bits for the first's 2x2
+    # (8x8x8x8), 4 bits for the second's 4x4 (8x16x2x2)
+    assert stats.integer_tensors == 2 and stats.integer_bytes == 8 * (4096 + 512)
+    assert stats.integer_stored_bytes == 4096 // 4 + 512 // 2
     assert stats.float_bytes == 8 * 8 * (3 * 256 + 8 * 256 + 8 * 64 + 16 * 64)  # float64
     for name in ("0.weight", "3.weight"):
         cos = F.cosine_similarity(exact[name].flatten(), approx[name].flatten(), dim=0)
