@@ -278,3 +278,81 @@ def test_a_tensor_saved_twice_is_decoded_once(monkeypatch):
     # x once (the first addmm), h once for ReLU's backward and the second addmm's
     assert len(calls) == 2 and len({id(p) for p in calls}) == 2
     assert all(p.cache is None and p.uses == 0 for p in calls)  # the copies are let go
+
+
+POOLS = [  # (kernel, stride, padding, dilation, ceil_mode, bits a window position)
+    (2, 2, 0, 1, False, 2),  # small_cnn's
+    (3, 2, 0, 1, False, 4),  # Nøkland's: overlapping windows
+    (3, 2, 1, 1, True, 4),
+    ((2, 3), (1, 2), (1, 0), (2, 1), False, 4),
+    (4, 4, 0, 1, False, 4),
+    (1, 1, 0, 1, False, 1),
+]
+
+
+@pytest.mark.parametrize("chunk", [1, 1 << 18])
+@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation", "ceil_mode", "bits"), POOLS)
+def test_fused_max_pool_is_exact_and_stores_window_positions(
+    kernel, stride, padding, dilation, ceil_mode, bits, chunk, monkeypatch
+):
+    monkeypatch.setattr(compression, "CHUNK_NUMEL", chunk)  # chunk: one row at a time, or all
+    g = torch.Generator().manual_seed(3)
+    # integer values: many ties, so the first maximum of a window must be the one kept
+    x = torch.randint(-3, 4, (5, 3, 11, 13), generator=g).double().requires_grad_()
+    pool = nn.MaxPool2d(kernel, stride, padding, dilation, ceil_mode=ceil_mode)
+    grad = torch.randn(pool(x).shape, generator=g, dtype=torch.float64)
+    exact = torch.autograd.grad(pool(x), x, grad)[0]
+    with compressed_activations(4, min_numel=0) as stats:
+        out = pool(x)
+    assert type(out.grad_fn).__name__ == "_MaxPool2dBackward"  # the fused op
+    assert torch.equal(out, pool(x).detach())
+    assert torch.equal(torch.autograd.grad(out, x, grad)[0], exact)  # bit for bit
+    assert stats.integer_tensors == 1 and stats.integer_bytes == 8 * out.numel()
+    assert stats.integer_stored_bytes == -(-out.numel() * bits // 8)
+    assert stats.skipped_bytes == x.numel() * 8  # x itself is saved by nothing else
+    assert stats.compressed_tensors == 0
+    with pytest.raises(RuntimeError, match="second time"):
+        torch.autograd.grad(out, x, grad)
+
+
+def _act_net(activation: type[nn.Module]) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), activation(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(8, 16, 3, padding=1), activation(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(144, 64), activation(), nn.Linear(64, 10),
+    ).double()  # fmt: skip
+
+
+@pytest.mark.parametrize("activation", [nn.Tanh, nn.ReLU])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fused_ops_give_the_hooks_gradients_bit_for_bit(activation, bits, monkeypatch):
+    model = _act_net(activation)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 3, 14, 14, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (24,), generator=g)
+    hooks_only, plain = _grads(model, x, y, bits=bits, min_numel=256, fused=False)
+    decoded = []
+    real = compression.dequantize
+    monkeypatch.setattr(compression, "dequantize", lambda p: decoded.append(p.shape) or real(p))
+    monkeypatch.setattr(compression, "CHUNK_NUMEL", 1000)  # several chunks a tensor
+    fused, stats = _grads(model, x, y, bits=bits, min_numel=256)
+    assert all(torch.equal(hooks_only[n], fused[n]) for n in fused)
+    # the same tensors are quantised (the pools' inputs were shared with the activations)
+    assert stats.float_bytes == plain.float_bytes and stats.stored_bytes == plain.stored_bytes
+    assert stats.exact_bytes == plain.exact_bytes and stats.skipped_bytes == 0
+    assert stats.integer_stored_bytes < plain.integer_stored_bytes
+    # decoded whole: x and the first pool's output (the convs' inputs), the flattened second
+    # pool's output (the first linear layer's) and the hidden activation (the second linear layer
+    # decodes it, the fused activation reuses that copy); the conv activations' outputs only
+    # chunk by chunk, never whole
+    assert sorted(decoded) == [(24, 3, 14, 14), (24, 8, 6, 6), (24, 64), (24, 144)]
+
+
+def test_fused_activation_sees_an_inplace_change():
+    x = torch.randn(4, 300, dtype=torch.float64, requires_grad=True)
+    with compressed_activations(8, min_numel=0):
+        h = torch.tanh(x)
+        h.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            h.sum().backward()
