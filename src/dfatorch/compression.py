@@ -14,21 +14,21 @@ weight gradients are ``delta_l h_{l-1}^T``), so the saving applies to every rule
 or from the trainer: ``TrainConfig(activation_bits=8)``, ``--activation-bits 8`` (the
 :class:`ActivationCompression` callback).
 
-**What is quantised.** Every floating-point saved tensor of at least ``min_numel`` elements that
-is not a parameter (nor a view of one: ``Linear`` saves ``weight.t()``). Integer tensors of that
-size (max-pool indices: int64, half the bytes of a float32 feature map before pooling by 2x2) are
-stored exactly in the narrowest integer type that holds their values (int16 for indices into a
-32x32 map; one min/max, so one synchronisation on an accelerator), unless
-``narrow_integers=False``. Left as they are, by reference: parameters, bool tensors, tensors
-below ``min_numel`` and non-dense (overlapping, expanded) tensors. The input batch is an
-activation like any other and is quantised too. Batch norm's saved input is quantised like any
-activation (its saved mean/inverse-std are per channel, below ``min_numel``, and stay exact).
-Measured (``benchmarks/activation_gradients.py``, one CIFAR-10 batch of 128 at initialisation):
-at 8 bits every layer's weight gradient has cosine >= 0.9997 with the exact one, with or without
-batch norm; at 4 bits >= 0.987 without batch norm but down to 0.91-0.95 for the batch-norm scale
-(gamma) gradients with it (``vgg_cnn``, ``small_cnn --batch-norm``), which sum ``dy * x_hat`` and
-so feel the coarse code of ``x``. BLPA does better there: it quantises ``x_hat`` itself over a
-fixed +-3 range; a saved-tensor hook does not know which op saved a tensor, so that is not done.
+**What is quantised.** Every floating-point saved tensor of at least ``min_numel`` elements that is
+not a parameter (nor a view of one: ``Linear`` saves ``weight.t()``). Integer tensors of that size
+(max-pool indices where the pool is not fused: see below) are stored exactly in the narrowest
+integer type that holds their values (int16 for indices into a 32x32 map; one min/max, so one
+synchronisation on an accelerator), unless ``narrow_integers=False``. Left as they are, by
+reference: parameters, bool tensors, tensors below ``min_numel`` and non-dense (overlapping,
+expanded) tensors. The input batch is an activation like any other and is quantised too. Batch
+norm's saved input is quantised like any activation (its saved mean/inverse-std are per channel,
+below ``min_numel``, and stay exact). Measured (``benchmarks/activation_gradients.py``, one CIFAR-10
+batch of 128 at initialisation): at 8 bits every layer's weight gradient has cosine >= 0.9997 with
+the exact one, with or without batch norm; at 4 bits >= 0.987 without batch norm but down to
+0.91-0.95 for the batch-norm scale (gamma) gradients with it (``vgg_cnn``, ``small_cnn
+--batch-norm``), which sum ``dy * x_hat`` and so feel the coarse code of ``x``. BLPA does better
+there: it quantises ``x_hat`` itself over a fixed +-3 range; a saved-tensor hook does not know which
+op saved a tensor, so that is not done.
 
 **The code.** Per channel (dim 1) the range
 ``[lo, hi]`` is the channel's min and max widened to contain 0, cut into ``L = 2**bits`` bins of
@@ -56,7 +56,28 @@ Codes are ``uint8``; at 4 bits two codes share a byte (low nibble first). Each c
 tensors) to the stored bytes. A channel holding inf or NaN decodes to non-finite values (the
 forward pass, and so the loss, is exact: the divergence guard still sees it).
 
-**A tensor saved by two ops is stored once** (ReLU saves its output, the max-pool after it saves
+**Fused ops** (``fused=True``, the default): inside the context a
+:class:`~torch.overrides.TorchFunctionMode` runs three ops on tensors that need a gradient (and
+have at least ``min_numel`` elements, C-contiguous) as autograd Functions of their own, with the
+same forward and the same gradients bit for bit:
+
+* **2-d max-pooling** stores, of each maximum, only its position inside its window
+  (``dh * kw + dw``: 2 bits for a 2x2 window, 4 for 3x3, packed four or two a byte) instead of
+  int64 indices into the plane (32x smaller for 2x2, 16x for 3x3), and not its input (its
+  backward needs only the shape). The backward rebuilds the int64 indices a chunk of rows at a
+  time and runs the op's own backward on each chunk (``max_pool2d_with_indices_backward``).
+* **tanh and ReLU** store their output through the hooks (quantised, shared with other saves of
+  it), and their backward decodes it a chunk of rows at a time (``tanh_backward``,
+  ``threshold_backward`` per chunk): the decoded copy of a large feature map never exists whole
+  next to its gradients, which is what kept the peak of a step up. Where the output's codes are
+  already decoded whole for another save (a linear layer after the activation) that copy is used.
+
+A fused op frees what it stored at its backward: backward through it a second time
+(``retain_graph=True``) is an error, as is an in-place change of a stored output before its
+backward. In-place activations, max-pooling that returns its indices and other ops run as they
+are (through the hooks).
+
+**A tensor saved by two ops is stored once** (tanh saves its output, the linear layer after it saves
 the same tensor as its input): within one context, a save whose tensor has the same data pointer,
 dtype, device, shape, strides and version as an earlier one whose tensor is still alive reuses the
 packed copy. (Alive: a dead tensor's memory can be reused by a new one with the same address.) A
