@@ -4,6 +4,7 @@ composition with the DFA engine, the trainer option and exact resume."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 
@@ -356,3 +357,71 @@ def test_fused_activation_sees_an_inplace_change():
         h.mul_(2)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             h.sum().backward()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("shape", [(16, 4, 6, 6), (64, 24)])
+def test_fused_batch_norm_backward_is_the_exact_formula_on_a_lossless_x_hat(shape, bits):
+    # each channel holds 1 and 5 in equal numbers: mean 3, std 2, so x_hat = +-c (c = 2 /
+    # sqrt(4 + eps)), which both codes store without loss (the ends of the channel's range): the
+    # fused backward must equal the native one
+    g = torch.Generator().manual_seed(4)
+    channels = shape[1]
+    signs = torch.stack([torch.randperm(math.prod(shape) // channels, generator=g) % 2
+                         for _ in range(channels)], dim=1)  # fmt: skip
+    x0 = (1.0 + 4.0 * signs.double()).reshape(shape[0], *shape[2:], channels).movedim(-1, 1)
+    x0 = x0.contiguous()
+    weight = torch.randn(shape[1:2] + (1,) * (len(shape) - 2), generator=g, dtype=torch.float64)
+    bias = torch.randn(channels, generator=g, dtype=torch.float64)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+    results = []
+    for context in (contextlib.nullcontext(), compressed_activations(bits, min_numel=0)):
+        bn = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(channels).double()
+        with torch.no_grad():
+            bn.weight.copy_(weight.flatten())
+            bn.bias.copy_(bias)
+        x = x0.clone().requires_grad_()
+        with context as stats:
+            out = bn(x)
+        (out * dy).sum().backward()  # dy itself exact: the loss is outside the context
+        results.append((out.detach(), bn.running_mean, bn.running_var, x.grad, bn.weight.grad,
+                        bn.bias.grad, out.grad_fn))  # fmt: skip
+    (out0, rm0, rv0, *grads0, fn0), (out1, rm1, rv1, *grads1, fn1) = results
+    assert type(fn1).__name__ == "_BatchNormBackward" and type(fn0).__name__ != type(fn1).__name__
+    assert torch.equal(out0, out1) and torch.equal(rm0, rm1) and torch.equal(rv0, rv1)
+    for exact, fused in zip(grads0, grads1):
+        torch.testing.assert_close(fused, exact, rtol=1e-10, atol=1e-12)
+    assert stats.compressed_tensors == 1 and stats.float_bytes == x0.numel() * 8
+
+
+def test_fused_batch_norm_codes_x_hat_finer_than_its_input():
+    # channels far from 0 (mean 20, std 1): the input's code must reach 0 (bins of about 24/15
+    # standard deviations), x_hat's is centred (bins of about 8/15)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
+    model = model.double()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 8, 8, 8, generator=g, dtype=torch.float64) + 20.0
+    y = torch.randint(0, 10, (64,), generator=g)
+    exact, _ = _grads(model, x, y)
+    cos = {}
+    for fused in (False, True):
+        approx, _ = _grads(model, x, y, bits=4, fused=fused)
+        cos[fused] = F.cosine_similarity(exact["0.weight"], approx["0.weight"], dim=0).item()
+    assert cos[True] >= 0.99 > cos[False], cos
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fused_batch_norm_clips_x_hat_to_three_at_4_bits_only(bits):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(32, 4, 8, 8, generator=g, dtype=torch.float64)
+    x[0, :, 0, 0] = 50.0  # x_hat about 5.6: beyond the clip
+    bn = nn.BatchNorm2d(4).double()
+    with compressed_activations(bits, min_numel=0):
+        out = bn(x)
+    saved = out.grad_fn.saved  # the fused op's stored x_hat
+    assert (saved.lo > -3).all()  # the low ends are inside the clip either way
+    if bits == 4:
+        assert torch.equal(saved.hi.flatten(), torch.full((4,), 3.0, dtype=torch.float64))
+    else:
+        assert (saved.hi > 5).all()

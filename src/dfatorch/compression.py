@@ -20,15 +20,14 @@ not a parameter (nor a view of one: ``Linear`` saves ``weight.t()``). Integer te
 integer type that holds their values (int16 for indices into a 32x32 map; one min/max, so one
 synchronisation on an accelerator), unless ``narrow_integers=False``. Left as they are, by
 reference: parameters, bool tensors, tensors below ``min_numel`` and non-dense (overlapping,
-expanded) tensors. The input batch is an activation like any other and is quantised too. Batch
-norm's saved input is quantised like any activation (its saved mean/inverse-std are per channel,
-below ``min_numel``, and stay exact). Measured (``benchmarks/activation_gradients.py``, one CIFAR-10
-batch of 128 at initialisation): at 8 bits every layer's weight gradient has cosine >= 0.9997 with
-the exact one, with or without batch norm; at 4 bits >= 0.987 without batch norm but down to
-0.91-0.95 for the batch-norm scale (gamma) gradients with it (``vgg_cnn``, ``small_cnn
---batch-norm``), which sum ``dy * x_hat`` and so feel the coarse code of ``x``. BLPA does better
-there: it quantises ``x_hat`` itself over a fixed +-3 range; a saved-tensor hook does not know which
-op saved a tensor, so that is not done.
+expanded) tensors. The input batch is an activation like any other and is quantised too. Batch norm
+(in training mode, affine) is a fused op (below): it stores the normalised ``x_hat``, not its input.
+Measured (``benchmarks/activation_gradients.py``, one CIFAR-10 batch of 128 at initialisation, bp):
+at 8 bits every layer's weight gradient has cosine >= 0.9997 with the exact one, with or without
+batch norm; at 4 bits >= 0.98 for the conv and linear weights; the batch-norm scale (gamma)
+gradients, which sum ``dy * x_hat`` and so feel the code's noise most, at least 0.970 (``vgg_cnn``)
+and 0.983 (``small_cnn --batch-norm``) at 4 bits, where storing batch norm's input through the hooks
+gave 0.915 and 0.947.
 
 **The code.** Per channel (dim 1) the range
 ``[lo, hi]`` is the channel's min and max widened to contain 0, cut into ``L = 2**bits`` bins of
@@ -59,7 +58,7 @@ forward pass, and so the loss, is exact: the divergence guard still sees it).
 **Fused ops** (``fused=True``, the default): inside the context a
 :class:`~torch.overrides.TorchFunctionMode` runs three ops on tensors that need a gradient (and
 have at least ``min_numel`` elements, C-contiguous) as autograd Functions of their own, with the
-same forward and the same gradients bit for bit:
+same forward and, batch norm aside, the same gradients bit for bit:
 
 * **2-d max-pooling** stores, of each maximum, only its position inside its window
   (``dh * kw + dw``: 2 bits for a 2x2 window, 4 for 3x3, packed four or two a byte) instead of
@@ -71,6 +70,12 @@ same forward and the same gradients bit for bit:
   ``threshold_backward`` per chunk): the decoded copy of a large feature map never exists whole
   next to its gradients, which is what kept the peak of a step up. Where the output's codes are
   already decoded whole for another save (a linear layer after the activation) that copy is used.
+
+* **batch norm** in training mode (affine) stores ``x_hat = (x - mean) / std`` quantised
+  instead of its input (as BLPA does) and computes its backward from it with the exact weight and
+  ``1 / std``; at 4 bits the stored copy is clipped to +-3 (BLPA's range). Its gradients are the
+  exact formula on the decoded ``x_hat``: equal to the native op's where ``x_hat`` is stored
+  without loss, and closer to exact than the hooks' code of the input (see above).
 
 A fused op frees what it stored at its backward: backward through it a second time
 (``retain_graph=True``) is an error, as is an in-place change of a stored output before its
@@ -124,6 +129,9 @@ MIN_NUMEL = 1024
 #: A tensor gets one range per channel when its channels have at least this many elements, else
 #: one range in all (a channel's range costs 8 bytes: 3% of its codes at 4 bits from here on).
 CHANNEL_NUMEL = 512
+#: Batch norm's stored ``x_hat`` is clipped to +-this at 4 bits (BLPA's fixed range of 6 standard
+#: deviations); at 8 bits the bins are fine enough that clipping would cost more than it gains.
+BN_RANGE = 3.0
 #: The code is computed in chunks of about this many elements (bounded float temporaries).
 CHUNK_NUMEL = 1 << 18
 
@@ -637,22 +645,85 @@ class _MaxPool2d(torch.autograd.Function):
         return out, None, None
 
 
+class _BatchNorm(torch.autograd.Function):
+    """Batch norm in training mode (affine) that stores the normalised ``x_hat = (x - mean) /
+    std`` (quantised per channel) instead of its input, as BLPA does, and computes its backward
+    from ``x_hat`` with the exact weight and ``1 / std``:
+
+    ``d_beta = sum dy``, ``d_gamma = sum dy x_hat``,
+    ``dx = gamma / std (dy - d_beta / M - x_hat d_gamma / M)`` (sums over the ``M`` positions of a
+    channel). ``x_hat`` is centred and scaled per channel, so its code is as fine as the channel's
+    spread allows, where the code of ``x`` itself widens its range to reach 0 (a channel with a
+    large mean gets coarse bins); and at 4 bits, as in BLPA, the stored copy is clipped to
+    ``[-BN_RANGE, BN_RANGE]`` (+-3: 0.3% of a normal channel's values lie beyond), which makes the
+    bins ``6 / 15`` wide instead of the extremes' ``(max - min) / 15`` (at 8 bits clipping cost
+    more than it gained: cosine of gamma's gradient 0.98 clipped, 0.9999 not). The forward is
+    the native op (running statistics included); only the stored copy is clipped and quantised."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, args: tuple[Any, ...], hooks: _Hooks
+    ) -> Tensor:
+        running_mean, running_var, momentum, eps = args
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
+        dims = [d for d in range(x.ndim) if d != 1]
+        var, mean = torch.var_mean(x, dims, correction=0)
+        invstd = torch.rsqrt(var + eps)
+        shape = [1, -1] + [1] * (x.ndim - 2)
+        x_hat = torch.empty_like(x)
+        rows = _rows(x)
+        for i in range(0, x.shape[0], rows):
+            chunk = x_hat[i : i + rows]
+            torch.mul(x[i : i + rows] - mean.view(shape), invstd.view(shape), out=chunk)
+            if hooks.bits == 4:
+                chunk.clamp_(-BN_RANGE, BN_RANGE)
+        # the per-channel 1/std stays exact (not through the hooks, whatever min_numel says)
+        ctx.saved, ctx.invstd = hooks.pack(x_hat), invstd
+        ctx.save_for_backward(weight)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        saved = _take(ctx, "saved")
+        (weight,), invstd = ctx.saved_tensors, ctx.invstd
+        dims = [d for d in range(dy.ndim) if d != 1]
+        shape = [1, -1] + [1] * (dy.ndim - 2)
+        rows = _rows(dy)
+        d_beta = dy.sum(dims)
+        d_gamma = torch.zeros_like(d_beta)
+        for r, x_hat in _decoded_rows(saved, rows):
+            d_gamma += (dy[r] * x_hat).sum(dims)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            m = dy.numel() // dy.shape[1]
+            mean_dy, mean_dy_xhat = (d_beta / m).view(shape), (d_gamma / m).view(shape)
+            scale = (weight * invstd).view(shape)
+            dx = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
+            for r, x_hat in _decoded_rows(saved, rows):
+                torch.mul(dy[r] - mean_dy - x_hat * mean_dy_xhat, scale, out=dx[r])
+        return dx, d_gamma, d_beta, None, None
+
+
+_BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 _MAX_POOL_SIGNATURE = inspect.signature(F._max_pool2d)
 _TANH = (torch.tanh, Tensor.tanh)
 _RELU = (torch.relu, Tensor.relu, F.relu)
 
 
 class _FusedOps(TorchFunctionMode):
-    """Routes 2-d max-pooling, tanh and ReLU on tensors that need a gradient to the fused ops
-    above (when their saved tensors would be stored compactly); everything else runs as it is."""
+    """Routes 2-d max-pooling, tanh, ReLU and training-mode batch norm on tensors that need a
+    gradient to the fused ops above (when their saved tensors would be stored compactly);
+    everything else runs as it is."""
 
     def __init__(self, hooks: _Hooks) -> None:
         super().__init__()
         self.hooks = hooks
 
-    def _wanted(self, x: Any) -> bool:
+    def _wanted(self, x: Any, *params: Any) -> bool:
+        """Whether an op on ``x`` (with ``params``) builds a graph and ``x`` is one to fuse for."""
+        grad = any(isinstance(t, Tensor) and t.requires_grad for t in (x, *params))
         return (
-            torch.is_grad_enabled() and isinstance(x, Tensor) and x.requires_grad
+            torch.is_grad_enabled() and grad and isinstance(x, Tensor)
             and x.is_floating_point() and x.is_contiguous() and x.numel() >= self.hooks.min_numel
         )  # fmt: skip
 
@@ -669,6 +740,15 @@ class _FusedOps(TorchFunctionMode):
             if (not a["return_indices"] and a["input"].ndim == 4
                     and kernel[0] * kernel[1] <= 256):  # fmt: skip
                 return _MaxPool2d.apply(a["input"], geometry, self.hooks)
+        if func is F.batch_norm and args:
+            a = _BATCH_NORM_SIGNATURE.bind(*args, **kwargs)
+            a.apply_defaults()
+            b = a.arguments
+            affine = b["weight"] is not None and b["bias"] is not None
+            if b["training"] and affine and self._wanted(b["input"], b["weight"], b["bias"]):
+                F._verify_batch_size(b["input"].size())
+                rest = (b["running_mean"], b["running_var"], b["momentum"], b["eps"])
+                return _BatchNorm.apply(b["input"], b["weight"], b["bias"], rest, self.hooks)
         plain = len(args) == 1 and not kwargs.get("inplace", False)  # in-place: as it is
         if (func in _TANH or func in _RELU) and plain and self._wanted(args[0]):
             kind = "tanh" if func in _TANH else "relu"
@@ -684,8 +764,9 @@ def compressed_activations(
     context is open (see the module docstring); yields the byte counts, filled as ops save.
     ``narrow_integers``: integer tensors (max-pool indices) of at least ``min_numel`` elements in
     the narrowest integer type that holds them (exact; ``False``: as they are). ``fused``: 2-d
-    max-pooling, tanh and ReLU run as fused ops (pool indices as window positions, outputs decoded
-    chunk by chunk in the backward; the same gradients bit for bit); ``False``: only the hooks.
+    max-pooling, tanh, ReLU and batch norm run as fused ops (pool indices as window positions,
+    outputs decoded chunk by chunk in the backward, the same gradients bit for bit; batch norm
+    stores ``x_hat``); ``False``: only the hooks.
 
     The backward pass may run after the context closes (the graph holds the packed copies)."""
     bits = _check_bits(bits)
