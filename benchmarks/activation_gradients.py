@@ -6,8 +6,8 @@ One batch of CIFAR-10 training images (normalised, not augmented; random inputs 
 there), each zoo CNN at its initialisation, the weight gradient of every layer with the saved
 activations stored at 8 and 4 bits against float32 storage: cosine and relative error
 ``|g - g_exact| / |g_exact|``, for ``bp`` and the ``bdfa`` hybrid. Batch norm (``vgg_cnn``, and
-``small_cnn`` with ``batch_norm``) is measured beside the same net without it: its saved input is
-quantised like any activation.
+``small_cnn`` with ``batch_norm``) is measured beside the same net without it: batch norm runs as
+the fused op that stores ``x_hat`` (``dfatorch.compression``).
 """
 
 from __future__ import annotations

@@ -5,12 +5,13 @@
 For each model, batch size, rule (``bp``; ``bdfa``: the hybrid, binary feedback in the fully
 connected layers, bit-packed) and storage (float32, 8, 4 bits) on random 3x32x32 inputs:
 
-* **bytes** of the tensors autograd saves for the backward pass, counted in the pack hook
-  (:class:`dfatorch.CompressionStats`, exact and device-independent): the quantised ones before
-  and after, the integer ones (max-pool indices) before and after narrowing, and the ones kept as
-  they are (small tensors). The float32 row's bytes are the same tensors as autograd keeps them
-  without hooks (``exact_bytes``; a view saved with another shape, such as the flattened input of
-  the first linear layer, counts twice on both sides).
+* **bytes** of the tensors autograd saves for the backward pass, counted in the pack hook and in the
+  fused ops (:class:`dfatorch.CompressionStats`, exact and device-independent): the quantised ones
+  before and after, the max-pool indices as int64 and as stored (positions in their windows: 2
+  bits for 2x2, 4 for 3x3), and the ones kept as they are (small tensors). The float32 row's bytes
+  are the same tensors as autograd keeps them without hooks (``exact_bytes``; a view saved with
+  another shape, such as the flattened input of the first linear layer, counts twice on both
+  sides).
 * **peak memory** of one training step (forward, backward, SGD step), each variant in a fresh
   subprocess: on the CPU the rise of the resident set's high-water mark over the step (Linux:
   ``VmHWM`` after the step, reset just before it, minus ``VmRSS`` before; elsewhere

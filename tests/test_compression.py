@@ -4,6 +4,7 @@ composition with the DFA engine, the trainer option and exact resume."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 
@@ -136,13 +137,13 @@ def test_convnet_gradients_close_under_8_bits_and_identical_where_left_alone():
     y = torch.randint(0, 10, (8,), generator=g)
     exact, _ = _grads(model, x, y)
     approx, stats = _grads(model, x, y, bits=8)
-    # x, both ReLU outputs (each also the max-pool's input) and the first pool's output are
-    # quantised; the second pool's flattened output (8 x 64 = 512 < 1024) is kept exact
-    assert stats.compressed_tensors == 4
-    # the first max-pool's int64 indices (8x8x8x8) point into 16x16 maps: below 256, stored as
-    # uint8; the second's (8x16x2x2 = 512 elements) are below min_numel and kept
-    assert stats.integer_tensors == 1 and stats.integer_bytes == 8 * 4096
-    assert stats.integer_stored_bytes == 4096
+    # x, both ReLU outputs and the first pool's output are quantised (the fused max-pools save
+    # no input); the second pool's flattened output (8 x 64 = 512 < 1024) is kept exact
+    assert stats.compressed_tensors == 4 and stats.skipped_bytes == 0
+    # each max-pool's int64 indices as positions in their windows: 2 bits for the first's 2x2
+    # (8x8x8x8), 4 bits for the second's 4x4 (8x16x2x2)
+    assert stats.integer_tensors == 2 and stats.integer_bytes == 8 * (4096 + 512)
+    assert stats.integer_stored_bytes == 4096 // 4 + 512 // 2
     assert stats.float_bytes == 8 * 8 * (3 * 256 + 8 * 256 + 8 * 64 + 16 * 64)  # float64
     for name in ("0.weight", "3.weight"):
         cos = F.cosine_similarity(exact[name].flatten(), approx[name].flatten(), dim=0)
@@ -278,3 +279,149 @@ def test_a_tensor_saved_twice_is_decoded_once(monkeypatch):
     # x once (the first addmm), h once for ReLU's backward and the second addmm's
     assert len(calls) == 2 and len({id(p) for p in calls}) == 2
     assert all(p.cache is None and p.uses == 0 for p in calls)  # the copies are let go
+
+
+POOLS = [  # (kernel, stride, padding, dilation, ceil_mode, bits a window position)
+    (2, 2, 0, 1, False, 2),  # small_cnn's
+    (3, 2, 0, 1, False, 4),  # Nøkland's: overlapping windows
+    (3, 2, 1, 1, True, 4),
+    ((2, 3), (1, 2), (1, 0), (2, 1), False, 4),
+    (4, 4, 0, 1, False, 4),
+    (1, 1, 0, 1, False, 1),
+]
+
+
+@pytest.mark.parametrize("chunk", [1, 1 << 18])
+@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation", "ceil_mode", "bits"), POOLS)
+def test_fused_max_pool_is_exact_and_stores_window_positions(
+    kernel, stride, padding, dilation, ceil_mode, bits, chunk, monkeypatch
+):
+    monkeypatch.setattr(compression, "CHUNK_NUMEL", chunk)  # chunk: one row at a time, or all
+    g = torch.Generator().manual_seed(3)
+    # integer values: many ties, so the first maximum of a window must be the one kept
+    x = torch.randint(-3, 4, (5, 3, 11, 13), generator=g).double().requires_grad_()
+    pool = nn.MaxPool2d(kernel, stride, padding, dilation, ceil_mode=ceil_mode)
+    grad = torch.randn(pool(x).shape, generator=g, dtype=torch.float64)
+    exact = torch.autograd.grad(pool(x), x, grad)[0]
+    with compressed_activations(4, min_numel=0) as stats:
+        out = pool(x)
+    assert type(out.grad_fn).__name__ == "_MaxPool2dBackward"  # the fused op
+    assert torch.equal(out, pool(x).detach())
+    assert torch.equal(torch.autograd.grad(out, x, grad)[0], exact)  # bit for bit
+    assert stats.integer_tensors == 1 and stats.integer_bytes == 8 * out.numel()
+    assert stats.integer_stored_bytes == -(-out.numel() * bits // 8)
+    assert stats.skipped_bytes == x.numel() * 8  # x itself is saved by nothing else
+    assert stats.compressed_tensors == 0
+    with pytest.raises(RuntimeError, match="second time"):
+        torch.autograd.grad(out, x, grad)
+
+
+def _act_net(activation: type[nn.Module]) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), activation(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(8, 16, 3, padding=1), activation(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(144, 64), activation(), nn.Linear(64, 10),
+    ).double()  # fmt: skip
+
+
+@pytest.mark.parametrize("activation", [nn.Tanh, nn.ReLU])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fused_ops_give_the_hooks_gradients_bit_for_bit(activation, bits, monkeypatch):
+    model = _act_net(activation)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 3, 14, 14, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (24,), generator=g)
+    hooks_only, plain = _grads(model, x, y, bits=bits, min_numel=256, fused=False)
+    decoded = []
+    real = compression.dequantize
+    monkeypatch.setattr(compression, "dequantize", lambda p: decoded.append(p.shape) or real(p))
+    monkeypatch.setattr(compression, "CHUNK_NUMEL", 1000)  # several chunks a tensor
+    fused, stats = _grads(model, x, y, bits=bits, min_numel=256)
+    assert all(torch.equal(hooks_only[n], fused[n]) for n in fused)
+    # the same tensors are quantised (the pools' inputs were shared with the activations)
+    assert stats.float_bytes == plain.float_bytes and stats.stored_bytes == plain.stored_bytes
+    assert stats.exact_bytes == plain.exact_bytes and stats.skipped_bytes == 0
+    assert stats.integer_stored_bytes < plain.integer_stored_bytes
+    # decoded whole: x and the first pool's output (the convs' inputs), the flattened second
+    # pool's output (the first linear layer's) and the hidden activation (the second linear layer
+    # decodes it, the fused activation reuses that copy); the conv activations' outputs only
+    # chunk by chunk, never whole
+    assert sorted(decoded) == [(24, 3, 14, 14), (24, 8, 6, 6), (24, 64), (24, 144)]
+
+
+def test_fused_activation_sees_an_inplace_change():
+    x = torch.randn(4, 300, dtype=torch.float64, requires_grad=True)
+    with compressed_activations(8, min_numel=0):
+        h = torch.tanh(x)
+        h.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            h.sum().backward()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("shape", [(16, 4, 6, 6), (64, 24)])
+def test_fused_batch_norm_backward_is_the_exact_formula_on_a_lossless_x_hat(shape, bits):
+    # each channel holds 1 and 5 in equal numbers: mean 3, std 2, so x_hat = +-c (c = 2 /
+    # sqrt(4 + eps)), which both codes store without loss (the ends of the channel's range): the
+    # fused backward must equal the native one
+    g = torch.Generator().manual_seed(4)
+    channels = shape[1]
+    signs = torch.stack([torch.randperm(math.prod(shape) // channels, generator=g) % 2
+                         for _ in range(channels)], dim=1)  # fmt: skip
+    x0 = (1.0 + 4.0 * signs.double()).reshape(shape[0], *shape[2:], channels).movedim(-1, 1)
+    x0 = x0.contiguous()
+    weight = torch.randn(shape[1:2] + (1,) * (len(shape) - 2), generator=g, dtype=torch.float64)
+    bias = torch.randn(channels, generator=g, dtype=torch.float64)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+    results = []
+    for context in (contextlib.nullcontext(), compressed_activations(bits, min_numel=0)):
+        bn = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(channels).double()
+        with torch.no_grad():
+            bn.weight.copy_(weight.flatten())
+            bn.bias.copy_(bias)
+        x = x0.clone().requires_grad_()
+        with context as stats:
+            out = bn(x)
+        (out * dy).sum().backward()  # dy itself exact: the loss is outside the context
+        results.append((out.detach(), bn.running_mean, bn.running_var, x.grad, bn.weight.grad,
+                        bn.bias.grad, out.grad_fn))  # fmt: skip
+    (out0, rm0, rv0, *grads0, fn0), (out1, rm1, rv1, *grads1, fn1) = results
+    assert type(fn1).__name__ == "_BatchNormBackward" and type(fn0).__name__ != type(fn1).__name__
+    assert torch.equal(out0, out1) and torch.equal(rm0, rm1) and torch.equal(rv0, rv1)
+    for exact, fused in zip(grads0, grads1):
+        torch.testing.assert_close(fused, exact, rtol=1e-10, atol=1e-12)
+    assert stats.compressed_tensors == 1 and stats.float_bytes == x0.numel() * 8
+
+
+def test_fused_batch_norm_codes_x_hat_finer_than_its_input():
+    # channels far from 0 (mean 20, std 1): the input's code must reach 0 (bins of about 24/15
+    # standard deviations), x_hat's is centred (bins of about 8/15)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
+    model = model.double()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 8, 8, 8, generator=g, dtype=torch.float64) + 20.0
+    y = torch.randint(0, 10, (64,), generator=g)
+    exact, _ = _grads(model, x, y)
+    cos = {}
+    for fused in (False, True):
+        approx, _ = _grads(model, x, y, bits=4, fused=fused)
+        cos[fused] = F.cosine_similarity(exact["0.weight"], approx["0.weight"], dim=0).item()
+    assert cos[True] >= 0.99 > cos[False], cos
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fused_batch_norm_clips_x_hat_to_three_at_4_bits_only(bits):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(32, 4, 8, 8, generator=g, dtype=torch.float64)
+    x[0, :, 0, 0] = 50.0  # x_hat about 5.6: beyond the clip
+    bn = nn.BatchNorm2d(4).double()
+    with compressed_activations(bits, min_numel=0):
+        out = bn(x)
+    saved = out.grad_fn.saved  # the fused op's stored x_hat
+    assert (saved.lo > -3).all()  # the low ends are inside the clip either way
+    if bits == 4:
+        assert torch.equal(saved.hi.flatten(), torch.full((4,), 3.0, dtype=torch.float64))
+    else:
+        assert (saved.hi > 5).all()

@@ -803,11 +803,12 @@ def _activation_memory_section(path: Path) -> list[str]:
         "",
         f"`{data['command']}` ({m['processor']}, {m['threads']} threads, torch {m['torch']}; "
         f"{cfg['device']}). *Saved*: bytes of every tensor autograd keeps for the backward pass, "
-        "counted in the pack hook (float32: as autograd keeps them; 8/4: quantised floats, "
-        "narrowed max-pool indices, small tensors as they are); *quantised*: the float tensors "
-        "alone. *Step peak*: the rise of the peak resident set over one training step (forward, "
-        "backward, SGD step), each variant in a fresh process; transient tensors of the backward "
-        "pass (gradients, the decoded activation of the layer in progress) count there too.",
+        "counted in the pack hook and the fused ops (float32: as autograd keeps them; 8/4: "
+        "quantised floats, max-pool indices as positions in their windows, small tensors as they "
+        "are); *quantised*: the float tensors alone. *Step peak*: the rise of the peak resident "
+        "set over one training step (forward, backward, SGD step), each variant in a fresh "
+        "process; transient tensors of the backward pass (gradients, the decoded activation of "
+        "the layer in progress, chunk by chunk for tanh/ReLU outputs) count there too.",
         "",
         "| model | batch | rule | bits | saved MiB | saved ratio | quantised ratio "
         "| step peak MiB | vs float32 |",
