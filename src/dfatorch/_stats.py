@@ -69,3 +69,12 @@ def welch(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Differ
     if not a or not b:
         raise ValueError("welch needs at least one value on each side")
     return contrast([a, b], [1.0, -1.0], level)
+
+
+def paired(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Difference:
+    """The paired t interval for ``mean(a − b)``: ``a[i]`` and ``b[i]`` share their conditions
+    (seed, sequence), so only the spread of the differences counts (one-sample t, ``n − 1``
+    degrees of freedom)."""
+    if len(a) != len(b) or not a:
+        raise ValueError("paired needs two equally long, non-empty sequences")
+    return contrast([[x - y for x, y in zip(a, b)]], [1.0], level)

@@ -1,0 +1,111 @@
+"""Choosing the tracker's settings without scoring on the sequences they were chosen on.
+
+With a handful of sequences there is no separate test set, so each sequence is held out in turn
+(leave-one-sequence-out): every rule's setting is the one with the best mean success on the
+*other* sequences, and that setting's runs on the held-out sequence are its score. The scores of a
+rule therefore never saw the sequence they are measured on. Pure functions over
+``scores[setting][rule][sequence][seed] -> success AUC`` (read from ``track-eval`` folders by
+:func:`load_scores`).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .._stats import Difference, paired
+
+__all__ = ["HeldOut", "Scores", "complete_settings", "leave_one_out", "load_scores",
+           "paired_difference"]  # fmt: skip
+
+#: ``scores[setting][rule][sequence][seed]``: success AUC of one run
+Scores = Mapping[str, Mapping[str, Mapping[str, Mapping[int, float]]]]
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """One rule's score on one held-out sequence.
+
+    Attributes:
+        rule: the update rule.
+        sequence: the held-out sequence.
+        setting: the setting chosen on the other sequences.
+        tuning_success: that setting's mean success there (all seeds, sequences weighed alike).
+        success: its success on the held-out sequence, per seed.
+    """
+
+    rule: str
+    sequence: str
+    setting: str
+    tuning_success: float
+    success: Mapping[int, float]
+
+
+def complete_settings(scores: Scores, rule: str) -> list[str]:
+    """The settings (in ``scores``' order) whose runs of ``rule`` cover every sequence and seed
+    that any setting has for it: only those can be compared fairly."""
+    runs = {s: scores[s].get(rule, {}) for s in scores}
+    cells = {(q, seed) for per in runs.values() for q, seeds in per.items() for seed in seeds}
+    return [s for s, per in runs.items()
+            if cells and all(seed in per.get(q, {}) for q, seed in cells)]  # fmt: skip
+
+
+def leave_one_out(scores: Scores, rules: list[str] | None = None) -> list[HeldOut]:
+    """For every rule and sequence: the setting with the best mean success on the other
+    sequences (ties: the first in ``scores``' order), scored on the held-out one.
+
+    Only :func:`complete_settings` take part. With one complete setting there is no choice and
+    the result is that setting's scores. Raises ``ValueError`` when a rule has fewer than two
+    sequences (nothing to choose on)."""
+    names = rules or sorted({r for per in scores.values() for r in per})
+    out: list[HeldOut] = []
+    for rule in names:
+        settings = complete_settings(scores, rule)
+        if not settings:
+            continue
+        sequences = sorted(scores[settings[0]][rule])
+        if len(sequences) < 2:
+            raise ValueError(f"{rule}: leave-one-out needs at least two sequences")
+        for held in sequences:
+            others = [q for q in sequences if q != held]
+            best = max(settings, key=lambda s: _mean_success(scores[s][rule], others))
+            out.append(HeldOut(rule, held, best, _mean_success(scores[best][rule], others),
+                               dict(scores[best][rule][held])))  # fmt: skip
+    return out
+
+
+def _mean_success(per: Mapping[str, Mapping[int, float]], sequences: list[str]) -> float:
+    """Mean success over ``sequences``, each the mean over its seeds (sequences weigh alike)."""
+    return statistics.fmean(statistics.fmean(per[q].values()) for q in sequences)
+
+
+def paired_difference(held: list[HeldOut], rule: str, baseline: str) -> Difference:
+    """``rule − baseline`` success on the held-out runs, paired by (sequence, seed), with the
+    paired t interval (:func:`dfatorch._stats.paired`). Pairs missing on either side are
+    dropped."""
+    a = {(h.sequence, s): v for h in held if h.rule == rule for s, v in h.success.items()}
+    b = {(h.sequence, s): v for h in held if h.rule == baseline for s, v in h.success.items()}
+    keys = sorted(a.keys() & b.keys())
+    if not keys:
+        raise ValueError(f"no (sequence, seed) pair has runs of both {rule} and {baseline}")
+    return paired([a[k] for k in keys], [b[k] for k in keys])
+
+
+def load_scores(root: str | Path) -> dict[str, dict[str, dict[str, dict[int, float]]]]:
+    """``scores[setting][rule][sequence][seed]`` from the records
+    ``root/<setting>/<tracker>/seed<N>/<seq>.json`` (``dfatorch track-eval --out root/<setting>``;
+    settings in name order, ``default`` first; the rule is the tracker name less ``mdnet-``)."""
+    scores: dict[str, dict[str, dict[str, dict[int, float]]]] = {}
+    folders = sorted(p for p in Path(root).iterdir() if p.is_dir())
+    folders.sort(key=lambda p: p.name != "default")
+    for folder in folders:
+        for record in sorted(folder.glob("*/seed*/*.json")):
+            data = json.loads(record.read_text())
+            rule = str(data["tracker"]).removeprefix("mdnet-")
+            seed = int(record.parent.name.removeprefix("seed"))
+            per = scores.setdefault(folder.name, {}).setdefault(rule, {})
+            per.setdefault(record.stem, {})[seed] = float(data["success_auc"])
+    return scores
