@@ -53,9 +53,9 @@ def test_ties_go_to_the_first_setting_and_incomplete_settings_are_left_out() -> 
     assert {h.setting for h in leave_one_out(partial)} == {"full"}
 
 
-def test_one_sequence_cannot_be_held_out() -> None:
-    with pytest.raises(ValueError, match="at least two sequences"):
-        leave_one_out({"s": {"bp": {"A": {0: 0.5}}}})
+def test_a_rule_with_one_sequence_is_left_out() -> None:
+    scores = {"s": {"bp": {"A": {0: 0.5}}, "dfa": {"A": {0: 0.5}, "B": {0: 0.4}}}}
+    assert {h.rule for h in leave_one_out(scores)} == {"dfa"}
 
 
 def test_paired_interval_is_the_one_sample_t_of_the_differences() -> None:

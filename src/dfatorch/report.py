@@ -34,12 +34,12 @@ NOTES = {
 }
 
 
-def _pm(mean: float | None, std: float | None, scale: float = 100.0) -> str:
+def _pm(mean: float | None, std: float | None, scale: float = 100.0, digits: int = 2) -> str:
     if mean is None:
         return "-"
     if std is None:  # one seed: no spread to report
-        return f"{scale * mean:.2f}"
-    return f"{scale * mean:.2f} ± {scale * std:.2f}"
+        return f"{scale * mean:.{digits}f}"
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
 
 def _axes(exp: Experiment) -> list[str]:
@@ -935,20 +935,21 @@ def _tracking_holdout_section(root: Path) -> list[str]:
         backbones.add(str((saved.get("backbone") or {}).get("sha256")))
     held = leave_one_out(scores, rules)
     seeds = sorted({seed for h in held for seed in h.success})
+    n = len({h.sequence for h in held})
     lines = [
         "## Online tracking: settings chosen on other sequences (`tracking-split`)",
         "",
-        "Issue 19's honest evaluation. Every candidate setting below ran on the four sequences in "
+        f"Issue 19's honest evaluation. Every candidate setting below ran on the {n} sequences in "
         f"`../shared/datasets/otb` with seeds {', '.join(map(str, seeds))} and each update rule. "
         "Each rule's setting is then chosen leave-one-sequence-out: for every sequence, the "
-        "setting with the best mean success on the *other three* (sequences weigh alike, seeds "
+        f"setting with the best mean success on the *other {n - 1}* (sequences weigh alike, seeds "
         "averaged) is scored on the held-out one, so no score below was measured on a sequence "
         "its setting was chosen on. The candidates and the tracker itself were designed looking "
-        "at these four sequences before this study, which this split cannot undo. Rerun: "
+        "at these sequences before this study, which this split cannot undo. Rerun: "
         f"`experiments/tracking_split.sh` then `dfatorch report`; records in `{root}` "
         f"(backbone sha256 {', '.join(f'`{b}`' for b in sorted(backbones))}).",
         "",
-        "Every setting, all four sequences (success AUC, mean ± sample std over seeds of the "
+        f"Every setting, all {n} sequences (success AUC, mean ± sample std over seeds of the "
         "mean over sequences; a setting missing runs is marked and takes no part in the choice):",
         "",
         "| setting | changes | " + " | ".join(rules) + " |",
@@ -963,12 +964,12 @@ def _tracking_holdout_section(root: Path) -> list[str]:
                 continue
             own = sorted({seed for q in per for seed in per[q]})
             by_seed = [statistics.fmean(per[q][seed] for q in per) for seed in own]
-            cells.append(_pm(by_seed))
+            cells.append(_success(by_seed))
         lines.append(f"| {setting} | {changed[setting]} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Held out (success AUC on the held-out sequence, mean ± sample std over seeds; the "
-        "setting chosen on the other three in brackets):",
+        f"setting chosen on the other {n - 1} in brackets):",
         "",
         "| sequence | " + " | ".join(rules) + " |",
         "|---|" + "---|" * len(rules),
@@ -978,24 +979,29 @@ def _tracking_holdout_section(root: Path) -> list[str]:
         cells = []
         for rule in rules:
             h = table.get((rule, seq))
-            cells.append("-" if h is None else f"{_pm(list(h.success.values()))} ({h.setting})")
+            text = "-" if h is None else f"{_success(list(h.success.values()))} ({h.setting})"
+            cells.append(text)
         lines.append(f"| {seq} | " + " | ".join(cells) + " |")
     overall = []
     for rule in rules:
         mine = [h for h in held if h.rule == rule]
-        own = sorted(set.intersection(*(set(h.success) for h in mine))) if mine else []
-        overall.append(_pm([statistics.fmean(h.success[s] for h in mine) for s in own]))
+        if not mine:
+            overall.append("-")
+            continue
+        own = sorted(set.intersection(*(set(h.success) for h in mine)))
+        overall.append(_success([statistics.fmean(h.success[s] for h in mine) for s in own]))
     lines += ["| **mean over sequences** | " + " | ".join(overall) + " |", ""]
-    if "bp" in rules:
+    if any(h.rule == "bp" for h in held):
         lines += [
             "Difference to BP on the held-out runs (success AUC; paired by sequence and seed, "
-            "t interval over the pairs, which treats the 4 x seeds pairs as independent):",
+            f"t interval over the pairs, which treats the {n} x {len(seeds)} pairs as "
+            "independent):",
             "",
             "| compared | pairs | difference | 95% interval | p (no difference) |",
             "|---|---|---|---|---|",
         ]
         for rule in rules:
-            if rule == "bp":
+            if rule == "bp" or not any(h.rule == rule for h in held):
                 continue
             d = paired_difference(held, rule, "bp")
             interval = "-" if d.low is None else f"[{d.low:+.3f}, {d.high:+.3f}]"
@@ -1005,7 +1011,6 @@ def _tracking_holdout_section(root: Path) -> list[str]:
     return lines
 
 
-def _pm(values: Sequence[float]) -> str:
-    """``mean ± sample std`` to 3 decimals (the mean alone for one value)."""
-    mean, std = mean_std(values)
-    return "-" if mean is None else f"{mean:.3f}" + ("" if std is None else f" ± {std:.3f}")
+def _success(values: Sequence[float]) -> str:
+    """Success AUCs as ``mean ± sample std`` to 3 decimals."""
+    return _pm(*mean_std(values), scale=1.0, digits=3)

@@ -45,12 +45,13 @@ class HeldOut:
 
 
 def complete_settings(scores: Scores, rule: str) -> list[str]:
-    """The settings (in ``scores``' order) whose runs of ``rule`` cover every sequence and seed
-    that any setting has for it: only those can be compared fairly."""
+    """The settings (in ``scores``' order) with a run of ``rule`` for every sequence and every
+    seed that any setting has for it (the full grid): only those can be compared fairly."""
     runs = {s: scores[s].get(rule, {}) for s in scores}
-    cells = {(q, seed) for per in runs.values() for q, seeds in per.items() for seed in seeds}
-    return [s for s, per in runs.items()
-            if cells and all(seed in per.get(q, {}) for q, seed in cells)]  # fmt: skip
+    sequences = {q for per in runs.values() for q in per}
+    seeds = {seed for per in runs.values() for by_seed in per.values() for seed in by_seed}
+    return [s for s, per in runs.items() if sequences
+            and all(seed in per.get(q, {}) for q in sequences for seed in seeds)]  # fmt: skip
 
 
 def leave_one_out(scores: Scores, rules: list[str] | None = None) -> list[HeldOut]:
@@ -58,8 +59,8 @@ def leave_one_out(scores: Scores, rules: list[str] | None = None) -> list[HeldOu
     sequences (ties: the first in ``scores``' order), scored on the held-out one.
 
     Only :func:`complete_settings` take part. With one complete setting there is no choice and
-    the result is that setting's scores. Raises ``ValueError`` when a rule has fewer than two
-    sequences (nothing to choose on)."""
+    the result is that setting's scores. A rule with runs on fewer than two sequences (nothing to
+    choose on) is left out."""
     names = rules or sorted({r for per in scores.values() for r in per})
     out: list[HeldOut] = []
     for rule in names:
@@ -68,7 +69,7 @@ def leave_one_out(scores: Scores, rules: list[str] | None = None) -> list[HeldOu
             continue
         sequences = sorted(scores[settings[0]][rule])
         if len(sequences) < 2:
-            raise ValueError(f"{rule}: leave-one-out needs at least two sequences")
+            continue
         for held in sequences:
             others = [q for q in sequences if q != held]
             best = max(settings, key=lambda s: _mean_success(scores[s][rule], others))
