@@ -130,6 +130,38 @@ def test_loss_and_optimizer_are_arguments(tmp_path):
     assert result.history[0]["train_loss"] != plain[0]["train_loss"]
 
 
+class Wrapped(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def test_model_transform_changes_the_model_before_the_engine_attaches(tmp_path):
+    """The transform gets the model the config built (seeded) and the engine, the optimiser and
+    the checkpoint get what it returns."""
+    from dfatorch.models import build_model
+
+    got = []
+
+    def transform(model):
+        got.append(model)
+        return Wrapped(model)
+
+    config = TrainConfig(**{**FAST, "epochs": 1}, method="dfa", fraction=0.1)
+    train(config, tmp_path / "run", progress=False, model_transform=transform)
+    torch.manual_seed(config.seed)
+    built = build_model("mlp", (1, 8, 8), 10, activation="tanh")
+    assert len(got) == 1 and type(got[0]) is type(built)
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert all(name.startswith("inner.") for name in meta["engine"]["rules"])
+    assert meta["engine"]["rules"]["inner.1"] == "dfa"
+    saved = RunDir(tmp_path / "run").load_checkpoint()["model"]
+    assert set(saved) == {f"inner.{k}" for k in built.state_dict()}
+
+
 def test_divergence_guard_stops_an_exploding_run(tmp_path):
     config = TrainConfig(**{**FAST, "epochs": 3}, method="bp", lr=10.0)
     with pytest.raises(TrainingDiverged, match="diverged at epoch 1") as info:

@@ -59,6 +59,7 @@ from .rundir import CheckpointError, RunDir, load_checkpoint
 
 __all__ = [
     "CheckpointError",
+    "ModelTransform",
     "NonFiniteLossError",
     "OptimizerFactory",
     "RunResult",
@@ -73,6 +74,8 @@ __all__ = [
 
 #: Builds the optimiser of a run from the model and its configuration.
 OptimizerFactory = Callable[[nn.Module, TrainConfig], torch.optim.Optimizer]
+#: Changes the model a configuration builds (e.g. converts its layers) before anything attaches.
+ModelTransform = Callable[[nn.Module], nn.Module]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -154,6 +157,7 @@ def _build(
     transforms: tuple[Sequence[Transform], Sequence[Transform]] = ((), ()),
     group: ProcessGroup | None = None,
     ddp: DDPOptions | None = None,
+    model_transform: ModelTransform | None = None,
 ) -> _Run:
     group = group or ProcessGroup()
     device = resolve_device(config.device)
@@ -208,6 +212,8 @@ def _build(
         if splits.per_step:  # language modelling: one-hot characters in, a prediction per step
             options.update(tokens=splits.num_classes, every_step=True)
     model = build_model(config.model, splits.input_shape, splits.num_classes, **options).to(device)
+    if model_transform is not None:
+        model = model_transform(model).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     module_wise = config.scope is Scope.MODULE
@@ -519,6 +525,7 @@ def train(
     error_transforms: Sequence[Transform] = (),
     signal_transforms: Sequence[Transform] = (),
     ddp: DDPOptions | None = None,
+    model_transform: ModelTransform | None = None,
 ) -> RunResult:
     """Train a model as ``config`` says, writing ``run_dir`` (see the module docstring).
 
@@ -547,6 +554,9 @@ def train(
             state (a noise generator) is saved in the checkpoint with the engine's. A resume needs
             the same ``loss_fn``, ``optimizer_factory``, callbacks and transforms.
         ddp: how the model is wrapped in ``DistributedDataParallel`` when data-parallel.
+        model_transform: applied to the model ``config`` builds (initialised from its seed),
+            before the engine attaches and the optimiser is made: e.g. to convert its layers to
+            another library's (``benchmarks/biotorch_peer.py``). A resume needs the same one.
 
     Raises:
         TrainingDiverged: the loss exploded or became NaN/inf (``NonFiniteLossError``); the last
@@ -563,7 +573,7 @@ def train(
             return _train(
                 config, run, checkpoint, group,
                 _build(config, optimizer_factory, (error_transforms, signal_transforms), group,
-                       ddp),
+                       ddp, model_transform),
                 progress=progress and group.is_main,
                 on_epoch=on_epoch if group.is_main else None,
                 loss_fn=loss_fn,
