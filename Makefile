@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	# the CPU build from this machine's disk; a plain `pip install torch` would fetch a CUDA build
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[dev,privacy]"
+	# the FA family's peer (benchmarks/biotorch_peer.py, tests/test_biotorch_peer.py); --no-deps:
+	# the code paths used need only torch, not its listed torchvision, jupyter, tensorboard, ...
+	$(BIN)/python -m pip install --quiet --no-deps biotorch==0.0.16
 	touch $@
 
 # Fashion-MNIST for its loader test comes from Debian (skipped, with a reason, where apt is absent).
