@@ -58,6 +58,7 @@ import copy
 import io
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -589,9 +590,14 @@ def main(argv: list[str] | None = None) -> int:
             report["gradient_check"] = run_checks(bt, args.rules)
         if not args.no_time:
             print("timing ...", file=sys.stderr, flush=True)
+            before = os.getloadavg()  # a shared machine slows every rule; ratios stay comparable
             report["step_time"] = step_time(
                 bt, args.rules, args.rounds, args.warmup, args.batch_size
             )
+            report["step_time"]["load_average_1_5_15min"] = {
+                "before": before,
+                "after": os.getloadavg(),
+            }
     report["biotorch"]["torchvision_loaded"] = "torchvision" in sys.modules
     emit(report, args.out)
     return 0

@@ -531,6 +531,7 @@ def _speed_section(folder: Path) -> list[str]:
     lines += _private_step_section(folder / "private_step_time.json")
     lines += _kfac_overhead_section(folder / "kfac_overhead.json")
     lines += _recurrent_memory_section(folder / "recurrent_memory.json")
+    lines += _peer_section(folder / "biotorch_peer.json")
     track = folder / "tracking_speed.json"
     if track.exists():
         data = json.loads(track.read_text())
@@ -710,6 +711,57 @@ def _recurrent_memory_section(path: Path) -> list[str]:
                 f"| {cell} | {steps} | {r['bp']['saved_bytes'] / 2**20:.2f} | "
                 f"{r['dfa']['saved_bytes'] / 2**20:.2f} | {t['bp']['ms_median']:.1f} | "
                 f"{t['dfa']['ms_median']:.1f} | {t['dfa_over_bp']:.2f} |"
+            )
+    return [*lines, ""]
+
+
+def _peer_section(path: Path) -> list[str]:
+    """The tables of ``benchmarks/biotorch_peer.py``'s JSON: the FA family in biotorch beside
+    dfatorch, gradients with the same feedback and step time in one run."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    cfg, bt = data["config"], data["biotorch"]
+    lines = [
+        f"## Peer: biotorch {bt['version']} on the same model",
+        "",
+        _timed_rounds(data) + f"; {data['model']}). The rules biotorch shares with dfatorch, "
+        "its layers swapped into the same `small_cnn` with the same weights. Gradients: one "
+        "float64 batch, the feedback made equal where the rule draws it (what was copied, and why "
+        "a pair must or need not agree, is in the JSON); largest relative difference of any "
+        "layer's weight or bias gradient. Step time: forward, backward and SGD step, each "
+        "library's rule interleaved with one BP baseline.",
+        "",
+        "| rule | biotorch init | gradients agree | max relative difference | must agree |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in data.get("gradient_check", {}).items():
+        rescaled = (
+            f" (after the predicted scale: {r['rescaled_max_rel_diff']:.1e})"
+            if "rescaled_max_rel_diff" in r
+            else ""
+        )
+        lines.append(
+            f"| {name} | {r['biotorch_init']} | {'yes' if r['agree'] else 'no'} | "
+            f"{r['max_rel_diff']:.1e}{rescaled} | {'yes' if r['must_agree'] else 'no'} |"
+        )
+    timing = data.get("step_time")
+    if timing:
+        load = timing.get("load_average_1_5_15min")
+        busy = f" Load average {load['before'][0]:.1f} before the timing." if load else ""
+        lines += [
+            "",
+            f"Step time ({cfg['threads']} thread(s)).{busy}",
+            "",
+            "| rule | dfatorch ms (ratio to BP) | biotorch ms (ratio to BP) | biotorch / ours |",
+            "|---|---|---|---|",
+        ]
+        entries = timing["entries"]
+        for rule, ratio in timing["biotorch_over_dfatorch"].items():
+            ours, theirs = entries[f"dfatorch/{rule}"], entries[f"biotorch/{rule}"]
+            lines.append(
+                f"| {rule} | {ours['ms_median']:.1f} ({ours['ratio_to_bp']:.2f}) | "
+                f"{theirs['ms_median']:.1f} ({theirs['ratio_to_bp']:.2f}) | {ratio:.2f} |"
             )
     return [*lines, ""]
 
