@@ -23,6 +23,7 @@ the size limit) is listed with its reason, untimed.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": environment(),
         "models": {},
     }
+    before = os.getloadavg()  # a shared machine slows every rule alike; the ratios stay comparable
     for key in args.models:
         # conv nets in both layouts: channels-last is the faster one on CPU, for BP and DFA alike
         layouts = [False, True] if key != "mlp_3x800" and not args.contiguous_only else [False]
@@ -213,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             report["models"][name] = measure(
                 key, args.rounds, args.warmup, args.batch_size, channels_last, args.rules
             )
+    report["machine"]["load_average_1_5_15min"] = {"before": before, "after": os.getloadavg()}
     emit(report, args.out)
     return 0
 

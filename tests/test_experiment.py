@@ -390,3 +390,79 @@ def test_a_choice_on_the_grid_edge_is_flagged():
     assert lines[-1].startswith("2 of 3 groups chose a value on the edge")
     single = {"search": {"a": search["a"][:1]}, "chosen": {"a": {"lr": 0.1}}}
     assert search_edges(single) == {}  # one value: nothing was searched
+
+
+DIVERGING = """
+name = "hot"
+description = "one learning rate diverges"
+
+[base]
+dataset = "digits"
+model = "mlp"
+width = 0.05
+epochs = 2
+batch_size = 64
+
+[[methods]]
+label = "bp"
+method = "bp"
+
+[[methods]]
+label = "bp-hot"
+method = "bp"
+lr = 1e4
+
+[[grid]]
+seed = [0, 1]
+methods = ["bp-hot"]
+
+[[grid]]
+seed = [0]
+methods = ["bp"]
+"""
+
+
+def test_a_diverged_cell_is_a_result_not_a_crash(tmp_path):
+    """A diverged search point loses its search; a diverged measured cell is counted, kept out
+    of the means, and never run again."""
+    from dfatorch.experiment import cell_diverged
+    from dfatorch.report import _search_table, _table
+
+    spec = SPEC.replace("lr = [1e-4, 3e-3]", "lr = [3e-3, 1e4]").replace(
+        'name = "tiny"', 'name = "t"'
+    )
+    path = tmp_path / "t.toml"
+    path.write_text(spec)
+    exp = load_experiment(path)
+    quiet = dict(runs_root=tmp_path / "runs", results_root=tmp_path / "res", progress=False)
+    logged: list[str] = []
+    summary = run_experiment(exp, **quiet, log=logged.append)
+    hot = [c for c in exp.tuning_cells() if c.config.lr == 1e4]
+    assert hot and all(cell_diverged(tmp_path / "res" / "t", c) for c in hot)
+    assert any("diverged" in line for line in logged)
+    assert all(v == {"lr": 3e-3} for v in summary["chosen"].values())
+    assert all(bool(p.get("diverged")) == (p["lr"] == 1e4) for ps in summary["search"].values()
+               for p in ps)  # fmt: skip
+    assert summary["cells_missing"] == 0 and all(r["seeds"] == 2 for r in summary["rows"])
+    table = "\n".join(_search_table(summary))
+    assert "| 10000 | diverged |" in table
+    # a value below a diverged one is not on the grid's edge: the larger value was tried
+    from dfatorch.report import search_edges
+
+    points = [{"lr": 0.01, "val_acc": 0.2}, {"lr": 0.1, "val_acc": 0.3}]
+    points.append({"lr": 0.3, "val_acc": None, "diverged": True})
+    below = {"chosen": {"g": {"lr": 0.1}}, "search": {"g": points}}
+    assert search_edges(below) == {}
+
+    path2 = tmp_path / "hot.toml"
+    path2.write_text(DIVERGING)
+    exp2 = load_experiment(path2)
+    summary2 = run_experiment(exp2, **quiet, log=lambda _: None)
+    rows = {r["method"]: r for r in summary2["rows"]}
+    assert rows["bp-hot"]["seeds"] == 0 and rows["bp-hot"]["diverged"] == 2
+    assert rows["bp-hot"]["final_acc_mean"] is None and rows["bp"]["seeds"] == 1
+    assert summary2["cells_missing"] == 0
+    assert "| bp-hot | 0 (+2 diverged) | - | - |" in "\n".join(_table(summary2, []))
+    ran: list[str] = []
+    run_experiment(exp2, **quiet, log=ran.append)  # done: nothing runs again
+    assert not [line for line in ran if "cell" in line]

@@ -54,6 +54,7 @@ from typing import Any
 
 from ._io import read_toml, write_json
 from ._stats import mean_std
+from .callbacks import TrainingDiverged
 from .rundir import RunDir
 from .train import TrainConfig, summarize, train
 
@@ -257,6 +258,28 @@ def cell_results(results_dir: Path, cell: Cell) -> list[dict[str, Any]] | None:
     return run.read_metrics()
 
 
+#: beside a cell's result files: the cell diverged (the message and the epochs it completed)
+DIVERGED = "diverged.json"
+
+
+def cell_diverged(results_dir: Path, cell: Cell) -> str | None:
+    """Why ``cell`` diverged, if it did (under its current configuration), else None. A diverged
+    cell is done: it is not run again, takes no part in means, and loses a search."""
+    folder = results_dir / cell.key
+    marker = folder / DIVERGED
+    if not marker.exists() or not (folder / "config.json").exists():
+        return None
+    if _comparable(RunDir(folder).read_config()) != _comparable(cell.config.to_dict()):
+        return None
+    return str(json.loads(marker.read_text())["message"])
+
+
+def _cell_done(results_dir: Path, cell: Cell) -> bool:
+    return (
+        cell_results(results_dir, cell) is not None or cell_diverged(results_dir, cell) is not None
+    )
+
+
 @contextmanager
 def _cell_lock(path: Path) -> Iterator[bool]:
     """Try to hold an exclusive lock on ``path``; yields whether this process got it.
@@ -292,16 +315,26 @@ def _run_cell(
     if resume and _comparable(run.read_config()) != _comparable(cell.config.to_dict()):
         shutil.rmtree(run_dir)  # a stale run of an older version of this cell
         resume = False
+    diverged: str | None = None
     if nproc > 1:
         _train_in_processes(cell, run, resume, progress, nproc)
     else:
-        train(None if resume else cell.config, run_dir, resume=resume, progress=progress)
+        try:
+            train(None if resume else cell.config, run_dir, resume=resume, progress=progress)
+        except TrainingDiverged as exc:  # a result (too high a learning rate), not a failure
+            diverged = str(exc)
     target = results_dir / cell.key
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     for path in (run.config, run.metrics):
-        shutil.copy2(path, staging / path.name)
+        if path.exists():
+            shutil.copy2(path, staging / path.name)
+    if diverged is not None:
+        if not run.config.exists():
+            write_json(staging / run.config.name, {"config": cell.config.to_dict()})
+        epochs = len(run.read_metrics()) if run.metrics.exists() else 0
+        write_json(staging / DIVERGED, {"message": diverged, "epochs_completed": epochs})
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
 
@@ -331,7 +364,7 @@ def select(exp: Experiment, results_dir: Path) -> tuple[dict[str, dict[str, Any]
     by = list(exp.tune.get("by", []))
     axes = list(exp.tune_axes)
     metric = exp.tune.get("metric", "final")
-    groups: dict[str, list[tuple[dict[str, Any], float | None]]] = {}
+    groups: dict[str, list[tuple[dict[str, Any], float | None, bool]]] = {}
     for cell in exp.tuning_cells():
         group = _group_key(cell.labels["method"], {k: cell.labels[k] for k in by})
         history = cell_results(results_dir, cell)
@@ -339,12 +372,16 @@ def select(exp: Experiment, results_dir: Path) -> tuple[dict[str, dict[str, Any]
         if history is not None:
             s = summarize(history)
             score = s["best_acc"] if metric == "best" else s["final_acc"]
-        groups.setdefault(group, []).append(({k: cell.labels[k] for k in axes}, score))
+        diverged = cell_diverged(results_dir, cell) is not None
+        groups.setdefault(group, []).append(({k: cell.labels[k] for k in axes}, score, diverged))
     chosen, search = {}, {}
     for group, points in groups.items():
-        search[group] = [{**p, "val_acc": s} for p, s in points]
-        if all(s is not None for _, s in points):
-            best = max(points, key=lambda ps: ps[1])  # ties: the first listed value wins
+        search[group] = [
+            {**p, "val_acc": s, **({"diverged": True} if d else {})} for p, s, d in points
+        ]
+        scored = [(p, s) for p, s, _ in points if s is not None]
+        if scored and all(s is not None or d for _, s, d in points):
+            best = max(scored, key=lambda ps: ps[1])  # ties: the first listed value wins
             chosen[group] = best[0]
     return chosen, search
 
@@ -374,20 +411,23 @@ def run_experiment(
 
     def run(cells: Iterable[Cell], what: str) -> None:
         mine = [c for i, c in enumerate(cells) if i % count == index]
-        todo = [c for c in mine if cell_results(results_dir, c) is None]
+        todo = [c for c in mine if not _cell_done(results_dir, c)]
         for n, cell in enumerate(todo, 1):
             # Beside the run folder, not in it: a stale run folder is deleted with what is in it.
             with _cell_lock(runs_dir / f"{cell.key}.lock") as held:
                 # Another worker may hold this cell, or have finished it since the list was made.
-                if not held or cell_results(results_dir, cell) is not None:
+                if not held or _cell_done(results_dir, cell):
                     log(f"[{exp.name}] {what} {n}/{len(todo)}: {cell.key} (another worker's)")
                     continue
                 log(f"[{exp.name}] {what} {n}/{len(todo)}: {cell.key}")
                 _run_cell(cell, runs_dir, results_dir, progress, nproc)
+                why = cell_diverged(results_dir, cell)
+                if why is not None:
+                    log(f"[{exp.name}] {cell.key} diverged: {why.splitlines()[0]}")
 
     def searches_held_elsewhere() -> bool:
         for cell in exp.tuning_cells():
-            if cell_results(results_dir, cell) is None:
+            if not _cell_done(results_dir, cell):
                 with _cell_lock(runs_dir / f"{cell.key}.lock") as held:
                     if not held:
                         return True
@@ -429,9 +469,12 @@ def aggregate(exp: Experiment, results_dir: str | Path) -> dict[str, Any]:
         history = cell_results(results_dir, cell)
         group = {k: v for k, v in cell.labels.items() if k != "seed"}
         key = json.dumps(group, sort_keys=True)
-        row = rows.setdefault(key, {**group, "runs": []})
+        row = rows.setdefault(key, {**group, "runs": [], "diverged": 0})
         if history is None:
-            missing += 1
+            if cell_diverged(results_dir, cell) is not None:
+                row["diverged"] += 1
+            else:
+                missing += 1
             continue
         env = RunDir(results_dir / cell.key).read_meta()["environment"]
         machines.add(

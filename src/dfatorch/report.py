@@ -76,7 +76,7 @@ def _table(summary: dict[str, Any], axes: list[str], exp: Experiment | None = No
         cells = [
             row["method"],
             *(format_value(row.get(a)) for a in axes),
-            str(row["seeds"]),
+            str(row["seeds"]) + (f" (+{row['diverged']} diverged)" if row.get("diverged") else ""),
             _pm(row["final_acc_mean"], row["final_acc_std"]),
             _pm(row["best_acc_mean"], row["best_acc_std"]),
         ]
@@ -180,7 +180,7 @@ def _search_table(summary: dict[str, Any]) -> list[str]:
     search, chosen = summary["search"], summary["chosen"]
     if not search:
         return []
-    axes = [k for k in next(iter(search.values()))[0] if k != "val_acc"]
+    axes = [k for k in next(iter(search.values()))[0] if k not in ("val_acc", "diverged")]
     edges = search_edges(summary)
     lines = [
         "| group | " + " | ".join(axes) + " | validation acc (%) |",
@@ -192,7 +192,10 @@ def _search_table(summary: dict[str, Any]) -> list[str]:
             if chosen.get(group) == {a: p[a] for a in axes}:
                 edge = ", on the grid's edge" if edges.get(group) else ""
                 mark = f" **(chosen{edge})**"
-            acc = "not run" if p["val_acc"] is None else f"{100 * p['val_acc']:.2f}"
+            if p.get("diverged"):
+                acc = "diverged"
+            else:
+                acc = "not run" if p["val_acc"] is None else f"{100 * p['val_acc']:.2f}"
             values = " | ".join(format_value(p[a]) for a in axes)
             lines.append(f"| {group} | {values} | {acc}{mark} |")
     if edges:
@@ -502,7 +505,8 @@ def _speed_section(folder: Path) -> list[str]:
             "",
             f"`{data['command']}` (batch {data['config']['batch_size']}, "
             f"{data['config']['rounds']} interleaved rounds, medians; {machine['processor']}, "
-            f"{machine['threads']} threads, torch {machine['torch']}). Ratio: the rule's step time "
+            f"{machine['threads']} threads, torch {machine['torch']}{_load(machine)}). Ratio: the "
+            "rule's step time "
             "over BP's in the same run; floor: the same ratio counted in multiply-adds (forward, "
             "weight gradients, the input gradients still computed, projections); gap: ratio minus "
             "floor, the part of the step (pooling, activations, memory traffic) that DFA cannot "
@@ -647,6 +651,13 @@ def _feedback_cost_section(path: Path) -> list[str]:
             )
         lines.append("")
     return lines
+
+
+def _load(machine: dict[str, Any]) -> str:
+    """``; load average X before`` where the benchmark recorded it (a busy machine slows every
+    rule of a run alike: its ratios compare, its milliseconds do not)."""
+    load = machine.get("load_average_1_5_15min")
+    return f"; load average {load['before'][0]:.1f} before" if load else ""
 
 
 def _timed_rounds(data: dict[str, Any]) -> str:
