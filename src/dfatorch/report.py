@@ -1013,10 +1013,12 @@ def _tracking_holdout_section(root: Path) -> list[str]:
         f"(backbone sha256 {', '.join(f'`{b}`' for b in sorted(backbones))}).",
         "",
         f"Every setting, all {n} sequences (success AUC, mean ± sample std over seeds of the "
-        "mean over sequences; a setting missing runs is marked and takes no part in the choice):",
+        "mean over sequences; a setting missing runs is marked and takes no part in the choice). "
+        "Update: seconds of online updates per sequence, mean over all its runs and rules (runs "
+        "shared the machine with other work: compare settings, not absolute times):",
         "",
-        "| setting | changes | " + " | ".join(rules) + " |",
-        "|---|---|" + "---|" * len(rules),
+        "| setting | changes | " + " | ".join(rules) + " | update s / seq |",
+        "|---|---|" + "---|" * (len(rules) + 1),
     ]
     for setting, per_rule in scores.items():
         cells = []
@@ -1028,6 +1030,12 @@ def _tracking_holdout_section(root: Path) -> list[str]:
             own = sorted({seed for q in per for seed in per[q]})
             by_seed = [statistics.fmean(per[q][seed] for q in per) for seed in own]
             cells.append(_success(by_seed))
+        updates = [
+            json.loads(record.read_text()).get("update_seconds")
+            for record in (root / setting).glob("*/seed*/*.json")
+        ]
+        known = [u for u in updates if u is not None]
+        cells.append(f"{statistics.fmean(known):.2f}" if known else "-")
         lines.append(f"| {setting} | {changed[setting]} | " + " | ".join(cells) + " |")
     lines += [
         "",
