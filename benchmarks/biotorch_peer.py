@@ -282,14 +282,9 @@ def gradient_check(
 
     # the same feedback on both sides
     with torch.no_grad():
-        if rule == "fa":
-            out["feedback"] = "dfatorch's B = s * P (raw buffers) copied into biotorch"
-            for i, name in enumerate(hidden):
-                fb = engine.layer_feedback[name]
-                b = fb.pattern.double().view(fb.shape) * fb.scales.double()
-                their_layers[i + 1][1].weight_backward.copy_(b)
-        elif rule == "frsf":
-            out["feedback"] = "dfatorch's |B| = s |P| (raw buffers) copied into biotorch"
+        if rule in ("fa", "frsf"):  # fa: B = s P; frsf: |B| = s |P| (the sign comes from W)
+            what = "B = s * P" if rule == "fa" else "|B| = s |P|"
+            out["feedback"] = f"dfatorch's {what} (raw buffers) copied into biotorch"
             for i, name in enumerate(hidden):
                 fb = engine.layer_feedback[name]
                 b = fb.pattern.double().view(fb.shape) * fb.scales.double()

@@ -392,18 +392,9 @@ def test_a_choice_on_the_grid_edge_is_flagged():
     assert search_edges(single) == {}  # one value: nothing was searched
 
 
-DIVERGING = """
-name = "hot"
-description = "one learning rate diverges"
-
-[base]
-dataset = "digits"
-model = "mlp"
-width = 0.05
-epochs = 2
-batch_size = 64
-
-[[methods]]
+DIVERGING = (
+    SPEC.split("[[methods]]")[0].replace("tiny", "hot")
+    + """[[methods]]
 label = "bp"
 method = "bp"
 
@@ -420,6 +411,7 @@ methods = ["bp-hot"]
 seed = [0]
 methods = ["bp"]
 """
+)
 
 
 def test_a_diverged_cell_is_a_result_not_a_crash(tmp_path):
