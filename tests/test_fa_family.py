@@ -242,6 +242,47 @@ def test_cnn_gradients_match_formula(method):
         torch.testing.assert_close(got[name], want[name], msg=lambda m, n=name: f"{n}: {m}")
 
 
+class ResidualMLP(nn.Module):
+    """fc1 -> tanh -> h1; h2 = h1 + tanh(fc2(h1)) (a skip around fc2); out(h2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(12, 16)
+        self.fc2 = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h1 = torch.tanh(self.fc1(x))
+        return self.out(h1 + torch.tanh(self.fc2(h1)))
+
+
+@pytest.mark.parametrize("method", LAYERWISE)
+def test_layerwise_gradients_through_a_skip_connection(method):
+    """A layer-wise rule replaces ``W^T delta`` at each layer's input only: the skip path still
+    carries the error unchanged, so the error at ``h1`` is the error at ``h2`` (the skip) plus
+    ``delta_2 B`` (around fc2), as ``resnet20`` needs."""
+    x, t = batch()
+    torch.manual_seed(0)
+    model = ResidualMLP()
+    engine = attach(model, method, x)
+    feedback = expected_feedback(engine, model, rng_states(engine))
+    got = step(model, x, t)
+    w = {n: p.detach() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        h1 = torch.tanh(x @ w["fc1.weight"].T + w["fc1.bias"])
+        z = torch.tanh(h1 @ w["fc2.weight"].T + w["fc2.bias"])
+        h2 = h1 + z
+        e = output_error(h2 @ w["out.weight"].T + w["out.bias"], t)
+        g2 = e @ feedback["fc2"]  # at out's input: B in out's weight shape
+        d2 = g2 * (1 - z**2)
+        g1 = g2 + d2 @ feedback["fc1"]  # the skip, plus fc2's input through B
+        d1 = g1 * (1 - h1**2)
+    want = {"fc1.weight": d1.T @ x, "fc1.bias": d1.sum(0), "fc2.weight": d2.T @ h1,
+            "fc2.bias": d2.sum(0), "out.weight": e.T @ h2, "out.bias": e.sum(0)}  # fmt: skip
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=lambda m, n=name: f"{n}: {m}")
+
+
 @pytest.mark.parametrize("conv_error", ["backprop", "project"])
 def test_hybrid_scope_for_a_layerwise_rule(conv_error):
     """scope=fc: linear layers by the rule, the conv stack by BP; `backprop` hands the conv stack
