@@ -458,3 +458,40 @@ def test_a_diverged_cell_is_a_result_not_a_crash(tmp_path):
     ran: list[str] = []
     run_experiment(exp2, **quiet, log=ran.append)  # done: nothing runs again
     assert not [line for line in ran if "cell" in line]
+
+
+def test_a_search_whose_every_value_diverged_is_reported_not_missing(tmp_path):
+    from dfatorch.claims import Claim, Evidence, evaluate
+    from dfatorch.report import write_report
+
+    spec = SPEC.replace("lr = [1e-4, 3e-3]", "lr = [1e4, 3e4]").replace("tiny", "cold")
+    path = tmp_path / "cold.toml"
+    path.write_text(spec)
+    exp = load_experiment(path)
+    quiet = dict(runs_root=tmp_path / "runs", results_root=tmp_path / "res", progress=False)
+    summary = run_experiment(exp, **quiet, log=lambda _: None)
+    assert summary["chosen"] == {} and summary["rows"] == []
+    assert sorted(summary["search_diverged"]) == ["bdfa/fraction=0.5", "bp/fraction=0.5"]
+    assert summary["cells_missing"] == 0
+    out = write_report([path], results_root=tmp_path / "res", out=tmp_path / "R.md")
+    text = out.read_text()
+    assert "every searched value diverged, so its cells did not run" in text
+    assert "cells have not run yet" not in text
+    claim = Claim("(x)", "s", "t", "above", 0.0, (Evidence("cold", "bdfa", "bp"),), "")
+    assert evaluate(claim, {"cold": summary})[0].verdict == "every searched value diverged"
+
+
+def test_a_data_parallel_cell_that_diverges_is_recorded(tmp_path, monkeypatch):
+    """``dfatorch train`` exits 3 when training diverged; the launcher passes that code on."""
+    import dfatorch.distributed
+    from dfatorch.experiment import cell_diverged
+
+    monkeypatch.setattr(dfatorch.distributed, "launch", lambda argv, nproc: 3)
+    spec = SPEC.replace('[tune]\nlr = [1e-4, 3e-3]\nby = ["fraction"]\n', "").replace("tiny", "dp")
+    path = tmp_path / "dp.toml"
+    path.write_text(spec)
+    exp = load_experiment(path)
+    quiet = dict(runs_root=tmp_path / "runs", results_root=tmp_path / "res", progress=False)
+    summary = run_experiment(exp, **quiet, log=lambda _: None, nproc=2)
+    assert all(cell_diverged(tmp_path / "res" / "dp", c) for c in exp.cells())
+    assert all(r["seeds"] == 0 and r["diverged"] == 2 for r in summary["rows"])

@@ -73,6 +73,32 @@ def test_paired_interval_is_the_one_sample_t_of_the_differences() -> None:
     assert paired(a, b[::-1]).high != pytest.approx(got.high)
 
 
+def test_rules_choose_from_the_same_candidates() -> None:
+    scores = {
+        "a": {"bp": {"A": {0: 0.1}, "B": {0: 0.1}}, "dfa": {"A": {0: 0.1}, "B": {0: 0.1}}},
+        "b": {"bp": {"A": {0: 0.9}, "B": {0: 0.9}}, "dfa": {"A": {0: 0.9}}},  # dfa incomplete
+    }
+    assert {h.setting for h in leave_one_out(scores)} == {"a"}
+    assert {h.setting for h in leave_one_out(scores, ["bp"])} == {"b"}
+
+
+def test_per_sequence_pairs_average_the_seeds_first() -> None:
+    from dfatorch.tracking.holdout import HeldOut
+
+    held = [
+        HeldOut("bp", "A", "s", 0.0, {0: 0.5, 1: 0.7}),
+        HeldOut("bp", "B", "s", 0.0, {0: 0.2, 1: 0.4}),
+        HeldOut("bdfa", "A", "s", 0.0, {0: 0.4, 1: 0.5}),
+        HeldOut("bdfa", "B", "s", 0.0, {0: 0.35, 1: 0.3}),
+    ]
+    got = paired_difference(held, "bdfa", "bp")  # by sequence: the default
+    want = paired([0.45, 0.325], [0.6, 0.3])
+    assert got.n == (2,) and (got.diff, got.low) == pytest.approx((want.diff, want.low))
+    assert paired_difference(held, "bdfa", "bp", by="run").n == (4,)
+    with pytest.raises(ValueError, match="by must be"):
+        paired_difference(held, "bdfa", "bp", by="seed")
+
+
 def test_paired_difference_pairs_by_sequence_and_seed() -> None:
     scores = {
         "only": {
@@ -80,7 +106,7 @@ def test_paired_difference_pairs_by_sequence_and_seed() -> None:
             "bdfa": {"A": {0: 0.55, 1: 0.58}, "B": {0: 0.45, 1: 0.2}},
         }
     }
-    diff = paired_difference(leave_one_out(scores), "bdfa", "bp")
+    diff = paired_difference(leave_one_out(scores), "bdfa", "bp", by="run")
     expected = paired([0.55, 0.58, 0.45, 0.2], [0.5, 0.6, 0.4, 0.3])
     assert (diff.diff, diff.low, diff.high) == pytest.approx((expected.diff, expected.low,
                                                               expected.high))  # fmt: skip
@@ -125,11 +151,34 @@ def test_report_section_shows_the_held_out_choice_and_the_paired_difference(tmp_
                     )
     text = "\n".join(_tracking_holdout_section(tmp_path))
     assert "| iter5 | `maxiter_update=5` | 0.400 ± 0.000 | incomplete |" in text
-    # bp: B held out -> chosen on A -> iter5 (0.7 > 0.55); A held out -> default (0.35 > 0.1)
+    # iter5 is incomplete for bdfa, so bp may not choose it either (it would have for B: 0.7 on
+    # A): both rules choose from the same candidates
+    assert "the 1 complete for every rule (default) are the choices" in text
     assert "| A | 0.550 ± 0.071 (default) | 0.525 ± 0.035 (default) |" in text
-    assert "| B | 0.100 ± 0.000 (iter5) | 0.325 ± 0.177 (default) |" in text
-    expected = paired([0.55, 0.5, 0.45, 0.2], [0.5, 0.6, 0.1, 0.1])
-    assert f"| bdfa − bp | 4 | {expected.diff:+.3f} | [{expected.low:+.3f}, " in text
+    assert "| B | 0.350 ± 0.071 (default) | 0.325 ± 0.177 (default) |" in text
+    per_run = paired([0.55, 0.5, 0.45, 0.2], [0.5, 0.6, 0.4, 0.3])
+    assert f"| bdfa − bp, per run | 4 | {per_run.diff:+.3f} | [{per_run.low:+.3f}, " in text
+    per_seq = paired([0.525, 0.325], [0.55, 0.35])
+    assert f"| bdfa − bp, per sequence | 2 | {per_seq.diff:+.3f} | [{per_seq.low:+.3f}, " in text
+
+
+def test_report_section_while_runs_are_in_progress(tmp_path) -> None:
+    from dfatorch.report import _tracking_holdout_section
+
+    def record(setting: str, rule: str, seq: str, seed: int) -> None:
+        folder = tmp_path / setting / f"mdnet-{rule}" / f"seed{seed}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{seq}.json").write_text(
+            json.dumps({"tracker": f"mdnet-{rule}", "success_auc": 0.5})
+        )
+
+    record("default", "bp", "A", 0)  # one sequence: nothing to hold out, no provenance yet
+    assert "Runs in progress" in "\n".join(_tracking_holdout_section(tmp_path))
+    record("default", "bp", "B", 0)
+    record("default", "dfa", "A", 1)  # dfa shares no (sequence, seed) with bp
+    record("default", "dfa", "B", 1)
+    text = "\n".join(_tracking_holdout_section(tmp_path))
+    assert "| dfa − bp, per sequence | 0 | - | - | - |" in text
 
 
 def test_paired_difference_drops_pairs_missing_on_one_side() -> None:
@@ -139,7 +188,7 @@ def test_paired_difference_drops_pairs_missing_on_one_side() -> None:
         HeldOut("bp", "A", "s", 0.0, {0: 0.5, 1: 0.6, 2: 0.7}),
         HeldOut("bdfa", "A", "s", 0.0, {0: 0.4, 2: 0.9}),
     ]
-    got = paired_difference(held, "bdfa", "bp")
+    got = paired_difference(held, "bdfa", "bp", by="run")
     assert got.n == (2,) and got.diff == pytest.approx(((0.4 - 0.5) + (0.9 - 0.7)) / 2)
     with pytest.raises(ValueError, match="no \\(sequence, seed\\) pair"):
         paired_difference(held, "dfa", "bp")

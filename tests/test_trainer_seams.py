@@ -147,14 +147,16 @@ def test_model_transform_changes_the_model_before_the_engine_attaches(tmp_path):
     got = []
 
     def transform(model):
-        got.append(model)
+        got.append({k: v.clone() for k, v in model.state_dict().items()})
         return Wrapped(model)
 
     config = TrainConfig(**{**FAST, "epochs": 1}, method="dfa", fraction=0.1)
     train(config, tmp_path / "run", progress=False, model_transform=transform)
     torch.manual_seed(config.seed)
     built = build_model("mlp", (1, 8, 8), 10, activation="tanh")
-    assert len(got) == 1 and type(got[0]) is type(built)
+    assert len(got) == 1 and got[0].keys() == built.state_dict().keys()
+    for name, value in built.state_dict().items():  # the config's seeded initial weights
+        torch.testing.assert_close(got[0][name], value, msg=name)
     meta = json.loads((tmp_path / "run" / "config.json").read_text())
     assert all(name.startswith("inner.") for name in meta["engine"]["rules"])
     assert meta["engine"]["rules"]["inner.1"] == "dfa"

@@ -82,6 +82,8 @@ class Comparison:
     evidence: Evidence
     difference: Difference | None
     verdict: str
+    #: seeds of either side that diverged, left out of the difference (a verdict on survivors)
+    diverged: int = 0
 
 
 def load_claims(path: str | Path) -> list[Claim]:
@@ -124,8 +126,11 @@ def load_claims(path: str | Path) -> list[Claim]:
     return claims
 
 
-def _finals(summary: Mapping[str, Any], method: str, at: Mapping[str, Any]) -> list[float] | None:
-    """Final test accuracies (points) of ``method``'s seeds at the grid point ``at``."""
+def _finals(
+    summary: Mapping[str, Any], method: str, at: Mapping[str, Any]
+) -> tuple[list[float] | None, int]:
+    """Final test accuracies (points) of ``method``'s seeds at the grid point ``at``, and how many
+    of its seeds diverged (``-1``: every value its search tried diverged, so none ran)."""
     rows = [
         r
         for r in summary["rows"]
@@ -137,11 +142,13 @@ def _finals(summary: Mapping[str, Any], method: str, at: Mapping[str, Any]) -> l
             "name the other axes in `at`"
         )
     if not rows:
+        if any(g.split("/")[0] == method for g in summary.get("search_diverged", [])):
+            return None, -1
         if summary.get("cells_missing"):  # the sweep has not reached it (or its search) yet
-            return None
+            return None, 0
         raise ValueError(f"{summary['name']}: no grid point for {method} at {dict(at)}")
     finals = [100 * r["final_acc"] for r in rows[0]["runs"] if r["final_acc"] is not None]
-    return finals or None
+    return finals or None, int(rows[0].get("diverged", 0))
 
 
 def _verdict(kind: str, margin: float, d: Difference) -> str:
@@ -161,13 +168,16 @@ def evaluate(claim: Claim, summaries: Mapping[str, Mapping[str, Any]]) -> list[C
             raise ValueError(f"claim {claim.id}: no experiment named {ev.experiment!r}")
         summary = summaries[ev.experiment]
         points = [ev.at] if ev.baseline_at is None else [ev.at, ev.baseline_at]
-        groups = [_finals(summary, m, at) for at in points for m in (ev.method, ev.reference)]
+        found = [_finals(summary, m, at) for at in points for m in (ev.method, ev.reference)]
+        groups = [finals for finals, _ in found]
+        diverged = [n for _, n in found]
         if any(g is None for g in groups):
-            out.append(Comparison(ev, None, "not run"))
+            why = "every searched value diverged" if -1 in diverged else "not run"
+            out.append(Comparison(ev, None, why))
             continue
         weights = [1.0, -1.0] if ev.baseline_at is None else [1.0, -1.0, -1.0, 1.0]
         d = contrast(groups, weights, LEVEL)  # type: ignore[arg-type]
-        out.append(Comparison(ev, d, _verdict(claim.kind, claim.margin, d)))
+        out.append(Comparison(ev, d, _verdict(claim.kind, claim.margin, d), sum(diverged)))
     return out
 
 
@@ -207,10 +217,13 @@ def _compared(ev: Evidence) -> str:
     return f"({ev.method} − {ev.reference}) − the same at {_point(ev.baseline_at)}"
 
 
-def _interval(d: Difference | None) -> tuple[str, str, str]:
+def _interval(c: Comparison) -> tuple[str, str, str]:
+    d = c.difference
     if d is None:
         return "-", "-", "-"
     seeds = " vs ".join(str(k) for k in d.n) + " seeds"
+    if c.diverged:
+        seeds += f" ({c.diverged} more diverged, left out)"
     if d.low is None or d.high is None or d.p is None:
         return f"{d.diff:+.2f}", "-", seeds
     p = f"{d.p:.2g}" if d.p >= 1e-4 else "<1e-4"
@@ -253,7 +266,7 @@ def verdict_tables(
             continue
         comparisons = evaluate(claim, summaries)
         first = comparisons[0]
-        diff, interval, test = _interval(first.difference)
+        diff, interval, test = _interval(first)
         compared = _compared(first.evidence)
         sections = sorted({c.evidence.experiment for c in comparisons})
         links = ", ".join(f"[{s}](#{s})" for s in sections)
@@ -262,7 +275,7 @@ def verdict_tables(
             f"{_setting(first.evidence)}: {diff} | {interval} | {test} | {links} |"
         )
         for c in comparisons:
-            diff, interval, test = _interval(c.difference)
+            diff, interval, test = _interval(c)
             detail.append(
                 f"| {claim.id} | {_setting(c.evidence)} | {_compared(c.evidence)} | {diff} | "
                 f"{interval} | {test} | {c.verdict} |"

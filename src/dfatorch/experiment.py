@@ -258,6 +258,8 @@ def cell_results(results_dir: Path, cell: Cell) -> list[dict[str, Any]] | None:
     return run.read_metrics()
 
 
+#: the exit code of ``dfatorch train`` when training diverged (``cli.main``)
+DIVERGED_EXIT = 3
 #: beside a cell's result files: the cell diverged (the message and the epochs it completed)
 DIVERGED = "diverged.json"
 
@@ -316,13 +318,13 @@ def _run_cell(
         shutil.rmtree(run_dir)  # a stale run of an older version of this cell
         resume = False
     diverged: str | None = None
-    if nproc > 1:
-        _train_in_processes(cell, run, resume, progress, nproc)
-    else:
-        try:
+    try:
+        if nproc > 1:
+            _train_in_processes(cell, run, resume, progress, nproc)
+        else:
             train(None if resume else cell.config, run_dir, resume=resume, progress=progress)
-        except TrainingDiverged as exc:  # a result (too high a learning rate), not a failure
-            diverged = str(exc)
+    except TrainingDiverged as exc:  # a result (too high a learning rate), not a failure
+        diverged = str(exc)
     target = results_dir / cell.key
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -349,6 +351,10 @@ def _train_in_processes(cell: Cell, run: RunDir, resume: bool, progress: bool, n
         write_json(run.config, {"config": cell.config.to_dict()})
     argv = ["train", "--resume", str(run.path), *([] if progress else ["--no-progress"])]
     code = launch(argv, nproc)
+    if code == DIVERGED_EXIT:
+        raise TrainingDiverged(
+            f"cell {cell.key}: training diverged (the ranks' messages are above)"
+        )
     if code != 0:
         raise RuntimeError(f"cell {cell.key}: the {nproc} training processes failed (code {code})")
 
@@ -384,6 +390,12 @@ def select(exp: Experiment, results_dir: Path) -> tuple[dict[str, dict[str, Any]
             best = max(scored, key=lambda ps: ps[1])  # ties: the first listed value wins
             chosen[group] = best[0]
     return chosen, search
+
+
+def search_diverged(search: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The search groups in which every searched point diverged: nothing to choose, so their
+    measured cells never run (they are not missing: the search is their result)."""
+    return [g for g, points in search.items() if points and all(p.get("diverged") for p in points)]
 
 
 def run_experiment(
@@ -463,8 +475,13 @@ def aggregate(exp: Experiment, results_dir: str | Path) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     machines = set()
     cells = exp.cells(chosen or None)
-    # the cells of groups whose search has not finished are missing too
-    missing = len(exp.cells({g: {} for g in _all_groups(exp)})) - len(cells) if exp.tune else 0
+    # the cells of groups whose search has not finished are missing too; those of groups whose
+    # every searched point diverged are not (they will never run)
+    failed = search_diverged(search)
+    never = len(exp.cells({g: {} for g in failed})) if failed else 0
+    missing = (
+        len(exp.cells({g: {} for g in _all_groups(exp)})) - len(cells) - never if exp.tune else 0
+    )
     for cell in cells:
         history = cell_results(results_dir, cell)
         group = {k: v for k, v in cell.labels.items() if k != "seed"}
@@ -514,6 +531,7 @@ def aggregate(exp: Experiment, results_dir: str | Path) -> dict[str, Any]:
         "cells_missing": missing,
         "chosen": chosen,
         "search": search,
+        "search_diverged": failed if exp.tune else [],
         "rows": table,
     }
 

@@ -16,7 +16,15 @@ from matplotlib.ticker import NullLocator
 from ._io import write_json
 from ._stats import mean_std
 from .claims import load_claims, verdict_tables
-from .experiment import Experiment, aggregate, cell_results, format_value, load_experiment, select
+from .experiment import (
+    Experiment,
+    aggregate,
+    cell_diverged,
+    cell_results,
+    format_value,
+    load_experiment,
+    select,
+)
 from .plots import plot_curves, save_figure
 from .rundir import RunDir
 from .train import read_metrics, summarize
@@ -138,6 +146,8 @@ def _time_to_target_table(exp: Experiment, results_dir: Path, axes: list[str]) -
     runs: dict[tuple[str, ...], list[list[dict[str, Any]]]] = defaultdict(list)
     for cell in exp.cells(chosen or None):
         history = cell_results(results_dir, cell)
+        if history is None and cell_diverged(results_dir, cell) is not None:
+            history = []  # a diverged seed reaches no target: it counts as not reached
         if history is not None:
             key = (cell.labels["method"], *(format_value(cell.labels.get(a)) for a in axes))
             runs[key].append(history)
@@ -427,6 +437,8 @@ def write_report(
         ]
         if summary["cells_missing"]:
             lines += [f"**{summary['cells_missing']} cells have not run yet.**", ""]
+        for group in summary.get("search_diverged", []):
+            lines += [f"**{group}: every searched value diverged, so its cells did not run.**", ""]
         lines += [*_table(summary, axes, exp), ""]
         versus = _versus_table(summary, axes, exp.reference)
         if versus:
@@ -741,7 +753,8 @@ def _peer_section(path: Path) -> list[str]:
         "float64 batch, the feedback made equal where the rule draws it (what was copied, and why "
         "a pair must or need not agree, is in the JSON); largest relative difference of any "
         "layer's weight or bias gradient. Step time: forward, backward and SGD step, each "
-        "library's rule interleaved with one BP baseline.",
+        "library's rule interleaved with one BP baseline; milliseconds are medians over rounds, "
+        "ratios the median of the per-round ratios (on a busy machine the two can disagree).",
         "",
         "| rule | biotorch init | gradients agree | max relative difference | must agree |",
         "|---|---|---|---|---|",
@@ -979,7 +992,13 @@ def _tracking_section(folder: Path, out: Path) -> list[str]:
 def _tracking_holdout_section(root: Path) -> list[str]:
     """The tracker's settings chosen leave-one-sequence-out (``experiments/tracking_split.sh``):
     each setting's scores, the held-out scores and the paired differences to BP."""
-    from .tracking.holdout import complete_settings, leave_one_out, load_scores, paired_difference
+    from .tracking.holdout import (
+        candidates,
+        complete_settings,
+        leave_one_out,
+        load_scores,
+        paired_difference,
+    )
     from .tracking.tracker import TrackerConfig
 
     if not root.is_dir():
@@ -988,23 +1007,28 @@ def _tracking_holdout_section(root: Path) -> list[str]:
     rules = [r for r in ("bp", "dfa", "bdfa") if any(r in per for per in scores.values())]
     if not scores or not rules:
         return []
+    title = ["## Online tracking: settings chosen on other sequences (`tracking-split`)", ""]
+    held = leave_one_out(scores, rules)
+    if not held:
+        return [*title, f"Runs in progress (`{root}`): no setting is complete for every rule.", ""]
     defaults = TrackerConfig().to_dict()
     changed: dict[str, str] = {}
     backbones: set[str] = set()
     for setting in scores:
-        saved = json.loads((root / setting / "provenance.json").read_text())
+        provenance = root / setting / "provenance.json"
+        saved = json.loads(provenance.read_text()) if provenance.exists() else {"config": {}}
         diff = [f"`{k}={v}`" for k, v in saved["config"].items() if defaults.get(k) != v]
         changed[setting] = ", ".join(diff) or "today's defaults"
         backbones.add(str((saved.get("backbone") or {}).get("sha256")))
-    held = leave_one_out(scores, rules)
+    chosen_from = candidates(scores, rules)
     seeds = sorted({seed for h in held for seed in h.success})
     n = len({h.sequence for h in held})
     lines = [
-        "## Online tracking: settings chosen on other sequences (`tracking-split`)",
-        "",
-        f"Issue 19's honest evaluation. Every candidate setting below ran on the {n} sequences in "
-        f"`../shared/datasets/otb` with seeds {', '.join(map(str, seeds))} and each update rule. "
-        "Each rule's setting is then chosen leave-one-sequence-out: for every sequence, the "
+        *title,
+        f"Issue 19's honest evaluation. Candidate settings ran on the {n} sequences in "
+        f"`../shared/datasets/otb` with seeds {', '.join(map(str, seeds))} and each update rule; "
+        f"the {len(chosen_from)} complete for every rule ({', '.join(chosen_from)}) are the "
+        "choices. Each rule's setting is chosen leave-one-sequence-out: for every sequence, the "
         f"setting with the best mean success on the *other {n - 1}* (sequences weigh alike, seeds "
         "averaged) is scored on the held-out one, so no score below was measured on a sequence "
         "its setting was chosen on. The candidates and the tracker itself were designed looking "
@@ -1013,9 +1037,9 @@ def _tracking_holdout_section(root: Path) -> list[str]:
         f"(backbone sha256 {', '.join(f'`{b}`' for b in sorted(backbones))}).",
         "",
         f"Every setting, all {n} sequences (success AUC, mean ± sample std over seeds of the "
-        "mean over sequences; a setting missing runs is marked and takes no part in the choice). "
-        "Update: seconds of online updates per sequence, mean over all its runs and rules (runs "
-        "shared the machine with other work: compare settings, not absolute times):",
+        "mean over sequences; *incomplete*: runs missing, no part in the choice). Update: seconds "
+        "of online updates per sequence, mean over all its runs and rules (runs shared the "
+        "machine with other work: compare settings, not absolute times):",
         "",
         "| setting | changes | " + " | ".join(rules) + " | update s / seq |",
         "|---|---|" + "---|" * (len(rules) + 1),
@@ -1062,22 +1086,31 @@ def _tracking_holdout_section(root: Path) -> list[str]:
         own = sorted(set.intersection(*(set(h.success) for h in mine)))
         overall.append(_success([statistics.fmean(h.success[s] for h in mine) for s in own]))
     lines += ["| **mean over sequences** | " + " | ".join(overall) + " |", ""]
-    if any(h.rule == "bp" for h in held):
+    others = [r for r in rules if r != "bp" and any(h.rule == r for h in held)]
+    if others and any(h.rule == "bp" for h in held):
         lines += [
-            "Difference to BP on the held-out runs (success AUC; paired by sequence and seed, "
-            f"t interval over the pairs, which treats the {n} x {len(seeds)} pairs as "
-            "independent):",
+            "Difference to BP on the held-out runs (success AUC, paired t). *Per sequence*: one "
+            "pair per sequence (each side's mean over seeds), the sequences being the sample a "
+            "tracker should generalise over. *Per run*: one pair per (sequence, seed), as if the "
+            "runs were independent; the seeds of a sequence share its difficulty, so this "
+            "interval is narrower than the data support. Few sequences make both intervals wide "
+            "or unreliable: read them as a description of these sequences.",
             "",
             "| compared | pairs | difference | 95% interval | p (no difference) |",
             "|---|---|---|---|---|",
         ]
-        for rule in rules:
-            if rule == "bp" or not any(h.rule == rule for h in held):
-                continue
-            d = paired_difference(held, rule, "bp")
-            interval = "-" if d.low is None else f"[{d.low:+.3f}, {d.high:+.3f}]"
-            p = "-" if d.p is None else f"{d.p:.2g}"
-            lines.append(f"| {rule} − bp | {d.n[0]} | {d.diff:+.3f} | {interval} | {p} |")
+        for rule in others:
+            for by in ("sequence", "run"):
+                try:
+                    d = paired_difference(held, rule, "bp", by=by)
+                except ValueError:  # no pair with runs of both (a partial sweep)
+                    lines.append(f"| {rule} − bp, per {by} | 0 | - | - | - |")
+                    continue
+                interval = "-" if d.low is None else f"[{d.low:+.3f}, {d.high:+.3f}]"
+                p = "-" if d.p is None else f"{d.p:.2g}"
+                lines.append(
+                    f"| {rule} − bp, per {by} | {d.n[0]} | {d.diff:+.3f} | {interval} | {p} |"
+                )
         lines.append("")
     return lines
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .._stats import Difference, paired
 
-__all__ = ["HeldOut", "Scores", "complete_settings", "leave_one_out", "load_scores",
+__all__ = ["HeldOut", "Scores", "candidates", "complete_settings", "leave_one_out", "load_scores",
            "paired_difference"]  # fmt: skip
 
 #: ``scores[setting][rule][sequence][seed]``: success AUC of one run
@@ -54,19 +54,26 @@ def complete_settings(scores: Scores, rule: str) -> list[str]:
             and all(seed in per.get(q, {}) for q in sequences for seed in seeds)]  # fmt: skip
 
 
+def candidates(scores: Scores, rules: list[str]) -> list[str]:
+    """The settings complete (:func:`complete_settings`) for every one of ``rules``: the rules
+    compared must choose from the same candidates, or their difference mixes two procedures."""
+    complete = [set(complete_settings(scores, rule)) for rule in rules]
+    return [s for s in scores if all(s in c for c in complete)]
+
+
 def leave_one_out(scores: Scores, rules: list[str] | None = None) -> list[HeldOut]:
     """For every rule and sequence: the setting with the best mean success on the other
     sequences (ties: the first in ``scores``' order), scored on the held-out one.
 
-    Only :func:`complete_settings` take part. With one complete setting there is no choice and
-    the result is that setting's scores. A rule with runs on fewer than two sequences (nothing to
-    choose on) is left out."""
+    Only the :func:`candidates` of all ``rules`` (default: every rule with runs) take part. With
+    one candidate there is no choice and the result is its scores. With none, or runs on fewer
+    than two sequences (nothing to choose on), the result is empty."""
     names = rules or sorted({r for per in scores.values() for r in per})
+    settings = candidates(scores, names)
     out: list[HeldOut] = []
+    if not settings:
+        return out
     for rule in names:
-        settings = complete_settings(scores, rule)
-        if not settings:
-            continue
         sequences = sorted(scores[settings[0]][rule])
         if len(sequences) < 2:
             continue
@@ -83,16 +90,30 @@ def _mean_success(per: Mapping[str, Mapping[int, float]], sequences: list[str]) 
     return statistics.fmean(statistics.fmean(per[q].values()) for q in sequences)
 
 
-def paired_difference(held: list[HeldOut], rule: str, baseline: str) -> Difference:
-    """``rule − baseline`` success on the held-out runs, paired by (sequence, seed), with the
-    paired t interval (:func:`dfatorch._stats.paired`). Pairs missing on either side are
-    dropped."""
+def paired_difference(
+    held: list[HeldOut], rule: str, baseline: str, *, by: str = "sequence"
+) -> Difference:
+    """``rule − baseline`` success on the held-out runs with the paired t interval
+    (:func:`dfatorch._stats.paired`).
+
+    ``by="sequence"``: one pair per sequence, each side its mean over the seeds both have (the
+    sequences are the sample a tracker should generalise over: ``n`` = sequences). ``by="run"``:
+    one pair per (sequence, seed), as if the runs were independent, which they are not (the
+    seeds of a sequence share its difficulty): a narrower interval than the data support.
+    Pairs missing on either side are dropped."""
+    if by not in ("sequence", "run"):
+        raise ValueError(f"by must be 'sequence' or 'run', not {by!r}")
     a = {(h.sequence, s): v for h in held if h.rule == rule for s, v in h.success.items()}
     b = {(h.sequence, s): v for h in held if h.rule == baseline for s, v in h.success.items()}
     keys = sorted(a.keys() & b.keys())
     if not keys:
         raise ValueError(f"no (sequence, seed) pair has runs of both {rule} and {baseline}")
-    return paired([a[k] for k in keys], [b[k] for k in keys])
+    if by == "run":
+        return paired([a[k] for k in keys], [b[k] for k in keys])
+    sequences = sorted({q for q, _ in keys})
+    mean_a = [statistics.fmean(a[k] for k in keys if k[0] == q) for q in sequences]
+    mean_b = [statistics.fmean(b[k] for k in keys if k[0] == q) for q in sequences]
+    return paired(mean_a, mean_b)
 
 
 def load_scores(root: str | Path) -> dict[str, dict[str, dict[str, dict[int, float]]]]:
