@@ -5,8 +5,8 @@
 # three sequences) and scores it on the held-out sequence only. Resumable: rerun to continue.
 # The backbone is the one experiments/tracking.sh pre-trains (README recipe); its hash is recorded.
 # Candidates (cheapest to judge first): today's settings; half the online iterations (a cheaper
-# update schedule: the update is most of a frame's time); MDNet's smaller online learning rate
-# side (3e-3 instead of 1e-2), with 10 and 5 iterations.
+# update schedule: the update is most of a frame's time); a smaller online learning rate (3e-3
+# instead of 1e-2, towards MDNet's own 1e-3), with 10 and 5 iterations.
 set -eu
 cd "$(dirname "$0")/.."
 backbone=runs/backbone-track_cnn/checkpoint.pt
