@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,13 @@ from dfatorch.tracking import iou, load_sequence, run_sequence
 from dfatorch.tracking.features import FeatureExtractor, FeatureMap, load_backbone, roi_align
 from dfatorch.tracking.run import _check_provenance, evaluate_updates, track_sequence
 from dfatorch.tracking.sampling import clip_boxes, sample_boxes
-from dfatorch.tracking.tracker import PHASES, MDNetTracker, TrackerConfig, _rows
+from dfatorch.tracking.tracker import (
+    PHASES,
+    MDNetTracker,
+    TrackerConfig,
+    _Rows,
+    _SampleStore,
+)
 
 OTB_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "otb"
 
@@ -173,13 +180,34 @@ def test_roi_align_pools_blocks_as_max_pool2d_does(size, ratio, pool):
         roi_align(fmap, boxes, 5, 1, max_pool=2)
 
 
-def test_update_rows_are_read_from_the_chunks_as_if_concatenated():
+def test_sample_store_reads_its_chunks_as_if_concatenated():
+    """The ring buffer gives the rows of ``list(deque(chunks, maxlen))[-k:]`` concatenated, in
+    order, whatever the chunk sizes, through wrap-arounds, evictions and growth."""
     g = torch.Generator().manual_seed(2)
-    chunks = [torch.randn(n, 3, generator=g) for n in (5, 1, 7, 2)]
-    index = np.array([14, 0, 5, 6, 13, 4, 12, 6, 1])
-    torch.testing.assert_close(_rows(chunks, index), torch.cat(chunks)[torch.from_numpy(index)])
-    with pytest.raises(IndexError, match="out of range for 15 rows"):
-        _rows(chunks, np.array([15]))
+    rng = np.random.default_rng(0)
+    sizes = [9, 5, 1, 7, 2, 5, 5, 0, 6, 3, 8, 4, 5, 1]
+    chunks = [torch.randn(n, 3, generator=g) for n in sizes]
+    for maxlen, capacity in ((4, 20), (4, 3), (3, 25), (1, 9)):
+        store = _SampleStore(chunks[0], maxlen, capacity)
+        reference = deque([chunks[0]], maxlen=maxlen)
+        for chunk in chunks[1:]:
+            store.append(chunk)
+            reference.append(chunk)
+            assert len(store) == len(reference)
+            for k in (None, 1, 2, maxlen + 1):
+                kept = list(reference) if k is None else list(reference)[-k:]
+                rows = store.last(k)
+                assert rows.count == sum(len(c) for c in kept)
+                index = rng.integers(0, max(rows.count, 1), 3 * rows.count)
+                expected = torch.cat(kept)[torch.from_numpy(index)]
+                assert torch.equal(rows.take(index), expected)
+            assert all(torch.equal(store.chunk(i), c) for i, c in enumerate(reference))
+        assert len(store.data) >= store.rows
+    assert len(_SampleStore(chunks[0], 4, 20).data) == 20  # no growth while the rows fit
+    rows = _Rows(chunks[3], 0, 7)
+    assert torch.equal(rows.take(np.array([6, 0, 6])), chunks[3][[6, 0, 6]])
+    with pytest.raises(IndexError, match="out of range for 7 rows"):
+        rows.take(np.array([7]))
 
 
 def test_box_features_do_not_depend_on_the_extracted_region(backbone):
@@ -217,7 +245,7 @@ def test_the_rules_differ_only_in_the_rule(backbone):
     for other in states[1:]:
         for k, v in states[0].items():
             torch.testing.assert_close(other[k], v)
-    stores = [t._pos_store[0] for t in trackers.values()]
+    stores = [t._pos_store.chunk(0) for t in trackers.values()]
     torch.testing.assert_close(stores[0], stores[1])
     # one loss, three rules: fc6 gets its true gradient under every rule, fc4 and fc5 differ
     x = stores[0][:16]
