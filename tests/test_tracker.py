@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dfatorch import attach
 from dfatorch._io import CheckpointError
 from dfatorch.models import build_model, conv_features
 from dfatorch.tracking import iou, load_sequence, run_sequence
@@ -24,8 +25,11 @@ from dfatorch.tracking.tracker import (
     PHASES,
     MDNetTracker,
     TrackerConfig,
+    _clip_grad_norm,
+    _mined_logits,
     _Rows,
     _SampleStore,
+    build_head,
 )
 
 OTB_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "otb"
@@ -260,6 +264,67 @@ def test_the_rules_differ_only_in_the_rule(backbone):
         torch.testing.assert_close(grads[rule]["fc6.weight"], grads["bp"]["fc6.weight"])
         assert not torch.allclose(grads[rule]["fc4.weight"], grads["bp"]["fc4.weight"])
     assert not torch.allclose(grads["dfa"]["fc5.weight"], grads["bdfa"]["fc5.weight"])
+
+
+@pytest.mark.parametrize("rule", ["bp", "dfa", "bdfa"])
+def test_hard_negative_mining_reuses_fc4_rows_with_the_same_gradients(rule):
+    """The training forward reuses the mining pass's fc4 rows of the kept candidates
+    (_mined_logits): one step's gradients of every parameter, under each rule, equal those of
+    the plain path (score, keep the best, forward them all again), in float64."""
+    g = torch.Generator().manual_seed(4)
+    head = build_head(40, (24, 16), dropout=0.5).double()
+    engine = attach(head, rule, seed=1, example_input=torch.zeros(2, 40, dtype=torch.float64))
+    pos = torch.randn(6, 40, generator=g, dtype=torch.float64)
+    cand = torch.randn(20, 40, generator=g, dtype=torch.float64)
+    labels = torch.cat([torch.ones(6, dtype=torch.long), torch.zeros(8, dtype=torch.long)])
+
+    def plain():
+        head.eval()
+        with torch.no_grad():
+            logits = head(cand)
+        top = (logits[:, 1] - logits[:, 0]).topk(8).indices
+        head.train()
+        return head(torch.cat([pos, cand[top]]))
+
+    grads = {}
+    for path, forward in (("plain", plain), ("mined", lambda: _mined_logits(head, pos, cand, 8))):
+        head.zero_grad(set_to_none=True)
+        with torch.random.fork_rng():
+            torch.manual_seed(7)  # the same dropout masks
+            logits = forward()
+        F.cross_entropy(logits, labels).backward()
+        grads[path] = {n: p.grad.clone() for n, p in head.named_parameters()}
+    assert set(grads["mined"]) == {f"fc{i}.{k}" for i in (4, 5, 6) for k in ("weight", "bias")}
+    for name, grad in grads["plain"].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads["mined"][name], grad, rtol=1e-12, atol=1e-15)
+    assert engine.feedback_layers == ([] if rule == "bp" else ["fc4", "fc5"])
+    # fc4 is called as a module in both passes (its hooks run), but the training pass computes
+    # only the positives' rows: the candidates' come from the scoring pass
+    seen = []
+    handle = head.fc4.register_forward_hook(lambda m, a, y: seen.append((len(y), y.grad_fn)))
+    try:
+        _mined_logits(head, pos, cand, 8)
+    finally:
+        handle.remove()
+    assert [n for n, _ in seen] == [20, 14]
+    assert seen[0][1] is None and type(seen[1][1]).__name__ == "_KnownRowsBackward"
+
+
+@pytest.mark.parametrize("scale", [0.1, 100.0, float("nan")])
+def test_gradient_clipping_is_clip_grad_norm(scale):
+    """_clip_grad_norm skips clip_grad_norm_'s multiplication by 1 only: the same gradients,
+    bit for bit, whether it clips (scale 100), not (0.1) or the norm is NaN."""
+    g = torch.Generator().manual_seed(0)
+    grads = [scale * torch.randn(shape, generator=g) for shape in ((8, 5), (8,), (2, 8))]
+    ours = [torch.nn.Parameter(torch.zeros_like(x)) for x in grads]
+    theirs = [torch.nn.Parameter(torch.zeros_like(x)) for x in grads]
+    for a, b, x in zip(ours, theirs, grads):
+        a.grad, b.grad = x.clone(), x.clone()
+    _clip_grad_norm(ours, 10.0)
+    torch.nn.utils.clip_grad_norm_(theirs, 10.0)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, equal_nan=True)
 
 
 def _synthetic_run(backbone, seed: int, rule: str = "bdfa", frames: int = 10) -> np.ndarray:

@@ -290,6 +290,91 @@ class _SampleStore:
         return _Rows(self.data, start, n).take(np.arange(n))
 
 
+class _KnownRows(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` whose last ``len(known)`` rows are given: computed from the
+    same rows of ``x`` with the same ``weight`` and ``bias`` just before (hard negative mining
+    scores the candidates with the head right before the step). Only the other rows are
+    computed; backward is the linear layer's: ``grad^T x`` for ``weight`` (every row of ``x``),
+    ``sum(grad)`` for ``bias``, ``grad weight`` for ``x`` (products as autograd's ``addmm``)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, known: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.cat([F.linear(x[: len(x) - len(known)], weight, bias), known])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        return (
+            grad.mm(weight) if need_x else None,
+            grad.t().mm(x) if need_w else None,
+            grad.sum(0) if ctx.has_bias and need_b else None,
+            None,
+        )
+
+
+@contextlib.contextmanager
+def _forward_replaced(layer: nn.Module, forward: Any) -> Iterator[None]:
+    """``layer.forward`` is ``forward`` inside: the layer is still called as a module, so its
+    hooks (the engine's) run as always."""
+    layer.forward = forward
+    try:
+        yield
+    finally:
+        del layer.forward
+
+
+def _mined_logits(head: nn.Sequential, pos: Tensor, cand: Tensor, keep: int) -> Tensor:
+    """The training forward (train mode) of ``pos`` and the ``keep`` candidates ``cand`` that the
+    head (eval mode, no gradient) scores highest as "target": MDNet's hard negative mining.
+
+    The first layer (fc4) is linear and comes before any dropout, so its output rows for the kept
+    candidates are those of the scoring pass (same weights, same rows): the training forward
+    reuses them (:class:`_KnownRows`) and computes fc4 for ``pos`` only. The rest of the head runs
+    as usual; every module is called as one, so the engine's hooks see the same pass."""
+    first = head[0]
+    known: Tensor | None = None
+    if keep < len(cand):
+        rows: list[Tensor] = []
+
+        def scoring(x: Tensor) -> Tensor:
+            rows.append(type(first).forward(first, x))
+            return rows[-1]
+
+        with torch.no_grad(), _forward_replaced(first, scoring):
+            head.eval()
+            logits = head(cand)
+        top = (logits[:, 1] - logits[:, 0]).topk(keep).indices
+        cand, known = cand.index_select(0, top), rows[0].index_select(0, top)
+    head.train()
+    x = torch.cat([pos, cand])
+    if known is None:
+        return head(x)
+    given = known
+
+    def training(x: Tensor) -> Tensor:
+        return _KnownRows.apply(x, first.weight, first.bias, given)
+
+    with _forward_replaced(first, training):
+        return head(x)
+
+
+def _clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> None:
+    """``nn.utils.clip_grad_norm_(params, max_norm)``, the same gradients, without its in-place
+    multiplication by ``min(max_norm / (norm + 1e-6), 1)`` when that factor is 1 (a no-op)."""
+    total_norm = getattr(nn.utils, "get_total_norm", None)
+    if total_norm is None:  # torch < 2.6
+        nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    norm = total_norm([p.grad for p in params if p.grad is not None])
+    if not bool(max_norm / (norm + 1e-6) >= 1.0):  # NaN norms are multiplied in, as there
+        nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+
+
 def _box_deltas(boxes: np.ndarray, target: np.ndarray) -> np.ndarray:
     """R-CNN regression targets from ``boxes`` to ``target``: centre offsets / size, log sizes."""
     c = boxes[:, :2] + boxes[:, 2:] / 2
@@ -526,8 +611,9 @@ class MDNetTracker:
 
         def optimizer(lr: float) -> torch.optim.Optimizer:
             groups = [{"params": hidden, "lr": lr}, {"params": last, "lr": lr * cfg.lr_mult_last}]
+            # foreach: the same per-tensor kernels on CPU, one call for all of them
             return torch.optim.SGD(
-                groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+                groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True
             )
 
         self._opt_init, self._opt_update = optimizer(cfg.lr_init), optimizer(cfg.lr_update)
@@ -604,13 +690,11 @@ class MDNetTracker:
             for it in range(iters):
                 batch_pos = pos_rows[it * cfg.batch_pos : (it + 1) * cfg.batch_pos]
                 cand = neg_rows[it * cfg.batch_neg_cand : (it + 1) * cfg.batch_neg_cand]
-                if cfg.batch_neg_cand > cfg.batch_neg:
-                    cand = cand[self._score(cand).topk(cfg.batch_neg).indices]
-                self.head.train()
-                loss = F.cross_entropy(self.head(torch.cat([batch_pos, cand])), labels)
+                logits = _mined_logits(self.head, batch_pos, cand, cfg.batch_neg)
+                loss = F.cross_entropy(logits, labels)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    _clip_grad_norm(params, cfg.grad_clip)
                 opt.step()
         self.head.eval()
