@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +14,23 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dfatorch import attach
 from dfatorch._io import CheckpointError
 from dfatorch.models import build_model, conv_features
 from dfatorch.tracking import iou, load_sequence, run_sequence
 from dfatorch.tracking.features import FeatureExtractor, FeatureMap, load_backbone, roi_align
 from dfatorch.tracking.run import _check_provenance, evaluate_updates, track_sequence
 from dfatorch.tracking.sampling import clip_boxes, sample_boxes
-from dfatorch.tracking.tracker import PHASES, MDNetTracker, TrackerConfig, _rows
+from dfatorch.tracking.tracker import (
+    PHASES,
+    MDNetTracker,
+    TrackerConfig,
+    _clip_grad_norm,
+    _mined_logits,
+    _Rows,
+    _SampleStore,
+    build_head,
+)
 
 OTB_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "otb"
 
@@ -173,13 +184,34 @@ def test_roi_align_pools_blocks_as_max_pool2d_does(size, ratio, pool):
         roi_align(fmap, boxes, 5, 1, max_pool=2)
 
 
-def test_update_rows_are_read_from_the_chunks_as_if_concatenated():
+def test_sample_store_reads_its_chunks_as_if_concatenated():
+    """The ring buffer gives the rows of ``list(deque(chunks, maxlen))[-k:]`` concatenated, in
+    order, whatever the chunk sizes, through wrap-arounds, evictions and growth."""
     g = torch.Generator().manual_seed(2)
-    chunks = [torch.randn(n, 3, generator=g) for n in (5, 1, 7, 2)]
-    index = np.array([14, 0, 5, 6, 13, 4, 12, 6, 1])
-    torch.testing.assert_close(_rows(chunks, index), torch.cat(chunks)[torch.from_numpy(index)])
-    with pytest.raises(IndexError, match="out of range for 15 rows"):
-        _rows(chunks, np.array([15]))
+    rng = np.random.default_rng(0)
+    sizes = [9, 5, 1, 7, 2, 5, 5, 0, 6, 3, 8, 4, 5, 1]
+    chunks = [torch.randn(n, 3, generator=g) for n in sizes]
+    for maxlen, capacity in ((4, 20), (4, 3), (3, 25), (1, 9)):
+        store = _SampleStore(chunks[0], maxlen, capacity)
+        reference = deque([chunks[0]], maxlen=maxlen)
+        for chunk in chunks[1:]:
+            store.append(chunk)
+            reference.append(chunk)
+            assert len(store) == len(reference)
+            for k in (None, 1, 2, maxlen + 1):
+                kept = list(reference) if k is None else list(reference)[-k:]
+                rows = store.last(k)
+                assert rows.count == sum(len(c) for c in kept)
+                index = rng.integers(0, max(rows.count, 1), 3 * rows.count)
+                expected = torch.cat(kept)[torch.from_numpy(index)]
+                assert torch.equal(rows.take(index), expected)
+            assert all(torch.equal(store.chunk(i), c) for i, c in enumerate(reference))
+        assert len(store.data) >= store.rows
+    assert len(_SampleStore(chunks[0], 4, 20).data) == 20  # no growth while the rows fit
+    rows = _Rows(chunks[3], 0, 7)
+    assert torch.equal(rows.take(np.array([6, 0, 6])), chunks[3][[6, 0, 6]])
+    with pytest.raises(IndexError, match="out of range for 7 rows"):
+        rows.take(np.array([7]))
 
 
 def test_box_features_do_not_depend_on_the_extracted_region(backbone):
@@ -217,7 +249,7 @@ def test_the_rules_differ_only_in_the_rule(backbone):
     for other in states[1:]:
         for k, v in states[0].items():
             torch.testing.assert_close(other[k], v)
-    stores = [t._pos_store[0] for t in trackers.values()]
+    stores = [t._pos_store.chunk(0) for t in trackers.values()]
     torch.testing.assert_close(stores[0], stores[1])
     # one loss, three rules: fc6 gets its true gradient under every rule, fc4 and fc5 differ
     x = stores[0][:16]
@@ -232,6 +264,67 @@ def test_the_rules_differ_only_in_the_rule(backbone):
         torch.testing.assert_close(grads[rule]["fc6.weight"], grads["bp"]["fc6.weight"])
         assert not torch.allclose(grads[rule]["fc4.weight"], grads["bp"]["fc4.weight"])
     assert not torch.allclose(grads["dfa"]["fc5.weight"], grads["bdfa"]["fc5.weight"])
+
+
+@pytest.mark.parametrize("rule", ["bp", "dfa", "bdfa"])
+def test_hard_negative_mining_reuses_fc4_rows_with_the_same_gradients(rule):
+    """The training forward reuses the mining pass's fc4 rows of the kept candidates
+    (_mined_logits): one step's gradients of every parameter, under each rule, equal those of
+    the plain path (score, keep the best, forward them all again), in float64."""
+    g = torch.Generator().manual_seed(4)
+    head = build_head(40, (24, 16), dropout=0.5).double()
+    engine = attach(head, rule, seed=1, example_input=torch.zeros(2, 40, dtype=torch.float64))
+    pos = torch.randn(6, 40, generator=g, dtype=torch.float64)
+    cand = torch.randn(20, 40, generator=g, dtype=torch.float64)
+    labels = torch.cat([torch.ones(6, dtype=torch.long), torch.zeros(8, dtype=torch.long)])
+
+    def plain():
+        head.eval()
+        with torch.no_grad():
+            logits = head(cand)
+        top = (logits[:, 1] - logits[:, 0]).topk(8).indices
+        head.train()
+        return head(torch.cat([pos, cand[top]]))
+
+    grads = {}
+    for path, forward in (("plain", plain), ("mined", lambda: _mined_logits(head, pos, cand, 8))):
+        head.zero_grad(set_to_none=True)
+        with torch.random.fork_rng():
+            torch.manual_seed(7)  # the same dropout masks
+            logits = forward()
+        F.cross_entropy(logits, labels).backward()
+        grads[path] = {n: p.grad.clone() for n, p in head.named_parameters()}
+    assert set(grads["mined"]) == {f"fc{i}.{k}" for i in (4, 5, 6) for k in ("weight", "bias")}
+    for name, grad in grads["plain"].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads["mined"][name], grad, rtol=1e-12, atol=1e-15)
+    assert engine.feedback_layers == ([] if rule == "bp" else ["fc4", "fc5"])
+    # fc4 is called as a module in both passes (its hooks run), but the training pass computes
+    # only the positives' rows: the candidates' come from the scoring pass
+    seen = []
+    handle = head.fc4.register_forward_hook(lambda m, a, y: seen.append((len(y), y.grad_fn)))
+    try:
+        _mined_logits(head, pos, cand, 8)
+    finally:
+        handle.remove()
+    assert [n for n, _ in seen] == [20, 14]
+    assert seen[0][1] is None and type(seen[1][1]).__name__ == "_KnownRowsBackward"
+
+
+@pytest.mark.parametrize("scale", [0.1, 100.0, float("nan")])
+def test_gradient_clipping_is_clip_grad_norm(scale):
+    """_clip_grad_norm skips clip_grad_norm_'s multiplication by 1 only: the same gradients,
+    bit for bit, whether it clips (scale 100), not (0.1) or the norm is NaN."""
+    g = torch.Generator().manual_seed(0)
+    grads = [scale * torch.randn(shape, generator=g) for shape in ((8, 5), (8,), (2, 8))]
+    ours = [torch.nn.Parameter(torch.zeros_like(x)) for x in grads]
+    theirs = [torch.nn.Parameter(torch.zeros_like(x)) for x in grads]
+    for a, b, x in zip(ours, theirs, grads):
+        a.grad, b.grad = x.clone(), x.clone()
+    _clip_grad_norm(ours, 10.0)
+    torch.nn.utils.clip_grad_norm_(theirs, 10.0)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, equal_nan=True)
 
 
 def _synthetic_run(backbone, seed: int, rule: str = "bdfa", frames: int = 10) -> np.ndarray:

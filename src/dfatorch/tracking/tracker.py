@@ -30,9 +30,9 @@ import contextlib
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -212,22 +212,167 @@ def _cycled(rng: np.random.Generator, n: int, total: int) -> np.ndarray:
     return np.concatenate([rng.permutation(n) for _ in range(reps)])[:total]
 
 
-def _rows(chunks: Sequence[Tensor], index: np.ndarray) -> Tensor:
-    """Rows ``index`` of ``torch.cat(chunks)``, copied from the chunks without concatenating them
-    (the stores hold up to ``n_frames_long`` chunks; an update reads a fraction of their rows)."""
-    lengths = np.array([len(c) for c in chunks], dtype=np.int64)
-    ends = np.cumsum(lengths)
-    if len(index) and not 0 <= index.min() <= index.max() < ends[-1]:
-        raise IndexError(f"row index out of range for {ends[-1]} rows")
-    which = np.searchsorted(ends, index, side="right")
-    local = index - (ends - lengths)[which]
-    first = chunks[0]
-    out = first.new_empty((len(index), *first.shape[1:]))
-    for j in np.unique(which):
-        sel = np.flatnonzero(which == j)
-        src = torch.from_numpy(local[sel]).to(first.device)
-        out.index_copy_(0, torch.from_numpy(sel).to(first.device), chunks[j].index_select(0, src))
-    return out
+class _Rows(NamedTuple):
+    """``count`` feature rows stored from row ``start`` of ``data`` on, wrapping around its end:
+    row ``i`` is ``data[(start + i) % len(data)]``. A plain tensor is ``_Rows(t, 0, len(t))``."""
+
+    data: Tensor
+    start: int
+    count: int
+
+    def take(self, index: np.ndarray) -> Tensor:
+        """Rows ``index`` (one ``index_select``)."""
+        if len(index) and not 0 <= index.min() <= index.max() < self.count:
+            raise IndexError(f"row index out of range for {self.count} rows")
+        where = torch.from_numpy((self.start + index) % len(self.data))
+        return self.data.index_select(0, where.to(self.data.device))
+
+
+class _SampleStore:
+    """The feature rows of the last ``maxlen`` frames (one chunk per frame, oldest first), as a
+    ``deque(maxlen=maxlen)`` of chunks read as if concatenated, kept in one ring buffer of rows.
+
+    A chunk is copied in after the previous one (wrapping around the buffer's end); the oldest
+    chunk's rows are freed when a chunk beyond ``maxlen`` comes. Chunks may have any number of rows
+    (the samplers return fewer boxes when the IoU filter starves); the buffer grows when the live
+    rows do not fit. :meth:`last` reads the newest chunks' rows with one ``index_select``.
+    """
+
+    def __init__(self, first: Tensor, maxlen: int, capacity: int) -> None:
+        self.maxlen = maxlen
+        self.data = first.new_empty((max(capacity, len(first)), *first.shape[1:]))
+        self.chunks: deque[tuple[int, int]] = deque()  # (start, rows) per chunk, oldest first
+        self.end = 0  # where the next chunk starts
+        self.rows = 0  # live rows
+        self.append(first)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def append(self, chunk: Tensor) -> None:
+        """Store ``chunk`` as the newest; drop the oldest chunk beyond ``maxlen``."""
+        while self.chunks and len(self.chunks) >= self.maxlen:
+            self.rows -= self.chunks.popleft()[1]
+        if self.maxlen <= 0:
+            return
+        n, size = len(chunk), len(self.data)
+        if self.rows + n > size:
+            self._grow(self.rows + n)
+            size = len(self.data)
+        start = self.end
+        head = min(n, size - start)
+        self.data[start : start + head] = chunk[:head]
+        self.data[: n - head] = chunk[head:]
+        self.chunks.append((start, n))
+        self.end = (start + n) % size
+        self.rows += n
+
+    def _grow(self, rows: int) -> None:
+        """A larger buffer (at least ``rows``, twice the old size) with the live rows in order."""
+        live = self.last()
+        data = self.data.new_empty((max(rows, 2 * len(self.data)), *self.data.shape[1:]))
+        data[: live.count] = live.take(np.arange(live.count))
+        offset = self.chunks[0][0] if self.chunks else 0
+        size = len(self.data)
+        self.chunks = deque(((s - offset) % size, n) for s, n in self.chunks)
+        self.data, self.end = data, live.count
+
+    def last(self, chunks: int | None = None) -> _Rows:
+        """The rows of the newest ``chunks`` chunks (default all), oldest first."""
+        kept = list(self.chunks)[-chunks:] if chunks is not None else list(self.chunks)
+        if not kept:
+            return _Rows(self.data, 0, 0)
+        return _Rows(self.data, kept[0][0], sum(n for _, n in kept))
+
+    def chunk(self, i: int) -> Tensor:
+        """Chunk ``i`` (0: the oldest), a copy."""
+        start, n = self.chunks[i]
+        return _Rows(self.data, start, n).take(np.arange(n))
+
+
+class _KnownRows(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` whose last ``len(known)`` rows are given: computed from the
+    same rows of ``x`` with the same ``weight`` and ``bias`` just before (hard negative mining
+    scores the candidates with the head right before the step). Only the other rows are
+    computed; backward is the linear layer's: ``grad^T x`` for ``weight`` (every row of ``x``),
+    ``sum(grad)`` for ``bias``, ``grad weight`` for ``x`` (products as autograd's ``addmm``)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, known: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.cat([F.linear(x[: len(x) - len(known)], weight, bias), known])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        return (
+            grad.mm(weight) if need_x else None,
+            grad.t().mm(x) if need_w else None,
+            grad.sum(0) if ctx.has_bias and need_b else None,
+            None,
+        )
+
+
+@contextlib.contextmanager
+def _forward_replaced(layer: nn.Module, forward: Any) -> Iterator[None]:
+    """``layer.forward`` is ``forward`` inside: the layer is still called as a module, so its
+    hooks (the engine's) run as always."""
+    layer.forward = forward
+    try:
+        yield
+    finally:
+        del layer.forward
+
+
+def _mined_logits(head: nn.Sequential, pos: Tensor, cand: Tensor, keep: int) -> Tensor:
+    """The training forward (train mode) of ``pos`` and the ``keep`` candidates ``cand`` that the
+    head (eval mode, no gradient) scores highest as "target": MDNet's hard negative mining.
+
+    The first layer (fc4) is linear and comes before any dropout, so its output rows for the kept
+    candidates are those of the scoring pass (same weights, same rows): the training forward
+    reuses them (:class:`_KnownRows`) and computes fc4 for ``pos`` only. The rest of the head runs
+    as usual; every module is called as one, so the engine's hooks see the same pass."""
+    first = head[0]
+    known: Tensor | None = None
+    if keep < len(cand):
+        rows: list[Tensor] = []
+
+        def scoring(x: Tensor) -> Tensor:
+            rows.append(type(first).forward(first, x))
+            return rows[-1]
+
+        with torch.no_grad(), _forward_replaced(first, scoring):
+            head.eval()
+            logits = head(cand)
+        top = (logits[:, 1] - logits[:, 0]).topk(keep).indices
+        cand, known = cand.index_select(0, top), rows[0].index_select(0, top)
+    head.train()
+    x = torch.cat([pos, cand])
+    if known is None:
+        return head(x)
+    given = known
+
+    def training(x: Tensor) -> Tensor:
+        return _KnownRows.apply(x, first.weight, first.bias, given)
+
+    with _forward_replaced(first, training):
+        return head(x)
+
+
+def _clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> None:
+    """``nn.utils.clip_grad_norm_(params, max_norm)``, the same gradients, without its in-place
+    multiplication by ``min(max_norm / (norm + 1e-6), 1)`` when that factor is 1 (a no-op)."""
+    total_norm = getattr(nn.utils, "get_total_norm", None)
+    if total_norm is None:  # torch < 2.6
+        nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    norm = total_norm([p.grad for p in params if p.grad is not None])
+    if not bool(max_norm / (norm + 1e-6) >= 1.0):  # NaN norms are multiplied in, as there
+        nn.utils.clip_grads_with_norm_(params, max_norm, norm)
 
 
 def _box_deltas(boxes: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -363,7 +508,9 @@ class MDNetTracker:
         pos = raw if self._feature_scale is None else raw * self._feature_scale
         neg = self._features(fmap, neg_boxes)
         with phase("init_train"):
-            self._train([pos], [neg], cfg.maxiter_init, self._opt_init)
+            self._train(
+                _Rows(pos, 0, len(pos)), _Rows(neg, 0, len(neg)), cfg.maxiter_init, self._opt_init
+            )
 
         self._regressor: BoxRegressor | None = None
         if cfg.bbreg:
@@ -373,9 +520,14 @@ class MDNetTracker:
                 self._regressor = BoxRegressor(cfg.bbreg_alpha, cfg.overlap_bbreg[0]).fit(
                     reg_features, reg_boxes, self._box
                 )
-        self._pos_store: deque[Tensor] = deque([pos], maxlen=cfg.n_frames_long)
+        # at most one chunk per frame of n_pos_update / n_neg_update rows after the first
+        self._pos_store = _SampleStore(
+            pos, cfg.n_frames_long, len(pos) + (cfg.n_frames_long - 1) * cfg.n_pos_update
+        )
         neg_update = self._features(fmap, self._sample("neg", cfg.n_neg_update, bounds))
-        self._neg_store: deque[Tensor] = deque([neg_update], maxlen=cfg.n_frames_short)
+        self._neg_store = _SampleStore(
+            neg_update, cfg.n_frames_short, cfg.n_frames_short * cfg.n_neg_update
+        )
 
     def update(self, image: np.ndarray) -> Box:
         """Locate the target in the next ``image``; returns ``(x, y, w, h)``."""
@@ -422,9 +574,9 @@ class MDNetTracker:
                 self._features(fmap, self._sample("neg", cfg.n_neg_update, bounds))
             )
         if not success:  # short-term update
-            self._timed_update(list(self._pos_store)[-cfg.n_frames_short :])
+            self._timed_update(self._pos_store.last(cfg.n_frames_short))
         elif self._frame % cfg.long_interval == 0:  # long-term update
-            self._timed_update(list(self._pos_store))
+            self._timed_update(self._pos_store.last())
         return tuple(float(v) for v in result)  # type: ignore[return-value]
 
     # -- internals ---------------------------------------------------------------------------
@@ -459,8 +611,9 @@ class MDNetTracker:
 
         def optimizer(lr: float) -> torch.optim.Optimizer:
             groups = [{"params": hidden, "lr": lr}, {"params": last, "lr": lr * cfg.lr_mult_last}]
+            # foreach: the same per-tensor kernels on CPU, one call for all of them
             return torch.optim.SGD(
-                groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+                groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True
             )
 
         self._opt_init, self._opt_update = optimizer(cfg.lr_init), optimizer(cfg.lr_update)
@@ -501,30 +654,30 @@ class MDNetTracker:
         logits = self.head(features)
         return logits[:, 1] - logits[:, 0]
 
-    def _timed_update(self, pos: list[Tensor]) -> None:
+    def _timed_update(self, pos: _Rows) -> None:
         start = time.perf_counter()
         with self.timings.phase("update"):
-            self._train(pos, list(self._neg_store), self.config.maxiter_update, self._opt_update)
+            self._train(pos, self._neg_store.last(), self.config.maxiter_update, self._opt_update)
         self.update_seconds += time.perf_counter() - start
         self.updates += 1
 
     def _train(
         self,
-        pos: Sequence[Tensor],
-        neg: Sequence[Tensor],
+        pos: _Rows,
+        neg: _Rows,
         iters: int,
         opt: torch.optim.Optimizer,
     ) -> None:
         """MDNet's ``train``: ``iters`` SGD steps on ``batch_pos`` positives and the
         ``batch_neg`` highest-scoring of ``batch_neg_cand`` negatives (hard negative mining).
 
-        ``pos`` and ``neg`` are the stores' chunks (one per frame), read as if concatenated;
+        ``pos`` and ``neg`` are rows of the stores (one chunk per frame, as if concatenated);
         only the rows the minibatches use are copied."""
         cfg = self.config
         assert self.head is not None
-        pos_idx = _cycled(self._rng, sum(len(p) for p in pos), iters * cfg.batch_pos)
-        neg_idx = _cycled(self._rng, sum(len(n) for n in neg), iters * cfg.batch_neg_cand)
-        pos_rows, neg_rows = _rows(pos, pos_idx), _rows(neg, neg_idx)
+        pos_idx = _cycled(self._rng, pos.count, iters * cfg.batch_pos)
+        neg_idx = _cycled(self._rng, neg.count, iters * cfg.batch_neg_cand)
+        pos_rows, neg_rows = pos.take(pos_idx), neg.take(neg_idx)
         labels = torch.cat(
             [
                 torch.ones(cfg.batch_pos, dtype=torch.long, device=self.device),
@@ -537,13 +690,11 @@ class MDNetTracker:
             for it in range(iters):
                 batch_pos = pos_rows[it * cfg.batch_pos : (it + 1) * cfg.batch_pos]
                 cand = neg_rows[it * cfg.batch_neg_cand : (it + 1) * cfg.batch_neg_cand]
-                if cfg.batch_neg_cand > cfg.batch_neg:
-                    cand = cand[self._score(cand).topk(cfg.batch_neg).indices]
-                self.head.train()
-                loss = F.cross_entropy(self.head(torch.cat([batch_pos, cand])), labels)
+                logits = _mined_logits(self.head, batch_pos, cand, cfg.batch_neg)
+                loss = F.cross_entropy(logits, labels)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    _clip_grad_norm(params, cfg.grad_clip)
                 opt.step()
         self.head.eval()
