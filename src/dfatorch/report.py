@@ -81,6 +81,8 @@ def _table(summary: dict[str, Any], axes: list[str], exp: Experiment | None = No
         key=lambda r: (*(_axis_key(r.get(a), listed[a]) for a in axes), order[r["method"]]),
     )
     for row in rows:
+        if not row["seeds"] and not row.get("diverged"):
+            continue  # nothing ran yet: counted in the "cells have not run yet" line
         cells = [
             row["method"],
             *(format_value(row.get(a)) for a in axes),
