@@ -455,6 +455,10 @@ def test_a_diverged_cell_is_a_result_not_a_crash(tmp_path):
     assert rows["bp-hot"]["final_acc_mean"] is None and rows["bp"]["seeds"] == 1
     assert summary2["cells_missing"] == 0
     assert "| bp-hot | 0 (+2 diverged) | - | - |" in "\n".join(_table(summary2, []))
+    from dfatorch.claims import Claim, Evidence, evaluate
+
+    claim = Claim("(x)", "s", "t", "above", 0.0, (Evidence("hot", "bp-hot", "bp"),), "")
+    assert evaluate(claim, {"hot": summary2})[0].verdict == "every seed diverged"
     ran: list[str] = []
     run_experiment(exp2, **quiet, log=ran.append)  # done: nothing runs again
     assert not [line for line in ran if "cell" in line]

@@ -172,7 +172,12 @@ def evaluate(claim: Claim, summaries: Mapping[str, Mapping[str, Any]]) -> list[C
         groups = [finals for finals, _ in found]
         diverged = [n for _, n in found]
         if any(g is None for g in groups):
-            why = "every searched value diverged" if -1 in diverged else "not run"
+            if -1 in diverged:
+                why = "every searched value diverged"
+            elif any(n > 0 for n in diverged):
+                why = "every seed diverged"
+            else:
+                why = "not run"
             out.append(Comparison(ev, None, why))
             continue
         weights = [1.0, -1.0] if ev.baseline_at is None else [1.0, -1.0, -1.0, 1.0]
