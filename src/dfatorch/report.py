@@ -1046,11 +1046,12 @@ def _tracking_holdout_section(root: Path) -> list[str]:
         "| setting | changes | " + " | ".join(rules) + " | update s / seq |",
         "|---|---|" + "---|" * (len(rules) + 1),
     ]
+    complete = {rule: complete_settings(scores, rule) for rule in rules}
     for setting, per_rule in scores.items():
         cells = []
         for rule in rules:
             per = per_rule.get(rule, {})
-            if setting not in complete_settings(scores, rule):
+            if setting not in complete[rule]:
                 cells.append("incomplete")
                 continue
             own = sorted({seed for q in per for seed in per[q]})
