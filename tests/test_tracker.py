@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections import deque
 from pathlib import Path
@@ -25,6 +26,7 @@ from dfatorch.tracking.tracker import (
     PHASES,
     MDNetTracker,
     TrackerConfig,
+    UniformDropout,
     _clip_grad_norm,
     _mined_logits,
     _Rows,
@@ -169,6 +171,50 @@ def test_roi_align_matches_crop_and_resize_for_an_axis_aligned_box():
         torch.testing.assert_close(together[i : i + 1], roi_align(fmap, boxes[i : i + 1], 3, 2))
 
 
+def _bilinear_reference(
+    fmap: torch.Tensor, box: list[float], size: int, ratio: int
+) -> torch.Tensor:
+    """RoIAlign by its definition, one sample at a time: bin ``(i, j)`` averages the ``ratio^2``
+    samples at fractions ``(i r + a + 0.5) / (S r)`` of the box, each interpolated bilinearly
+    between the four cell centres around it, positions clamped to the outer centres."""
+    _, c, h, w = fmap.shape
+    out = torch.zeros(c, size, size, dtype=fmap.dtype)
+    x0, y0, x1, y1 = box
+    for i in range(size):
+        for j in range(size):
+            for a in range(ratio):
+                for b in range(ratio):
+                    y = y0 + (y1 - y0) * (i * ratio + a + 0.5) / (size * ratio) - 0.5
+                    x = x0 + (x1 - x0) * (j * ratio + b + 0.5) / (size * ratio) - 0.5
+                    y, x = min(max(y, 0.0), h - 1.0), min(max(x, 0.0), w - 1.0)
+                    ly, lx = math.floor(y), math.floor(x)
+                    hy, hx = min(ly + 1, h - 1), min(lx + 1, w - 1)
+                    fy, fx = y - ly, x - lx
+                    out[:, i, j] += (
+                        (1 - fy) * (1 - fx) * fmap[0, :, ly, lx]
+                        + (1 - fy) * fx * fmap[0, :, ly, hx]
+                        + fy * (1 - fx) * fmap[0, :, hy, lx]
+                        + fy * fx * fmap[0, :, hy, hx]
+                    ) / ratio**2
+    return out
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_roi_align_matches_bilinear_sampling_by_definition(channels_last):
+    """Float64, boxes inside, across and outside the map's border, 1 and 2 samples per bin."""
+    g = torch.Generator().manual_seed(3)
+    fmap = torch.randn(1, 4, 9, 11, generator=g, dtype=torch.float64)
+    if channels_last:
+        fmap = fmap.contiguous(memory_format=torch.channels_last)
+    boxes = [[1.3, 2.2, 7.9, 6.1], [-2.0, -1.5, 3.0, 4.0], [8.0, 5.5, 13.0, 11.0], [4, 4, 4.5, 4.2]]
+    for ratio in (1, 2):
+        got = roi_align(fmap, torch.tensor(boxes, dtype=torch.float64), 4, ratio)
+        for k, box in enumerate(boxes):
+            torch.testing.assert_close(
+                got[k], _bilinear_reference(fmap, box, 4, ratio), rtol=0, atol=1e-12
+            )
+
+
 @pytest.mark.parametrize(("size", "ratio", "pool"), [(8, 1, 2), (8, 2, 2), (6, 1, 3), (4, 1, 1)])
 def test_roi_align_pools_blocks_as_max_pool2d_does(size, ratio, pool):
     """RoIAlign and max-pooling in one pass give F.max_pool2d of the RoIAlign output."""
@@ -264,6 +310,25 @@ def test_the_rules_differ_only_in_the_rule(backbone):
         torch.testing.assert_close(grads[rule]["fc6.weight"], grads["bp"]["fc6.weight"])
         assert not torch.allclose(grads[rule]["fc4.weight"], grads["bp"]["fc4.weight"])
     assert not torch.allclose(grads["dfa"]["fc5.weight"], grads["bdfa"]["fc5.weight"])
+
+
+def test_uniform_dropout_keeps_units_with_probability_one_minus_p_and_scales_them():
+    """Mask statistics (2e6 units: the kept fraction within 5 standard errors of 1 - p), kept
+    units scaled by 1 / (1 - p), the gradient is the same mask times the scale, eval is identity."""
+    torch.manual_seed(0)
+    for p in (0.25, 0.5):
+        drop = UniformDropout(p)
+        x = torch.full((2000, 1000), 3.0, dtype=torch.float64, requires_grad=True)
+        y = drop(x)
+        kept = y != 0
+        frac = kept.double().mean().item()
+        assert abs(frac - (1 - p)) < 5 * math.sqrt(p * (1 - p) / kept.numel()), (p, frac)
+        torch.testing.assert_close(y[kept], torch.full_like(y[kept], 3.0 / (1 - p)))
+        y.sum().backward()
+        torch.testing.assert_close(x.grad, kept.double() / (1 - p))
+        drop.eval()
+        assert drop(x) is x
+    assert isinstance(build_head(8, (4,), 0.5).drop4, torch.nn.Dropout)
 
 
 @pytest.mark.parametrize("rule", ["bp", "dfa", "bdfa"])

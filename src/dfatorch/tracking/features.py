@@ -3,7 +3,7 @@
 As in RT-MDNet (Jung et al. 2018), the convolutional backbone runs once per frame, on a region of
 the image resized so that the target has a fixed size, and the features of every candidate or
 training box are pooled from that one feature map by RoIAlign. ``torchvision`` is not a
-dependency, so :func:`roi_align` is built on :func:`torch.nn.functional.grid_sample`.
+dependency, so :func:`roi_align` is built on :func:`torch.nn.functional.embedding_bag`.
 
 The backbone is the convolutional part of the zoo's ``track_cnn`` (:func:`load_backbone`), either
 pre-trained by ``dfatorch train --model track_cnn ...`` or randomly initialised, or any module that
@@ -55,8 +55,13 @@ def roi_align(
     sampling_ratio: int = 2,
     max_pool: int = 1,
 ) -> Tensor:
-    """RoIAlign (He et al. 2017) of ``boxes`` on one feature map, by one ``grid_sample`` call,
-    optionally followed by a ``max_pool x max_pool`` max-pooling of the bins.
+    """RoIAlign (He et al. 2017) of ``boxes`` on one feature map, optionally followed by a
+    ``max_pool x max_pool`` max-pooling of the bins.
+
+    Every bilinear sample is a weighted sum of four feature-map cells: one
+    :func:`torch.nn.functional.embedding_bag` call over the map's cells (rows of ``C`` channels)
+    gathers and sums them for all samples at once, a fused kernel several times faster on CPU
+    than ``grid_sample`` on a channel-major map.
 
     Args:
         features: ``(1, C, H, W)`` (or ``(C, H, W)``).
@@ -86,29 +91,42 @@ def roi_align(
     if k == 0:
         return features.new_zeros(0, c, p, p)
     boxes = boxes.to(features)
-    # sample j of a box's S*r along an axis sits at fraction (j + 0.5) / (S r) of the box;
-    # j = (block * m + bin) * r + sample
+    # sample j of a box's S*r along an axis sits at fraction (j + 0.5) / (S r) of the box, at
+    # continuous coordinate u, i.e. at u - 0.5 in cell-centre units, clamped to the border
     t = (torch.arange(s * r, device=features.device, dtype=features.dtype) + 0.5) / (s * r)
-    # align_corners=False: normalised -1 and +1 are the outer edges of the map, so continuous
-    # coordinate u maps to 2 u / W - 1
-    xs = (boxes[:, 0:1] + (boxes[:, 2:3] - boxes[:, 0:1]) * t) * (2.0 / w) - 1  # (K, S r)
-    ys = (boxes[:, 1:2] + (boxes[:, 3:4] - boxes[:, 1:2]) * t) * (2.0 / h) - 1
-    # grid (m_y, r_y, m_x, r_x, K, P_y, P_x): grid_sample's output holds, for each sample of a
-    # pooling block, one contiguous row over every output cell (box, block row, block column),
-    # so that the mean over samples and the max over bins are elementwise ops on whole rows
-    shape = (m, r, m, r, k, p, p)
-    gx = xs.t().reshape(p, m, r, k).permute(1, 2, 3, 0).reshape(1, 1, m, r, k, 1, p).expand(shape)
-    gy = ys.t().reshape(p, m, r, k).permute(1, 2, 3, 0).reshape(m, r, 1, 1, k, p, 1).expand(shape)
-    grid = torch.stack([gx, gy], dim=-1).reshape(1, (m * r) ** 2, k * p * p, 2)
-    out = F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    out = out.view(c, m, r, m, r, k * p * p)
+    xs = (boxes[:, 0:1] + (boxes[:, 2:3] - boxes[:, 0:1]) * t - 0.5).clamp_(0, w - 1)
+    ys = (boxes[:, 1:2] + (boxes[:, 3:4] - boxes[:, 1:2]) * t - 0.5).clamp_(0, h - 1)
+
+    def taps(u: Tensor, size: int, stride: int) -> tuple[Tensor, Tensor]:
+        """Cells (times ``stride``) and weights of the two taps along one axis, laid out
+        ``(2, m, r, K, P)`` from ``j = (block * m + bin) * r + sample``."""
+        u = u.view(k, p, m, r).permute(2, 3, 0, 1)
+        lo = u.floor()
+        frac = u - lo
+        lo = lo.to(torch.int32)  # int32 cell numbers: half the memory traffic of int64
+        cells = torch.stack([lo, (lo + 1).clamp_(max=size - 1)]) * stride
+        return cells, torch.stack([1 - frac, frac])
+
+    cy, wy = taps(ys, h, w)
+    cx, wx = taps(xs, w, 1)
+    # samples laid out (m_y, r_y, m_x, r_x, K, P_y, P_x): each sample of a pooling block is one
+    # contiguous run of rows over every output cell, so the mean over samples and the max over
+    # bins are elementwise ops on whole runs; the four taps (tap_y, tap_x) of a sample last
+    y_shape, x_shape = (2, 1, m, r, 1, 1, k, p, 1), (1, 2, 1, 1, m, r, k, 1, p)
+    order = (2, 3, 4, 5, 6, 7, 8, 0, 1)
+    index = (cy.view(y_shape) + cx.view(x_shape)).permute(order).reshape(-1, 4)
+    weight = (wy.view(y_shape) * wx.view(x_shape)).permute(order).reshape(-1, 4)
+    # one row of C channels per cell: a view of a channels-last map (the backbone's layout)
+    cells = features.contiguous(memory_format=torch.channels_last)[0].permute(1, 2, 0)
+    out = F.embedding_bag(index, cells.reshape(h * w, c), per_sample_weights=weight, mode="sum")
+    out = out.view(m, r, m, r, k * p * p, c)
     if r > 1:
-        out = out.mean(dim=(2, 4), keepdim=True)
-    bins = out.view(c, m * m, k * p * p)
-    pooled = bins[:, 0]
+        out = out.mean(dim=(1, 3), keepdim=True)
+    bins = out.view(m * m, k * p * p, c)
+    pooled = bins[0]
     for i in range(1, m * m):  # elementwise maxima: exact
-        pooled = torch.maximum(pooled, bins[:, i])
-    return pooled.view(c, k, p, p).permute(1, 0, 2, 3)
+        pooled = torch.maximum(pooled, bins[i])
+    return pooled.view(k, p, p, c).permute(0, 3, 1, 2)
 
 
 @torch.no_grad()

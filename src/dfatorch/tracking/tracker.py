@@ -44,7 +44,15 @@ from .features import Backbone, FeatureExtractor, FeatureMap
 from .metrics import iou
 from .sampling import SampleKind, sample_boxes
 
-__all__ = ["PHASES", "BoxRegressor", "MDNetTracker", "PhaseTimer", "TrackerConfig", "build_head"]
+__all__ = [
+    "PHASES",
+    "BoxRegressor",
+    "MDNetTracker",
+    "PhaseTimer",
+    "TrackerConfig",
+    "UniformDropout",
+    "build_head",
+]
 
 Box = tuple[float, float, float, float]
 
@@ -178,18 +186,34 @@ class TrackerConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
+class UniformDropout(nn.Dropout):
+    """:class:`torch.nn.Dropout` whose mask is drawn as ``uniform >= p`` (``torch.rand``) instead
+    of by ``bernoulli_``: the same distribution (each unit kept with probability ``1 - p``, kept
+    units scaled by ``1 / (1 - p)``) from a different random stream, about 3x faster on CPU for
+    the head's small activations, where ``bernoulli_`` was a tenth of an online update."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.p == 1:
+            return x * 0
+        keep = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))
+        return x.mul_(keep) if self.inplace else x * keep
+
+
 def build_head(
     in_features: int, hidden: tuple[int, ...] = (512, 512), dropout: float = 0.5
 ) -> nn.Sequential:
     """MDNet's fully connected head: ``fc4 -> relu -> dropout -> fc5 -> ... -> fc6`` (2 logits:
-    background, target). Layer names follow MDNet (``fc4``, ``fc5``, ..., last ``fc6``)."""
+    background, target; dropout by :class:`UniformDropout`). Layer names follow MDNet
+    (``fc4``, ``fc5``, ..., last ``fc6``)."""
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     width = in_features
     for i, out in enumerate(hidden):
         layers[f"fc{4 + i}"] = nn.Linear(width, out)
         layers[f"relu{4 + i}"] = nn.ReLU()
         if dropout > 0:
-            layers[f"drop{4 + i}"] = nn.Dropout(dropout)
+            layers[f"drop{4 + i}"] = UniformDropout(dropout)
         width = out
     layers[f"fc{4 + len(hidden)}"] = nn.Linear(width, 2)
     return nn.Sequential(layers)
@@ -400,9 +424,15 @@ class BoxRegressor:
         x = features.double()
         y = torch.as_tensor(_box_deltas(boxes, np.asarray(target, dtype=np.float64))).to(x)
         x_mean, y_mean = x.mean(0), y.mean(0)
-        xc = x - x_mean
-        eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-        self.weight = torch.linalg.solve(xc.T @ xc + self.alpha * eye, xc.T @ (y - y_mean))
+        xc, yc = x - x_mean, y - y_mean
+        n, d = xc.shape
+        # ridge: (X^T X + a I)^-1 X^T Y = X^T (X X^T + a I)^-1 Y; solve the smaller system
+        if n < d:
+            eye = torch.eye(n, dtype=x.dtype, device=x.device)
+            self.weight = xc.T @ torch.linalg.solve(xc @ xc.T + self.alpha * eye, yc)
+        else:
+            eye = torch.eye(d, dtype=x.dtype, device=x.device)
+            self.weight = torch.linalg.solve(xc.T @ xc + self.alpha * eye, xc.T @ yc)
         self.bias = y_mean - x_mean @ self.weight
         return self
 
@@ -672,12 +702,11 @@ class MDNetTracker:
         ``batch_neg`` highest-scoring of ``batch_neg_cand`` negatives (hard negative mining).
 
         ``pos`` and ``neg`` are rows of the stores (one chunk per frame, as if concatenated);
-        only the rows the minibatches use are copied."""
+        only the rows the minibatches use are copied, one minibatch at a time."""
         cfg = self.config
         assert self.head is not None
         pos_idx = _cycled(self._rng, pos.count, iters * cfg.batch_pos)
         neg_idx = _cycled(self._rng, neg.count, iters * cfg.batch_neg_cand)
-        pos_rows, neg_rows = pos.take(pos_idx), neg.take(neg_idx)
         labels = torch.cat(
             [
                 torch.ones(cfg.batch_pos, dtype=torch.long, device=self.device),
@@ -688,8 +717,10 @@ class MDNetTracker:
         dropout_seed = int(self._rng.integers(2**62))
         with _seeded(dropout_seed, self.device):
             for it in range(iters):
-                batch_pos = pos_rows[it * cfg.batch_pos : (it + 1) * cfg.batch_pos]
-                cand = neg_rows[it * cfg.batch_neg_cand : (it + 1) * cfg.batch_neg_cand]
+                # one minibatch's rows at a time: a small block the allocator reuses, where
+                # all iterations' rows at once (15 MB) cost page faults on every update
+                batch_pos = pos.take(pos_idx[it * cfg.batch_pos : (it + 1) * cfg.batch_pos])
+                cand = neg.take(neg_idx[it * cfg.batch_neg_cand : (it + 1) * cfg.batch_neg_cand])
                 logits = _mined_logits(self.head, batch_pos, cand, cfg.batch_neg)
                 loss = F.cross_entropy(logits, labels)
                 opt.zero_grad(set_to_none=True)
