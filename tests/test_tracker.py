@@ -24,6 +24,7 @@ from dfatorch.tracking.run import _check_provenance, evaluate_updates, track_seq
 from dfatorch.tracking.sampling import clip_boxes, sample_boxes
 from dfatorch.tracking.tracker import (
     PHASES,
+    BoxRegressor,
     MDNetTracker,
     TrackerConfig,
     UniformDropout,
@@ -310,6 +311,34 @@ def test_the_rules_differ_only_in_the_rule(backbone):
         torch.testing.assert_close(grads[rule]["fc6.weight"], grads["bp"]["fc6.weight"])
         assert not torch.allclose(grads[rule]["fc4.weight"], grads["bp"]["fc4.weight"])
     assert not torch.allclose(grads["dfa"]["fc5.weight"], grads["bdfa"]["fc5.weight"])
+
+
+@pytest.mark.parametrize("n", [30, 80])
+def test_box_regressor_is_ridge_regression_on_centred_features(n):
+    """Fewer samples than features (the dual system is solved) and more: the weights minimise
+    ``|Xc W - Yc|^2 + alpha |W|^2`` (normal equations in float64), the bias fits the means, and
+    predict applies R-CNN's deltas."""
+    g = torch.Generator().manual_seed(5)
+    rng = np.random.default_rng(5)
+    features = torch.randn(n, 50, generator=g, dtype=torch.float64)
+    target = np.array([40.0, 30.0, 20.0, 25.0])
+    boxes = target + rng.normal(0, 2, size=(n, 4))
+    reg = BoxRegressor(alpha=3.0, min_overlap=0.0).fit(features, boxes, target)
+    x = features - features.mean(0)
+    c = boxes[:, :2] + boxes[:, 2:] / 2
+    ct = target[:2] + target[2:] / 2
+    deltas = np.concatenate([(ct - c) / boxes[:, 2:], np.log(target[2:] / boxes[:, 2:])], 1)
+    y = torch.as_tensor(deltas)
+    yc = y - y.mean(0)
+    normal = x.T @ x @ reg.weight + 3.0 * reg.weight - x.T @ yc
+    assert normal.abs().max() < 1e-9
+    torch.testing.assert_close(reg.bias, y.mean(0) - features.mean(0) @ reg.weight)
+    d = (features[:2] @ reg.weight + reg.bias).numpy()
+    size = boxes[:2, 2:] * np.exp(np.clip(d[:, 2:], -1, 1))
+    centre = boxes[:2, :2] + boxes[:2, 2:] / 2 + d[:, :2] * boxes[:2, 2:]
+    np.testing.assert_allclose(
+        reg.predict(features[:2], boxes[:2]), np.concatenate([centre - size / 2, size], 1)
+    )
 
 
 def test_uniform_dropout_keeps_units_with_probability_one_minus_p_and_scales_them():
