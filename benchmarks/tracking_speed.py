@@ -1,12 +1,15 @@
 """Frames per second of the MDNet-style tracker per sequence and update rule; print JSON.
 
     python benchmarks/tracking_speed.py [--backbone RUN/checkpoint.pt] [--rules bp dfa bdfa]
-        [--sequences Biker MotorRolling] [--frames N] [--repeats 1] [--threads T] [--out FILE]
+        [--presets default realtime] [--sequences Biker MotorRolling] [--frames N]
+        [--repeats 1] [--threads T] [--out FILE]
 
-For every sequence (image size reported: OTB's 640x360 ones are the real-time target) and rule,
-the tracker runs the sequence as in OTB's one-pass evaluation; rules are interleaved so that drift
-of a shared machine hits all alike, and a short warm-up run comes first. Reported per cell (the
-median over ``--repeats``):
+For every sequence (image size reported: OTB's 640x360 ones are the real-time target), rule and
+tracker preset (:data:`~dfatorch.tracking.tracker.TRACKER_PRESETS`; ``realtime`` halves the
+online iterations), the tracker runs the sequence as in OTB's one-pass evaluation; cells are
+interleaved so that drift of a shared machine hits all alike, and a short warm-up run comes first.
+A cell is named by its rule, and the preset in brackets unless it is ``default``. Reported per
+cell (the median over ``--repeats``):
 
 - ``fps``: frames / (init + every update), online model updates included, image decoding not;
 - ``fps_tracking_only``: the same without the online update time (what the rest costs);
@@ -18,10 +21,11 @@ median over ``--repeats``):
   ``roi_pool``, candidate ``scoring``, ``bbreg``, first-frame ``init_train``, online ``update``)
   and ``other`` (the rest: bookkeeping, Python).
 
-The summary gives each rule's fps and, over the 640x360 sequences, the phases in ms per frame and
-as shares of the time. ``torch.set_num_threads`` is only called with ``--threads``; the thread
-count used and the machine's load average (before and after: a shared machine slows every
-number) are reported.
+The summary gives each cell's fps, its mean success over the sequences (one seed: a check that
+tracking still works, not an accuracy measurement) and, over the 640x360 sequences, the phases in
+ms per frame and as shares of the time. ``torch.set_num_threads`` is only called with
+``--threads``; the thread count used and the machine's load average (before and after: a shared
+machine slows every number) are reported.
 """
 
 from __future__ import annotations
@@ -39,13 +43,18 @@ from _common import command, emit
 
 from dfatorch.tracking import list_sequences, load_sequence, run_sequence
 from dfatorch.tracking.features import load_backbone
-from dfatorch.tracking.tracker import PHASES, MDNetTracker, TrackerConfig
+from dfatorch.tracking.tracker import PHASES, TRACKER_PRESETS, MDNetTracker, TrackerConfig
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "otb"
 
 
-def _cell(backbone, rule: str, seq, seed: int) -> dict[str, Any]:
-    tracker = MDNetTracker(backbone, update=rule, config=TrackerConfig(), seed=seed)
+def _name(rule: str, preset: str) -> str:
+    return rule if preset == "default" else f"{rule} ({preset})"
+
+
+def _cell(backbone, rule: str, preset: str, seq, seed: int) -> dict[str, Any]:
+    config = TrackerConfig.preset(preset)
+    tracker = MDNetTracker(backbone, update=rule, config=config, seed=seed)
     result = run_sequence(tracker, seq)
     update = float(tracker.update_seconds)
     phases = {k: 1000 * v / result.frames for k, v in tracker.timings.seconds.items()}
@@ -92,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="OTB sequences folder")
     parser.add_argument("--sequences", nargs="*", default=None, help="default: all under root")
     parser.add_argument("--rules", nargs="*", default=["bp", "dfa", "bdfa"])
+    parser.add_argument(
+        "--presets", nargs="*", default=["default", "realtime"], choices=TRACKER_PRESETS
+    )
     parser.add_argument("--backbone", default=None, help="track_cnn checkpoint (default: random)")
     parser.add_argument("--frames", type=int, default=0, help="first N frames only (0: all)")
     parser.add_argument("--repeats", type=int, default=1)
@@ -114,17 +126,18 @@ def main(argv: list[str] | None = None) -> int:
 
     warm = load_sequence(args.root / names[0])
     warm.frames, warm.boxes = warm.frames[:12], warm.boxes[:12]
-    for rule in args.rules:  # warm-up: first-call costs (kernels, allocator) out of the timings
-        _cell(backbone, rule, warm, args.seed)
+    cells = [(rule, preset) for preset in args.presets for rule in args.rules]
+    for rule, preset in cells:  # warm-up: first-call costs (kernels, allocator) out of timings
+        _cell(backbone, rule, preset, warm, args.seed)
 
     started = time.perf_counter()
     results: dict[str, Any] = {}
     for seq in sequences:
         h, w = seq.load_frame(0).shape[:2]
-        runs: dict[str, list[dict[str, Any]]] = {rule: [] for rule in args.rules}
+        runs: dict[str, list[dict[str, Any]]] = {_name(*cell): [] for cell in cells}
         for _ in range(args.repeats):
-            for rule in args.rules:
-                runs[rule].append(_cell(backbone, rule, seq, args.seed))
+            for rule, preset in cells:
+                runs[_name(rule, preset)].append(_cell(backbone, rule, preset, seq, args.seed))
         results[seq.name] = {
             "image_size": [w, h],
             "frames": len(seq),
@@ -134,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     wide = [n for n, r in results.items() if r["image_size"] == [640, 360]]
     summary = {}
-    for rule in args.rules:
+    for rule in runs:
         frames = sum(r["frames"] for r in results.values())
         seconds = sum(r[rule]["track_seconds"] for r in results.values())
         wide_frames = sum(results[n]["frames"] for n in wide)
@@ -144,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             "fps_640x360": wide_frames / wide_seconds if wide else None,
             "min_fps_640x360": min((results[n][rule]["fps"] for n in wide), default=None),
             "phases_640x360": _phases(results, wide, rule) if wide else None,
+            "success_auc_mean": statistics.mean(r[rule]["success_auc"] for r in results.values()),
         }
     report = {
         "command": command(__file__, argv),
@@ -157,6 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         },
         "backbone": backbone.info,
         "config": TrackerConfig().to_dict(),
+        "presets": {
+            p: {
+                k: v
+                for k, v in TrackerConfig.preset(p).to_dict().items()
+                if v != TrackerConfig().to_dict()[k]
+            }
+            for p in args.presets
+        },
         "seconds": time.perf_counter() - started,
         "summary": summary,
         "sequences": results,

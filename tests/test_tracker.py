@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -676,3 +677,50 @@ def test_tracker_options_from_the_command_line():
     assert cfg.fc4_from_backbone is True and cfg.fc_sizes == (128, 64) and cfg.lr_update == 0.02
     with pytest.raises(ValueError, match="KEY=VALUE"):
         tracker_config(["no_such_field=1"])
+
+
+def test_tracker_presets_and_cli_options_over_them():
+    from dfatorch.cli import tracker_config
+
+    assert TrackerConfig.preset("default") == TrackerConfig()
+    realtime = TrackerConfig.preset("realtime")
+    assert realtime == dataclasses.replace(TrackerConfig(), maxiter_update=5)
+    assert TrackerConfig.preset("mdnet", maxiter_update=3) == TrackerConfig.mdnet(maxiter_update=3)
+    both = tracker_config(["lr_update=0.003"], "realtime")
+    assert (both.maxiter_update, both.lr_update) == (5, 0.003)
+    assert tracker_config(["maxiter_update=7"], "realtime").maxiter_update == 7
+    with pytest.raises(ValueError, match="unknown tracker preset 'fast'"):
+        TrackerConfig.preset("fast")
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_tracking_speed_benchmark_names_cells_by_rule_and_preset(tmp_path):
+    """benchmarks/tracking_speed.py on 4 frames: one cell per rule and preset, the preset's
+    changes recorded, fps and phases that add up to the tracker's time."""
+    if not OTB_ROOT.is_dir():
+        pytest.skip(f"{OTB_ROOT} not found")
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tracking_speed.py"
+    spec = importlib.util.spec_from_file_location("tracking_speed", path)
+    assert spec is not None and spec.loader is not None
+    sys.path.insert(0, str(path.parent))  # its `_common` import
+    try:
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        out = tmp_path / "speed.json"
+        argv = ["--root", str(OTB_ROOT), "--sequences", "Biker", "--frames", "4", "--rules"]
+        bench.main([*argv, "bdfa", "--presets", "default", "realtime", "--out", str(out)])
+    finally:
+        sys.path.remove(str(path.parent))
+    data = json.loads(out.read_text())
+    assert set(data["summary"]) == {"bdfa", "bdfa (realtime)"}
+    assert data["presets"] == {"default": {}, "realtime": {"maxiter_update": 5}}
+    cell = data["sequences"]["Biker"]["bdfa (realtime)"]
+    assert cell["fps"] == pytest.approx(4 / cell["track_seconds"])
+    summary = data["summary"]["bdfa (realtime)"]
+    assert summary["fps_640x360"] == pytest.approx(cell["fps"])
+    assert summary["success_auc_mean"] == pytest.approx(cell["success_auc"])
+    ms = summary["phases_640x360"]["ms_per_frame"]
+    assert sum(ms.values()) == pytest.approx(1000 * cell["track_seconds"] / 4)

@@ -299,8 +299,9 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected integers like 0,1,2, got {text!r}") from None
 
 
-def tracker_config(options: Sequence[str]) -> Any:
-    """A TrackerConfig from ``KEY=VALUE`` strings (values parsed as JSON where they can be)."""
+def tracker_config(options: Sequence[str], preset: str = "default") -> Any:
+    """A TrackerConfig: the ``preset`` with ``KEY=VALUE`` strings (values parsed as JSON where
+    they can be) over it."""
     from .tracking import TrackerConfig
 
     fields = {f.name for f in dataclasses.fields(TrackerConfig)}
@@ -316,7 +317,7 @@ def tracker_config(options: Sequence[str]) -> Any:
         except json.JSONDecodeError:
             value = text
         values[key] = tuple(value) if isinstance(value, list) else value
-    return TrackerConfig(**values)
+    return TrackerConfig.preset(preset, **values)
 
 
 def cmd_track(args: argparse.Namespace) -> int:
@@ -329,7 +330,7 @@ def cmd_track(args: argparse.Namespace) -> int:
         backbone=args.backbone,
         seed=args.seed,
         progress=not args.no_progress,
-        config=tracker_config(args.tracker_option),
+        config=tracker_config(args.tracker_option, args.tracker_preset),
     )
     print(
         f"{result.name}: success {result.success_auc:.3f}, precision@20 {result.precision20:.3f}, "
@@ -349,7 +350,7 @@ def cmd_track_eval(args: argparse.Namespace) -> int:
         out_dir=args.out,
         backbone=args.backbone,
         progress=not args.no_progress,
-        config=tracker_config(args.tracker_option),
+        config=tracker_config(args.tracker_option, args.tracker_preset),
     )
     print((Path(args.out) / "report.md").read_text())
     return 0
@@ -360,6 +361,14 @@ def _add_tracker_arguments(parser: argparse.ArgumentParser) -> None:
         "--backbone",
         help="conv backbone: a checkpoint of `dfatorch train --model track_cnn ...` (or a state "
         "dict); default: random conv layers (a baseline, warned about)",
+    )
+    parser.add_argument(
+        "--tracker-preset",
+        default="default",
+        metavar="NAME",
+        help="default, realtime or mdnet. realtime: half the online iterations (30 fps for "
+        "bdfa on 2 cores); mdnet: MDNet's own sizes (about 5x the update cost); "
+        "--tracker-option values apply over it",
     )
     parser.add_argument(
         "--tracker-option",

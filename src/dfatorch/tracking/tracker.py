@@ -46,6 +46,7 @@ from .sampling import SampleKind, sample_boxes
 
 __all__ = [
     "PHASES",
+    "TRACKER_PRESETS",
     "BoxRegressor",
     "MDNetTracker",
     "PhaseTimer",
@@ -62,6 +63,11 @@ Box = tuple[float, float, float, float]
 #: choice of the box, ``bbreg`` fitting and applying the box regressor, ``init_train`` the
 #: first frame's training, ``update`` the online updates (training after the first frame).
 PHASES = ("features", "sampling", "roi_pool", "scoring", "bbreg", "init_train", "update")
+
+
+#: Names of :meth:`TrackerConfig.preset`: the defaults, :meth:`TrackerConfig.realtime`,
+#: :meth:`TrackerConfig.mdnet`.
+TRACKER_PRESETS = ("default", "realtime", "mdnet")
 
 
 class PhaseTimer:
@@ -180,6 +186,21 @@ class TrackerConfig:
         scratch here (the backbone's classifier layer, which can seed fc4, has 256 units)."""
         mdnet = {"fc_sizes": (512, 512), "batch_neg_cand": 1024, "maxiter_update": 15}
         return replace(cls(), **{**mdnet, **overrides})
+
+    @classmethod
+    def realtime(cls, **overrides: Any) -> TrackerConfig:
+        """Half the online iterations (``maxiter_update=5``): the setting in which BDFA tracks
+        OTB's 640x360 sequences at 30 frames per second on 2 CPU cores
+        (``benchmarks/tracking_speed.py``). What it costs in success against the defaults, per
+        rule, is measured in ``docs/RESULTS.md`` (the ``tracking-split`` study's ``iter5``)."""
+        return replace(cls(), **{"maxiter_update": 5, **overrides})
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> TrackerConfig:
+        """The named preset (:data:`TRACKER_PRESETS`) with ``overrides``."""
+        if name not in TRACKER_PRESETS:
+            raise ValueError(f"unknown tracker preset {name!r}; choose from {TRACKER_PRESETS}")
+        return replace(cls(), **overrides) if name == "default" else getattr(cls, name)(**overrides)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""
