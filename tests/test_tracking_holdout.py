@@ -192,3 +192,36 @@ def test_paired_difference_drops_pairs_missing_on_one_side() -> None:
     assert got.n == (2,) and got.diff == pytest.approx(((0.4 - 0.5) + (0.9 - 0.7)) / 2)
     with pytest.raises(ValueError, match="no \\(sequence, seed\\) pair"):
         paired_difference(held, "dfa", "bp")
+
+
+def test_versions_section_pairs_each_setting_with_the_earlier_default(tmp_path) -> None:
+    """Rows: every setting of today's records against the earlier records' *default*, over the
+    (sequence, seed) runs both have; seed 2 and sequence C exist on one side only."""
+    from dfatorch.report import _tracking_versions_section
+
+    def write(root, setting: str, per_seq: dict) -> None:
+        for seq, per_seed in per_seq.items():
+            for seed, auc in per_seed.items():
+                folder = root / setting / "mdnet-bdfa" / f"seed{seed}"
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"{seq}.json").write_text(
+                    json.dumps({"tracker": "mdnet-bdfa", "success_auc": auc})
+                )
+
+    now, before = tmp_path / "now", tmp_path / "before"
+    write(before, "default", {"A": {0: 0.5, 1: 0.7}, "B": {0: 0.2, 1: 0.4}, "C": {0: 0.9}})
+    write(before, "iter5", {"A": {0: 0.0, 1: 0.0}, "B": {0: 0.0, 1: 0.0}})  # not the reference
+    write(now, "default", {"A": {0: 0.6, 1: 0.6, 2: 0.1}, "B": {0: 0.3, 1: 0.2}})
+    write(now, "iter5", {"A": {0: 0.4, 1: 0.5}, "B": {0: 0.1, 1: 0.3}})
+    text = "\n".join(_tracking_versions_section(now, before))
+    for setting, a in (("default", [0.6, 0.6, 0.3, 0.2]), ("iter5", [0.4, 0.5, 0.1, 0.3])):
+        b = [0.5, 0.7, 0.2, 0.4]
+        per_run = paired(a, b)
+        per_seq = paired([(a[0] + a[1]) / 2, (a[2] + a[3]) / 2], [0.6, 0.3])
+        row = (
+            f"| {setting} | bdfa | 4 | {statistics.fmean(b):.3f} | {statistics.fmean(a):.3f} | "
+            f"{per_seq.diff:+.3f} [{per_seq.low:+.3f}, {per_seq.high:+.3f}] | "
+            f"{per_run.diff:+.3f} [{per_run.low:+.3f}, {per_run.high:+.3f}] |"
+        )
+        assert row in text, (row, text)
+    assert _tracking_versions_section(now, tmp_path / "missing") == []

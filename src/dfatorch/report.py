@@ -479,6 +479,9 @@ def write_report(
     for folder in sorted(Path(results_root).glob("tracking*")):
         lines += _tracking_section(folder, out)
     lines += _tracking_holdout_section(Path(results_root) / "tracking-split")
+    lines += _tracking_versions_section(
+        Path(results_root) / "tracking-split", Path(results_root) / "tracking-split-v1"
+    )
     lines += _speed_section(Path(benchmarks))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
@@ -566,19 +569,38 @@ def _speed_section(folder: Path) -> list[str]:
             "",
             f"`{data['command']}` ({m.get('processor')}, {m.get('torch_threads')} "
             f"thread{'' if m.get('torch_threads') == 1 else 's'}{busy}). "
-            "Frames per second with the online updates included (image decoding excluded).",
+            "Frames per second with the online updates included (image decoding excluded)"
+            + _preset_note(data.get("presets", {}))
+            + ". Success: the mean over the sequences of one seed's run, a check that the cell "
+            "still tracks (accuracy is measured in `tracking-split`).",
             "",
-            "| rule | fps, all sequences | fps, 640x360 | slowest 640x360 sequence |",
-            "|---|---|---|---|",
+            "| rule | fps, all sequences | fps, 640x360 | slowest 640x360 sequence | success |",
+            "|---|---|---|---|---|",
         ]
         for rule, v in data["summary"].items():
+            success = v.get("success_auc_mean")
             lines.append(
                 f"| {rule} | {v['fps_all']:.1f} | {v['fps_640x360']:.1f} | "
-                f"{v['min_fps_640x360']:.1f} |"
+                f"{v['min_fps_640x360']:.1f} | "
+                f"{'' if success is None else f'{success:.3f}'} |"
             )
         lines.append("")
         lines += _tracking_phases(data["summary"])
     return lines
+
+
+def _preset_note(presets: dict[str, dict[str, Any]]) -> str:
+    """``; presets: realtime = `maxiter_update=5`, ...`` for the presets that change anything."""
+    changed = {
+        name: ", ".join(f"`{k}={v}`" for k, v in changes.items())
+        for name, changes in presets.items()
+        if changes
+    }
+    if not changed:
+        return ""
+    return "; rows in brackets ran a tracker preset: " + "; ".join(
+        f"{name} = {changes}" for name, changes in changed.items()
+    )
 
 
 def _tracking_phases(summary: dict[str, Any]) -> list[str]:
@@ -1116,6 +1138,56 @@ def _tracking_holdout_section(root: Path) -> list[str]:
                 )
         lines.append("")
     return lines
+
+
+def _tracking_versions_section(root: Path, before: Path) -> list[str]:
+    """Each setting of the tracker today against the tracker of an earlier version's records
+    (``before``, same sequences and seeds) at *its* defaults: what a change of code and setting
+    costs in success, per rule, paired by sequence and by run."""
+    from .tracking.holdout import load_scores, paired_runs
+
+    if not (root.is_dir() and before.is_dir()):
+        return []
+    now, then = load_scores(root), load_scores(before)
+    reference = then.get("default", {})
+    rules = [r for r in ("bp", "dfa", "bdfa") if r in reference]
+    if not rules:
+        return []
+    note = before / "VERSION.md"
+    lines = [
+        f"## Online tracking: today's tracker against `{before.name}`",
+        "",
+        (note.read_text().strip() + " " if note.exists() else "")
+        + f"Each setting of `{root.name}` (rows) against the default setting of "
+        f"`{before.name}`, on the runs both have (same sequence, same seed; the trajectories "
+        "themselves differ, so the pairing removes sequence difficulty, not chance). Success "
+        "AUC means over those runs; difference *now − before* with the paired t 95% interval, "
+        "per sequence (each side's mean over seeds) and per run (as if independent: narrower "
+        "than the data support).",
+        "",
+        "| setting | rule | runs | before | now | per sequence | per run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for setting, per_rule in now.items():
+        for rule in rules:
+            a, b = per_rule.get(rule, {}), reference[rule]
+            try:
+                seq, run = (paired_runs(a, b, by=by) for by in ("sequence", "run"))
+            except LookupError:
+                continue
+            keys = [(q, s) for q in a.keys() & b.keys() for s in a[q].keys() & b[q].keys()]
+            mean_now = statistics.fmean(a[q][s] for q, s in keys)
+            mean_then = statistics.fmean(b[q][s] for q, s in keys)
+            cells = [
+                "-" if d.low is None else f"{d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
+                for d in (seq, run)
+            ]
+            lines.append(
+                f"| {setting} | {rule} | {len(keys)} | {mean_then:.3f} | {mean_now:.3f} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return [*lines, ""]
 
 
 def _success(values: Sequence[float]) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from .._stats import Difference, paired
 
 __all__ = ["HeldOut", "Scores", "candidates", "complete_settings", "leave_one_out", "load_scores",
-           "paired_difference"]  # fmt: skip
+           "paired_difference", "paired_runs"]  # fmt: skip
 
 #: ``scores[setting][rule][sequence][seed]``: success AUC of one run
 Scores = Mapping[str, Mapping[str, Mapping[str, Mapping[int, float]]]]
@@ -94,25 +94,44 @@ def paired_difference(
     held: list[HeldOut], rule: str, baseline: str, *, by: str = "sequence"
 ) -> Difference:
     """``rule − baseline`` success on the held-out runs with the paired t interval
-    (:func:`dfatorch._stats.paired`).
+    (:func:`paired_runs`, which says what ``by`` means)."""
+    a: dict[str, dict[int, float]] = {}
+    b: dict[str, dict[int, float]] = {}
+    for h in held:
+        if h.rule in (rule, baseline):
+            (a if h.rule == rule else b).setdefault(h.sequence, {}).update(h.success)
+    try:
+        return paired_runs(a, b, by=by)
+    except LookupError:
+        raise ValueError(
+            f"no (sequence, seed) pair has runs of both {rule} and {baseline}"
+        ) from None
+
+
+def paired_runs(
+    a: Mapping[str, Mapping[int, float]],
+    b: Mapping[str, Mapping[int, float]],
+    *,
+    by: str = "sequence",
+) -> Difference:
+    """``a − b`` success over the (sequence, seed) runs both have (``[sequence][seed]``), with
+    the paired t interval (:func:`dfatorch._stats.paired`).
 
     ``by="sequence"``: one pair per sequence, each side its mean over the seeds both have (the
     sequences are the sample a tracker should generalise over: ``n`` = sequences). ``by="run"``:
     one pair per (sequence, seed), as if the runs were independent, which they are not (the
     seeds of a sequence share its difficulty): a narrower interval than the data support.
-    Pairs missing on either side are dropped."""
+    Raises ``LookupError`` when no run is in both."""
     if by not in ("sequence", "run"):
         raise ValueError(f"by must be 'sequence' or 'run', not {by!r}")
-    a = {(h.sequence, s): v for h in held if h.rule == rule for s, v in h.success.items()}
-    b = {(h.sequence, s): v for h in held if h.rule == baseline for s, v in h.success.items()}
-    keys = sorted(a.keys() & b.keys())
+    keys = sorted((q, seed) for q in a.keys() & b.keys() for seed in a[q].keys() & b[q].keys())
     if not keys:
-        raise ValueError(f"no (sequence, seed) pair has runs of both {rule} and {baseline}")
+        raise LookupError("no (sequence, seed) run on both sides")
     if by == "run":
-        return paired([a[k] for k in keys], [b[k] for k in keys])
+        return paired([a[q][seed] for q, seed in keys], [b[q][seed] for q, seed in keys])
     sequences = sorted({q for q, _ in keys})
-    mean_a = [statistics.fmean(a[k] for k in keys if k[0] == q) for q in sequences]
-    mean_b = [statistics.fmean(b[k] for k in keys if k[0] == q) for q in sequences]
+    mean_a = [statistics.fmean(a[q][s] for k, s in keys if k == q) for q in sequences]
+    mean_b = [statistics.fmean(b[q][s] for k, s in keys if k == q) for q in sequences]
     return paired(mean_a, mean_b)
 
 
