@@ -526,6 +526,11 @@ def train_peers(bt: ModuleType, args: argparse.Namespace) -> dict[str, Any]:
             "dfatorch_final_acc_mean": ref.get("final_acc_mean"),
             "dfatorch_final_acc_std": ref.get("final_acc_std"),
             "dfatorch_seeds": ref.get("seeds"),
+            # per run, for the report's interval of the difference
+            "biotorch_final_acc_runs": accs,
+            "dfatorch_final_acc_runs": [
+                r["final_acc"] for r in ref.get("runs", []) if r.get("final_acc") is not None
+            ],
         }
     return {
         "budget_from": portable_path(str(args.experiment)),

@@ -499,3 +499,40 @@ def test_a_data_parallel_cell_that_diverges_is_recorded(tmp_path, monkeypatch):
     summary = run_experiment(exp, **quiet, log=lambda _: None, nproc=2)
     assert all(cell_diverged(tmp_path / "res" / "dp", c) for c in exp.cells())
     assert all(r["seeds"] == 0 and r["diverged"] == 2 for r in summary["rows"])
+
+
+def test_peer_accuracy_table_gives_welchs_interval_of_the_difference(tmp_path):
+    from dfatorch._stats import welch
+    from dfatorch.report import _peer_accuracy_section
+
+    theirs, ours = [0.40, 0.42, 0.47], [0.45, 0.44, 0.46]
+    data = {
+        "command": "python benchmarks/biotorch_peer.py --train",
+        "biotorch": {"version": "0.0.16"},
+        "accuracy": {
+            "budget_from": "experiments/fa_family.toml",
+            "budget_overridden": {},
+            "by_rule": {
+                "fa": {
+                    "lr": 0.03,
+                    "biotorch_final_acc_mean": statistics.mean(theirs),
+                    "biotorch_final_acc_std": statistics.stdev(theirs),
+                    "biotorch_seeds": 3,
+                    "dfatorch_final_acc_mean": statistics.mean(ours),
+                    "dfatorch_final_acc_std": statistics.stdev(ours),
+                    "dfatorch_seeds": 3,
+                    "biotorch_final_acc_runs": theirs,
+                    "dfatorch_final_acc_runs": ours,
+                }
+            },
+        },
+    }
+    path = tmp_path / "biotorch_peer_train.json"
+    path.write_text(json.dumps(data))
+    text = "\n".join(_peer_accuracy_section(path))
+    d = welch(theirs, ours)
+    assert (
+        f"| fa | 0.03 | 43.00 ± 3.61 (3) | 45.00 ± 1.00 (3) | {100 * d.diff:+.2f} | "
+        f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}] |"
+    ) in text
+    assert _peer_accuracy_section(tmp_path / "missing.json") == []

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
 from ._io import write_json
-from ._stats import mean_std
+from ._stats import mean_std, welch
 from .claims import load_claims, verdict_tables
 from .experiment import (
     Experiment,
@@ -553,6 +553,7 @@ def _speed_section(folder: Path) -> list[str]:
     lines += _kfac_overhead_section(folder / "kfac_overhead.json")
     lines += _recurrent_memory_section(folder / "recurrent_memory.json")
     lines += _peer_section(folder / "biotorch_peer.json")
+    lines += _peer_accuracy_section(folder / "biotorch_peer_train.json")
     track = folder / "tracking_speed.json"
     if track.exists():
         data = json.loads(track.read_text())
@@ -811,6 +812,46 @@ def _peer_section(path: Path) -> list[str]:
                 f"| {rule} | {ours['ms_median']:.1f} ({ours['ratio_to_bp']:.2f}) | "
                 f"{theirs['ms_median']:.1f} ({theirs['ratio_to_bp']:.2f}) | {ratio:.2f} |"
             )
+    return [*lines, ""]
+
+
+def _peer_accuracy_section(path: Path) -> list[str]:
+    """The table of ``benchmarks/biotorch_peer.py --train``'s JSON: each rule's final test
+    accuracy in biotorch's layers and in dfatorch's, same model, loop, budget and learning rate,
+    with Welch's interval of the difference."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    acc = data["accuracy"]
+    overridden = acc.get("budget_overridden") or {}
+    lines = [
+        f"## Peer: biotorch {data['biotorch']['version']} trained on the same budget",
+        "",
+        f"`{data['command']}`. biotorch's layers swapped into `small_cnn` (tanh, every hidden "
+        "layer under the rule) and trained by dfatorch's own loop with the cells of "
+        f"`{acc['budget_from']}` (the learning rate its search chose for dfatorch's rule, "
+        "reused, not searched again for biotorch)"
+        + (f", overridden: {overridden}" if overridden else "")
+        + ". Final test accuracy (%), mean ± std over seeds; difference biotorch − dfatorch with "
+        "Welch's 95% interval. Run records in the JSON.",
+        "",
+        "| rule | lr | biotorch | dfatorch | biotorch − dfatorch | 95% interval |",
+        "|---|---|---|---|---|---|",
+    ]
+    for rule, r in acc["by_rule"].items():
+        theirs, ours = r.get("biotorch_final_acc_runs", []), r.get("dfatorch_final_acc_runs", [])
+        d = welch(theirs, ours) if len(theirs) > 1 and len(ours) > 1 else None
+        diff = "-" if d is None else f"{100 * d.diff:+.2f}"
+        interval = (
+            "-" if d is None or d.low is None else f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}]"
+        )
+        lines.append(
+            f"| {rule} | {r['lr']} | "
+            f"{_pm(r['biotorch_final_acc_mean'], r['biotorch_final_acc_std'])} "
+            f"({r['biotorch_seeds']}) | "
+            f"{_pm(r['dfatorch_final_acc_mean'], r['dfatorch_final_acc_std'])} "
+            f"({r['dfatorch_seeds']}) | {diff} | {interval} |"
+        )
     return [*lines, ""]
 
 
