@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
 
     warm = load_sequence(args.root / names[0])
     warm.frames, warm.boxes = warm.frames[:12], warm.boxes[:12]
-    cells = [(rule, preset) for preset in args.presets for rule in args.rules]
+    presets, rules = list(dict.fromkeys(args.presets)), list(dict.fromkeys(args.rules))
+    cells = [(rule, preset) for preset in presets for rule in rules]
+    names = [_name(*cell) for cell in cells]
     for rule, preset in cells:  # warm-up: first-call costs (kernels, allocator) out of timings
         _cell(backbone, rule, preset, warm, args.seed)
 
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     for seq in sequences:
         h, w = seq.load_frame(0).shape[:2]
-        runs: dict[str, list[dict[str, Any]]] = {_name(*cell): [] for cell in cells}
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         for _ in range(args.repeats):
             for rule, preset in cells:
                 runs[_name(rule, preset)].append(_cell(backbone, rule, preset, seq, args.seed))
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     wide = [n for n, r in results.items() if r["image_size"] == [640, 360]]
     summary = {}
-    for rule in runs:
+    for rule in names:
         frames = sum(r["frames"] for r in results.values())
         seconds = sum(r[rule]["track_seconds"] for r in results.values())
         wide_frames = sum(results[n]["frames"] for n in wide)
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                 for k, v in TrackerConfig.preset(p).to_dict().items()
                 if v != TrackerConfig().to_dict()[k]
             }
-            for p in args.presets
+            for p in presets
         },
         "seconds": time.perf_counter() - started,
         "summary": summary,

@@ -230,6 +230,8 @@ def test_roi_align_pools_blocks_as_max_pool2d_does(size, ratio, pool):
     torch.testing.assert_close(pooled, F.max_pool2d(unpooled, pool), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="not a multiple of max_pool"):
         roi_align(fmap, boxes, 5, 1, max_pool=2)
+    with pytest.raises(ValueError, match="must be finite"):
+        roi_align(fmap, torch.tensor([[0.0, 0.0, float("nan"), 3.0]]), size, ratio)
 
 
 def test_sample_store_reads_its_chunks_as_if_concatenated():
@@ -358,7 +360,13 @@ def test_uniform_dropout_keeps_units_with_probability_one_minus_p_and_scales_the
         torch.testing.assert_close(x.grad, kept.double() / (1 - p))
         drop.eval()
         assert drop(x) is x
-    assert isinstance(build_head(8, (4,), 0.5).drop4, torch.nn.Dropout)
+    assert type(build_head(8, (4,), 0.5).drop4) is UniformDropout
+    x = torch.randn(5, 3)
+    assert UniformDropout(0.0)(x) is x
+    assert (UniformDropout(1.0)(x) == 0).all()
+    inplace = x.clone()
+    UniformDropout(1.0, inplace=True)(inplace)
+    assert (inplace == 0).all()
 
 
 @pytest.mark.parametrize("rule", ["bp", "dfa", "bdfa"])

@@ -840,7 +840,7 @@ def _peer_accuracy_section(path: Path) -> list[str]:
     ]
     for rule, r in acc["by_rule"].items():
         theirs, ours = r.get("biotorch_final_acc_runs", []), r.get("dfatorch_final_acc_runs", [])
-        d = welch(theirs, ours) if len(theirs) > 1 and len(ours) > 1 else None
+        d = welch(theirs, ours) if theirs and ours else None  # one run each: no interval
         diff = "-" if d is None else f"{100 * d.diff:+.2f}"
         interval = (
             "-" if d is None or d.low is None else f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}]"

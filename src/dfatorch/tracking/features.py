@@ -91,6 +91,8 @@ def roi_align(
     if k == 0:
         return features.new_zeros(0, c, p, p)
     boxes = boxes.to(features)
+    if not torch.isfinite(boxes).all():  # a NaN would become a wild cell index
+        raise ValueError("roi_align: box coordinates must be finite")
     # sample j of a box's S*r along an axis sits at fraction (j + 0.5) / (S r) of the box, at
     # continuous coordinate u, i.e. at u - 0.5 in cell-centre units, clamped to the border
     t = (torch.arange(s * r, device=features.device, dtype=features.dtype) + 0.5) / (s * r)
@@ -116,7 +118,8 @@ def roi_align(
     order = (2, 3, 4, 5, 6, 7, 8, 0, 1)
     index = (cy.view(y_shape) + cx.view(x_shape)).permute(order).reshape(-1, 4)
     weight = (wy.view(y_shape) * wx.view(x_shape)).permute(order).reshape(-1, 4)
-    # one row of C channels per cell: a view of a channels-last map (the backbone's layout)
+    # one row of C channels per cell: a view of a channels-last map (the backbone's layout;
+    # any other layout is copied into it first)
     cells = features.contiguous(memory_format=torch.channels_last)[0].permute(1, 2, 0)
     out = F.embedding_bag(index, cells.reshape(h * w, c), per_sample_weights=weight, mode="sum")
     out = out.view(m, r, m, r, k * p * p, c)

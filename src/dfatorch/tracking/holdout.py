@@ -95,6 +95,8 @@ def paired_difference(
 ) -> Difference:
     """``rule − baseline`` success on the held-out runs with the paired t interval
     (:func:`paired_runs`, which says what ``by`` means)."""
+    if rule == baseline:
+        raise ValueError(f"paired_difference compares two rules, got {rule!r} twice")
     a: dict[str, dict[int, float]] = {}
     b: dict[str, dict[int, float]] = {}
     for h in held:

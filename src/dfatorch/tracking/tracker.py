@@ -208,16 +208,19 @@ class TrackerConfig:
 
 
 class UniformDropout(nn.Dropout):
-    """:class:`torch.nn.Dropout` whose mask is drawn as ``uniform >= p`` (``torch.rand``) instead
-    of by ``bernoulli_``: the same distribution (each unit kept with probability ``1 - p``, kept
-    units scaled by ``1 / (1 - p)``) from a different random stream, about 3x faster on CPU for
-    the head's small activations, where ``bernoulli_`` was a tenth of an online update."""
+    """:class:`torch.nn.Dropout` whose mask, on CPU, is drawn as ``uniform >= p`` (``torch.rand``)
+    instead of by ``bernoulli_``: the same distribution (each unit kept with probability
+    ``1 - p``, kept units scaled by ``1 / (1 - p)``) from a different random stream, about 3x
+    faster for the head's small activations, where ``bernoulli_`` was a tenth of an online
+    update. Elsewhere (CUDA: one fused kernel) it is :class:`torch.nn.Dropout`."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0:
             return x
+        if x.device.type != "cpu":
+            return super().forward(x)
         if self.p == 1:
-            return x * 0
+            return x.mul_(0) if self.inplace else x * 0
         keep = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))
         return x.mul_(keep) if self.inplace else x * keep
 
@@ -265,12 +268,15 @@ class _Rows(NamedTuple):
     start: int
     count: int
 
-    def take(self, index: np.ndarray) -> Tensor:
-        """Rows ``index`` (one ``index_select``)."""
+    def positions(self, index: np.ndarray) -> Tensor:
+        """Where rows ``index`` sit in ``data``, on its device (for ``data.index_select``)."""
         if len(index) and not 0 <= index.min() <= index.max() < self.count:
             raise IndexError(f"row index out of range for {self.count} rows")
-        where = torch.from_numpy((self.start + index) % len(self.data))
-        return self.data.index_select(0, where.to(self.data.device))
+        return torch.from_numpy((self.start + index) % len(self.data)).to(self.data.device)
+
+    def take(self, index: np.ndarray) -> Tensor:
+        """Rows ``index`` (one ``index_select``)."""
+        return self.data.index_select(0, self.positions(index))
 
 
 class _SampleStore:
@@ -726,8 +732,8 @@ class MDNetTracker:
         only the rows the minibatches use are copied, one minibatch at a time."""
         cfg = self.config
         assert self.head is not None
-        pos_idx = _cycled(self._rng, pos.count, iters * cfg.batch_pos)
-        neg_idx = _cycled(self._rng, neg.count, iters * cfg.batch_neg_cand)
+        pos_at = pos.positions(_cycled(self._rng, pos.count, iters * cfg.batch_pos))
+        neg_at = neg.positions(_cycled(self._rng, neg.count, iters * cfg.batch_neg_cand))
         labels = torch.cat(
             [
                 torch.ones(cfg.batch_pos, dtype=torch.long, device=self.device),
@@ -740,8 +746,9 @@ class MDNetTracker:
             for it in range(iters):
                 # one minibatch's rows at a time: a small block the allocator reuses, where
                 # all iterations' rows at once (15 MB) cost page faults on every update
-                batch_pos = pos.take(pos_idx[it * cfg.batch_pos : (it + 1) * cfg.batch_pos])
-                cand = neg.take(neg_idx[it * cfg.batch_neg_cand : (it + 1) * cfg.batch_neg_cand])
+                p0, n0 = it * cfg.batch_pos, it * cfg.batch_neg_cand
+                batch_pos = pos.data.index_select(0, pos_at[p0 : p0 + cfg.batch_pos])
+                cand = neg.data.index_select(0, neg_at[n0 : n0 + cfg.batch_neg_cand])
                 logits = _mined_logits(self.head, batch_pos, cand, cfg.batch_neg)
                 loss = F.cross_entropy(logits, labels)
                 opt.zero_grad(set_to_none=True)
