@@ -344,6 +344,59 @@ def test_box_regressor_is_ridge_regression_on_centred_features(n):
     )
 
 
+@pytest.mark.parametrize("rule", ["bp", "dfa", "bdfa"])
+def test_mining_on_stored_fc4_outputs_gives_the_gradients_of_a_fixed_fc4(rule):
+    """online_fc4=False: the training rows are fc4's outputs and the head runs from after fc4
+    (_mined_logits(after_first=True)); every trained parameter's gradient equals that of the
+    full head on the raw rows with fc4 fixed (float64, same dropout masks), fc4 gets none."""
+    g = torch.Generator().manual_seed(6)
+    head = build_head(40, (24, 16), dropout=0.5).double()
+    attach(head, rule, seed=1, example_input=torch.zeros(2, 40, dtype=torch.float64))
+    for param in head.fc4.parameters():
+        param.requires_grad_(False)
+    pos = torch.randn(6, 40, generator=g, dtype=torch.float64)
+    cand = torch.randn(20, 40, generator=g, dtype=torch.float64)
+    labels = torch.cat([torch.ones(6, dtype=torch.long), torch.zeros(8, dtype=torch.long)])
+    with torch.no_grad():
+        stored_pos, stored_cand = head.fc4(pos), head.fc4(cand)
+    grads = {}
+    for path, forward in (
+        ("raw", lambda: _mined_logits(head, pos, cand, 8)),
+        ("stored", lambda: _mined_logits(head, stored_pos, stored_cand, 8, after_first=True)),
+    ):
+        head.zero_grad(set_to_none=True)
+        with torch.random.fork_rng():
+            torch.manual_seed(7)
+            logits = forward()
+        F.cross_entropy(logits, labels).backward()
+        grads[path] = {n: p.grad.clone() for n, p in head.named_parameters() if p.grad is not None}
+    assert set(grads["stored"]) == {f"fc{i}.{k}" for i in (5, 6) for k in ("weight", "bias")}
+    assert set(grads["raw"]) == set(grads["stored"])
+    for name, grad in grads["raw"].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads["stored"][name], grad, rtol=1e-12, atol=1e-15)
+
+
+def test_a_fixed_fc4_stays_fixed_and_the_stores_keep_its_outputs(backbone):
+    """online_fc4=False: fc4 learns on the first frame only; the stores hold fc_sizes[0]-wide
+    rows; updates still happen (every frame: a threshold no score reaches) and change fc5."""
+    cfg = dataclasses.replace(SMALL, online_fc4=False, success_threshold=10.0)
+    tracker = MDNetTracker(backbone, update="bdfa", config=cfg, seed=0)
+    image, box = _scene(0)
+    tracker.init(image, box)
+    before = {k: v.clone() for k, v in tracker.head.state_dict().items()}
+    assert tracker._pos_store.chunk(0).shape[1] == cfg.fc_sizes[0]
+    assert tracker._neg_store.chunk(0).shape[1] == cfg.fc_sizes[0]
+    for t in range(1, 4):
+        tracker.update(_scene(t)[0])
+    assert tracker.updates == 3
+    after = tracker.head.state_dict()
+    for k in ("fc4.weight", "fc4.bias"):
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)
+    assert not torch.equal(after["fc5.weight"], before["fc5.weight"])
+    assert tracker.timings.seconds["store_fc4"] > 0
+
+
 def test_uniform_dropout_keeps_units_with_probability_one_minus_p_and_scales_them():
     """Mask statistics (2e6 units: the kept fraction within 5 standard errors of 1 - p), kept
     units scaled by 1 / (1 - p), the gradient is the same mask times the scale, eval is identity."""

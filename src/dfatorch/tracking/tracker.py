@@ -61,8 +61,18 @@ Box = tuple[float, float, float, float]
 #: ``features`` the backbone on the image region, ``sampling`` drawing candidate and training
 #: boxes, ``roi_pool`` pooling their features, ``scoring`` the head on the candidates and the
 #: choice of the box, ``bbreg`` fitting and applying the box regressor, ``init_train`` the
-#: first frame's training, ``update`` the online updates (training after the first frame).
-PHASES = ("features", "sampling", "roi_pool", "scoring", "bbreg", "init_train", "update")
+#: first frame's training, ``update`` the online updates (training after the first frame),
+#: ``store_fc4`` fc4's output of the samples kept for training (``online_fc4=False`` only).
+PHASES = (
+    "features",
+    "sampling",
+    "roi_pool",
+    "scoring",
+    "bbreg",
+    "init_train",
+    "update",
+    "store_fc4",
+)
 
 
 #: Names of :meth:`TrackerConfig.preset`: the defaults, :meth:`TrackerConfig.realtime`,
@@ -144,6 +154,11 @@ class TrackerConfig:
     #: MDNet: 5e-4 (fc4/fc5 pre-trained offline); 10x for layers that start from scratch
     lr_init: float = 5e-3
     maxiter_update: int = 10  #: MDNet: 15
+    #: train fc4 in online updates too (MDNet). False: fc4 learns on the first frame only and is
+    #: fixed after it, so the sample stores keep each box's fc4 output (``fc_sizes[0]`` numbers,
+    #: not the RoI features) and an online step runs the layers after fc4 only: several times
+    #: cheaper updates
+    online_fc4: bool = True
     lr_update: float = 1e-2  #: MDNet: 1e-3
     lr_mult_last: float = 10.0  #: learning-rate factor of fc6
     batch_pos: int = 32
@@ -379,15 +394,29 @@ def _forward_replaced(layer: nn.Module, forward: Any) -> Iterator[None]:
         del layer.forward
 
 
-def _mined_logits(head: nn.Sequential, pos: Tensor, cand: Tensor, keep: int) -> Tensor:
+def _mined_logits(
+    head: nn.Sequential, pos: Tensor, cand: Tensor, keep: int, *, after_first: bool = False
+) -> Tensor:
     """The training forward (train mode) of ``pos`` and the ``keep`` candidates ``cand`` that the
     head (eval mode, no gradient) scores highest as "target": MDNet's hard negative mining.
 
     The first layer (fc4) is linear and comes before any dropout, so its output rows for the kept
     candidates are those of the scoring pass (same weights, same rows): the training forward
     reuses them (:class:`_KnownRows`) and computes fc4 for ``pos`` only. The rest of the head runs
-    as usual; every module is called as one, so the engine's hooks see the same pass."""
+    as usual; every module is called as one, so the engine's hooks see the same pass.
+
+    ``after_first``: ``pos`` and ``cand`` are already the first layer's outputs (a fixed fc4):
+    it passes them through, both passes run the rest of the head."""
     first = head[0]
+    if after_first:
+        with _forward_replaced(first, lambda x: x):
+            if keep < len(cand):
+                with torch.no_grad():
+                    head.eval()
+                    logits = head(cand)
+                cand = cand.index_select(0, (logits[:, 1] - logits[:, 0]).topk(keep).indices)
+            head.train()
+            return head(torch.cat([pos, cand]))
     known: Tensor | None = None
     if keep < len(cand):
         rows: list[Tensor] = []
@@ -577,13 +606,18 @@ class MDNetTracker:
                 self._regressor = BoxRegressor(cfg.bbreg_alpha, cfg.overlap_bbreg[0]).fit(
                     reg_features, reg_boxes, self._box
                 )
+        if not cfg.online_fc4:  # fc4 is fixed from here on: the stores keep its output
+            for param in self.head[0].parameters():
+                param.requires_grad_(False)
         # at most one chunk per frame of n_pos_update / n_neg_update rows after the first
         self._pos_store = _SampleStore(
-            pos, cfg.n_frames_long, len(pos) + (cfg.n_frames_long - 1) * cfg.n_pos_update
+            self._stored(pos),
+            cfg.n_frames_long,
+            len(pos) + (cfg.n_frames_long - 1) * cfg.n_pos_update,
         )
         neg_update = self._features(fmap, self._sample("neg", cfg.n_neg_update, bounds))
         self._neg_store = _SampleStore(
-            neg_update, cfg.n_frames_short, cfg.n_frames_short * cfg.n_neg_update
+            self._stored(neg_update), cfg.n_frames_short, cfg.n_frames_short * cfg.n_neg_update
         )
 
     def update(self, image: np.ndarray) -> Box:
@@ -625,10 +659,10 @@ class MDNetTracker:
 
         if success:  # collect samples around the new box from this frame's feature map
             self._pos_store.append(
-                self._features(fmap, self._sample("pos", cfg.n_pos_update, bounds))
+                self._stored(self._features(fmap, self._sample("pos", cfg.n_pos_update, bounds)))
             )
             self._neg_store.append(
-                self._features(fmap, self._sample("neg", cfg.n_neg_update, bounds))
+                self._stored(self._features(fmap, self._sample("neg", cfg.n_neg_update, bounds)))
             )
         if not success:  # short-term update
             self._timed_update(self._pos_store.last(cfg.n_frames_short))
@@ -704,6 +738,16 @@ class MDNetTracker:
             return features if self._feature_scale is None else features * self._feature_scale
 
     @torch.no_grad()
+    def _stored(self, features: Tensor) -> Tensor:
+        """What the sample stores keep of RoI ``features``: the features, or with
+        ``online_fc4=False`` fc4's output (fixed after the first frame)."""
+        if self.config.online_fc4:
+            return features
+        assert self.head is not None
+        with self.timings.phase("store_fc4"):
+            return self.head[0](features)
+
+    @torch.no_grad()
     def _score(self, features: Tensor) -> Tensor:
         """Log-odds of "target" for each feature row (eval mode: no dropout)."""
         assert self.head is not None
@@ -714,7 +758,13 @@ class MDNetTracker:
     def _timed_update(self, pos: _Rows) -> None:
         start = time.perf_counter()
         with self.timings.phase("update"):
-            self._train(pos, self._neg_store.last(), self.config.maxiter_update, self._opt_update)
+            self._train(
+                pos,
+                self._neg_store.last(),
+                self.config.maxiter_update,
+                self._opt_update,
+                after_fc4=not self.config.online_fc4,
+            )
         self.update_seconds += time.perf_counter() - start
         self.updates += 1
 
@@ -724,12 +774,15 @@ class MDNetTracker:
         neg: _Rows,
         iters: int,
         opt: torch.optim.Optimizer,
+        *,
+        after_fc4: bool = False,
     ) -> None:
         """MDNet's ``train``: ``iters`` SGD steps on ``batch_pos`` positives and the
         ``batch_neg`` highest-scoring of ``batch_neg_cand`` negatives (hard negative mining).
 
         ``pos`` and ``neg`` are rows of the stores (one chunk per frame, as if concatenated);
-        only the rows the minibatches use are copied, one minibatch at a time."""
+        only the rows the minibatches use are copied, one minibatch at a time. ``after_fc4``:
+        the rows are fc4's outputs (``online_fc4=False``), and the head runs from after fc4."""
         cfg = self.config
         assert self.head is not None
         pos_at = pos.positions(_cycled(self._rng, pos.count, iters * cfg.batch_pos))
@@ -749,7 +802,9 @@ class MDNetTracker:
                 p0, n0 = it * cfg.batch_pos, it * cfg.batch_neg_cand
                 batch_pos = pos.data.index_select(0, pos_at[p0 : p0 + cfg.batch_pos])
                 cand = neg.data.index_select(0, neg_at[n0 : n0 + cfg.batch_neg_cand])
-                logits = _mined_logits(self.head, batch_pos, cand, cfg.batch_neg)
+                logits = _mined_logits(
+                    self.head, batch_pos, cand, cfg.batch_neg, after_first=after_fc4
+                )
                 loss = F.cross_entropy(logits, labels)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
