@@ -571,6 +571,17 @@ def test_backbone_is_recorded_by_relative_path_and_hash(tmp_path, monkeypatch):
     _check_provenance(out, {"backbone": {**bb.info, "path": "elsewhere.pt"}, "config": {}})
     with pytest.raises(ValueError, match="another backbone"):
         _check_provenance(out, {"backbone": {**bb.info, "sha256": "0" * 16}, "config": {}})
+    # a record written before a config field existed matches that field's default only
+    older = tmp_path / "older"
+    older.mkdir()
+    config = TrackerConfig().to_dict()
+    before_field = {k: v for k, v in config.items() if k != "online_fc4"}
+    (older / "provenance.json").write_text(
+        json.dumps({"backbone": bb.info, "config": before_field})
+    )
+    _check_provenance(older, {"backbone": bb.info, "config": config})
+    with pytest.raises(ValueError, match="tracker configuration"):
+        _check_provenance(older, {"backbone": bb.info, "config": {**config, "online_fc4": False}})
 
 
 def test_missing_or_truncated_backbone_is_a_one_line_error(tmp_path):

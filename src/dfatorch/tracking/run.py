@@ -118,11 +118,15 @@ def _machine() -> dict[str, Any]:
 
 def _identity(provenance: dict[str, Any]) -> dict[str, Any]:
     """``provenance`` without the backbone checkpoint's path: a checkpoint is the same backbone
-    wherever it lies (its hash says which it is)."""
+    wherever it lies (its hash says which it is). A :class:`TrackerConfig` field the record lacks
+    takes its default: fields are added later with defaults that keep the earlier behaviour."""
     backbone = provenance.get("backbone")
     if isinstance(backbone, dict) and backbone.get("sha256"):
         backbone = {k: v for k, v in backbone.items() if k != "path"}
-    return {**provenance, "backbone": backbone}
+    config = provenance.get("config")
+    if isinstance(config, dict) and config:
+        config = {**TrackerConfig().to_dict(), **config}
+    return {**provenance, "backbone": backbone, "config": config}
 
 
 def _check_provenance(out_dir: Path, provenance: dict[str, Any]) -> None:
