@@ -5,8 +5,8 @@
         [--repeats 1] [--threads T] [--out FILE]
 
 For every sequence (image size reported: OTB's 640x360 ones are the real-time target), rule and
-tracker preset (:data:`~dfatorch.tracking.tracker.TRACKER_PRESETS`; ``realtime`` halves the
-online iterations), the tracker runs the sequence as in OTB's one-pass evaluation; cells are
+tracker preset (:data:`~dfatorch.tracking.tracker.TRACKER_PRESETS`; ``realtime`` fixes fc4
+after the first frame), the tracker runs the sequence as in OTB's one-pass evaluation; cells are
 interleaved so that drift of a shared machine hits all alike, and a short warm-up run comes first.
 A cell is named by its rule, and the preset in brackets unless it is ``default``. Reported per
 cell (the median over ``--repeats``):

@@ -756,11 +756,11 @@ def test_tracker_presets_and_cli_options_over_them():
 
     assert TrackerConfig.preset("default") == TrackerConfig()
     realtime = TrackerConfig.preset("realtime")
-    assert realtime == dataclasses.replace(TrackerConfig(), maxiter_update=5)
+    assert realtime == dataclasses.replace(TrackerConfig(), online_fc4=False)
     assert TrackerConfig.preset("mdnet", maxiter_update=3) == TrackerConfig.mdnet(maxiter_update=3)
     both = tracker_config(["lr_update=0.003"], "realtime")
-    assert (both.maxiter_update, both.lr_update) == (5, 0.003)
-    assert tracker_config(["maxiter_update=7"], "realtime").maxiter_update == 7
+    assert (both.online_fc4, both.lr_update) == (False, 0.003)
+    assert tracker_config(["online_fc4=true"], "realtime").online_fc4 is True
     with pytest.raises(ValueError, match="unknown tracker preset 'fast'"):
         TrackerConfig.preset("fast")
 
@@ -788,7 +788,7 @@ def test_tracking_speed_benchmark_names_cells_by_rule_and_preset(tmp_path):
         sys.path.remove(str(path.parent))
     data = json.loads(out.read_text())
     assert set(data["summary"]) == {"bdfa", "bdfa (realtime)"}
-    assert data["presets"] == {"default": {}, "realtime": {"maxiter_update": 5}}
+    assert data["presets"] == {"default": {}, "realtime": {"online_fc4": False}}
     cell = data["sequences"]["Biker"]["bdfa (realtime)"]
     assert cell["fps"] == pytest.approx(4 / cell["track_seconds"])
     summary = data["summary"]["bdfa (realtime)"]

@@ -591,7 +591,7 @@ def _speed_section(folder: Path) -> list[str]:
 
 
 def _preset_note(presets: dict[str, dict[str, Any]]) -> str:
-    """``; presets: realtime = `maxiter_update=5`, ...`` for the presets that change anything."""
+    """``; presets: realtime = `online_fc4=False`, ...`` for the presets that change anything."""
     changed = {
         name: ", ".join(f"`{k}={v}`" for k, v in changes.items())
         for name, changes in presets.items()
