@@ -832,8 +832,13 @@ def _peer_accuracy_section(path: Path) -> list[str]:
         f"`{acc['budget_from']}` (the learning rate its search chose for dfatorch's rule, "
         "reused, not searched again for biotorch)"
         + (f", overridden: {overridden}" if overridden else "")
-        + ". Final test accuracy (%), mean ± std over seeds; difference biotorch − dfatorch with "
-        "Welch's 95% interval. Run records in the JSON.",
+        + ". Each library draws its own feedback as it does by default (biotorch: "
+        '`init="xavier"`); with the feedback made equal, the gradients agree (the table '
+        "above), so a gap here comes from the feedback each draws (its scale) under a learning "
+        "rate chosen for dfatorch's, not from the arithmetic. BP's row trains the same network "
+        "through both paths: a check that they match. Final test accuracy (%), mean ± std over "
+        "seeds; difference biotorch − dfatorch with Welch's 95% interval. Run records in the "
+        "JSON.",
         "",
         "| rule | lr | biotorch | dfatorch | biotorch − dfatorch | 95% interval |",
         "|---|---|---|---|---|---|",
