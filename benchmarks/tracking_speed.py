@@ -18,7 +18,8 @@ cell (the median over ``--repeats``):
 - ``success_auc``: so that a speed-up that breaks tracking shows;
 - ``ms_per_frame``: the tracker's time per frame (first frame included) split into the phases of
   :data:`~dfatorch.tracking.tracker.PHASES` (backbone ``features``, box ``sampling``,
-  ``roi_pool``, candidate ``scoring``, ``bbreg``, first-frame ``init_train``, online ``update``)
+  ``roi_pool``, candidate ``scoring``, ``bbreg``, first-frame ``init_train``, online ``update``,
+  ``store_fc4``: fc4 of the stored training samples with a fixed fc4)
   and ``other`` (the rest: bookkeeping, Python).
 
 The summary gives each cell's fps, its mean success over the sequences (one seed: a check that

@@ -30,6 +30,7 @@ from dfatorch.tracking.tracker import (
     TrackerConfig,
     UniformDropout,
     _clip_grad_norm,
+    _forward_replaced,
     _mined_logits,
     _Rows,
     _SampleStore,
@@ -378,23 +379,43 @@ def test_mining_on_stored_fc4_outputs_gives_the_gradients_of_a_fixed_fc4(rule):
 
 
 def test_a_fixed_fc4_stays_fixed_and_the_stores_keep_its_outputs(backbone):
-    """online_fc4=False: fc4 learns on the first frame only; the stores hold fc_sizes[0]-wide
-    rows; updates still happen (every frame: a threshold no score reaches) and change fc5."""
-    cfg = dataclasses.replace(SMALL, online_fc4=False, success_threshold=10.0)
+    """online_fc4=False: fc4 learns on the first frame only and is frozen; every chunk the
+    stores gain, at the first frame and after, is fc4's output (fc_sizes[0] wide, equal to fc4
+    of the raw store of a twin tracker that trains fc4 online but starts alike); long-term
+    updates happen and change fc5."""
+    cfg = dataclasses.replace(SMALL, online_fc4=False, long_interval=2)
     tracker = MDNetTracker(backbone, update="bdfa", config=cfg, seed=0)
+    twin = MDNetTracker(backbone, update="bdfa", config=SMALL, seed=0)  # fc4 trained online
     image, box = _scene(0)
     tracker.init(image, box)
+    twin.init(image, box)
+    assert not any(p.requires_grad for p in tracker.head.fc4.parameters())
+    with torch.no_grad():  # the first frame: same training, so fc4 of the twin's raw rows
+        torch.testing.assert_close(
+            tracker._pos_store.chunk(0), twin.head.fc4(twin._pos_store.chunk(0))
+        )
     before = {k: v.clone() for k, v in tracker.head.state_dict().items()}
-    assert tracker._pos_store.chunk(0).shape[1] == cfg.fc_sizes[0]
-    assert tracker._neg_store.chunk(0).shape[1] == cfg.fc_sizes[0]
-    for t in range(1, 4):
+    for t in range(1, 7):
         tracker.update(_scene(t)[0])
-    assert tracker.updates == 3
+    assert tracker.updates >= 2 and len(tracker._pos_store) >= 3  # frames succeeded
+    for store in (tracker._pos_store, tracker._neg_store):
+        assert store.chunk(len(store) - 1).shape[1] == cfg.fc_sizes[0]
     after = tracker.head.state_dict()
     for k in ("fc4.weight", "fc4.bias"):
         torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)
     assert not torch.equal(after["fc5.weight"], before["fc5.weight"])
     assert tracker.timings.seconds["store_fc4"] > 0
+
+
+def test_forward_replacements_nest():
+    layer = torch.nn.Linear(3, 3)
+    x = torch.randn(2, 3)
+    with _forward_replaced(layer, lambda v: v + 1):
+        with _forward_replaced(layer, lambda v: v + 2):
+            torch.testing.assert_close(layer(x), x + 2)
+        torch.testing.assert_close(layer(x), x + 1)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert "forward" not in layer.__dict__
 
 
 def test_uniform_dropout_keeps_units_with_probability_one_minus_p_and_scales_them():
@@ -582,6 +603,10 @@ def test_backbone_is_recorded_by_relative_path_and_hash(tmp_path, monkeypatch):
     _check_provenance(older, {"backbone": bb.info, "config": config})
     with pytest.raises(ValueError, match="tracker configuration"):
         _check_provenance(older, {"backbone": bb.info, "config": {**config, "online_fc4": False}})
+    # the value the field's absence meant, not today's default (which may change)
+    monkeypatch.setattr("dfatorch.tracking.run._ADDED_FIELDS", {"online_fc4": False})
+    with pytest.raises(ValueError, match="tracker configuration"):
+        _check_provenance(older, {"backbone": bb.info, "config": config})
 
 
 def test_missing_or_truncated_backbone_is_a_one_line_error(tmp_path):
@@ -761,6 +786,11 @@ def test_tracker_presets_and_cli_options_over_them():
     both = tracker_config(["lr_update=0.003"], "realtime")
     assert (both.online_fc4, both.lr_update) == (False, 0.003)
     assert tracker_config(["online_fc4=true"], "realtime").online_fc4 is True
+    assert tracker_config(["online_fc4=False"]).online_fc4 is False  # any case; not a string
+    with pytest.raises(ValueError, match="online_fc4 is true or false"):
+        tracker_config(["online_fc4=no"])
+    with pytest.raises(ValueError, match="must be True or False"):
+        TrackerConfig(online_fc4="False")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown tracker preset 'fast'"):
         TrackerConfig.preset("fast")
 

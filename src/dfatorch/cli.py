@@ -304,7 +304,7 @@ def tracker_config(options: Sequence[str], preset: str = "default") -> Any:
     they can be) over it."""
     from .tracking import TrackerConfig
 
-    fields = {f.name for f in dataclasses.fields(TrackerConfig)}
+    fields = {f.name: f for f in dataclasses.fields(TrackerConfig)}
     values: dict[str, Any] = {}
     for option in options:
         key, sep, text = option.partition("=")
@@ -312,6 +312,11 @@ def tracker_config(options: Sequence[str], preset: str = "default") -> Any:
             raise ValueError(
                 f"--tracker-option {option!r}: want KEY=VALUE with KEY one of {sorted(fields)}"
             )
+        if fields[key].type in ("bool", bool):  # a string "False" would be truthy
+            if text.strip().lower() not in ("true", "false"):
+                raise ValueError(f"--tracker-option {option!r}: {key} is true or false")
+            values[key] = text.strip().lower() == "true"
+            continue
         try:
             value = json.loads(text)
         except json.JSONDecodeError:

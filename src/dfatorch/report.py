@@ -599,8 +599,11 @@ def _preset_note(presets: dict[str, dict[str, Any]]) -> str:
     }
     if not changed:
         return ""
-    return "; rows in brackets ran a tracker preset: " + "; ".join(
-        f"{name} = {changes}" for name, changes in changed.items()
+    return (
+        "; rows in brackets ran a tracker preset: "
+        + "; ".join(f"{name} = {changes}" for name, changes in changed.items())
+        + " (a preset was chosen from the `tracking-split` results on these same sequences: "
+        "their success there is not an independent test of it)"
     )
 
 

@@ -116,16 +116,22 @@ def _machine() -> dict[str, Any]:
     }
 
 
+#: :class:`TrackerConfig` fields added after results were first recorded, each with the value
+#: that reproduces what the tracker did before the field existed (not today's default, which
+#: may change): a record that lacks the field was made with that value.
+_ADDED_FIELDS: dict[str, Any] = {"online_fc4": True}
+
+
 def _identity(provenance: dict[str, Any]) -> dict[str, Any]:
     """``provenance`` without the backbone checkpoint's path: a checkpoint is the same backbone
-    wherever it lies (its hash says which it is). A :class:`TrackerConfig` field the record lacks
-    takes its default: fields are added later with defaults that keep the earlier behaviour."""
+    wherever it lies (its hash says which it is). A config that predates a field of
+    :data:`_ADDED_FIELDS` gets the value that field's absence meant."""
     backbone = provenance.get("backbone")
     if isinstance(backbone, dict) and backbone.get("sha256"):
         backbone = {k: v for k, v in backbone.items() if k != "path"}
     config = provenance.get("config")
-    if isinstance(config, dict) and config:
-        config = {**TrackerConfig().to_dict(), **config}
+    if isinstance(config, dict):
+        config = {**_ADDED_FIELDS, **config}
     return {**provenance, "backbone": backbone, "config": config}
 
 

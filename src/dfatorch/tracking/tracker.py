@@ -184,6 +184,9 @@ class TrackerConfig:
     feedback_gain: float = 1.0
 
     def __post_init__(self) -> None:
+        for name in ("online_fc4", "bbreg", "fc4_from_backbone"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.batch_neg > self.batch_neg_cand:
             raise ValueError("batch_neg must not exceed batch_neg_cand")
         if not self.fc_sizes:
@@ -387,12 +390,16 @@ class _KnownRows(torch.autograd.Function):
 @contextlib.contextmanager
 def _forward_replaced(layer: nn.Module, forward: Any) -> Iterator[None]:
     """``layer.forward`` is ``forward`` inside: the layer is still called as a module, so its
-    hooks (the engine's) run as always."""
+    hooks (the engine's) run as always. Nests: the previous replacement comes back after."""
+    previous = layer.__dict__.get("forward")
     layer.forward = forward
     try:
         yield
     finally:
-        del layer.forward
+        if previous is None:
+            del layer.forward
+        else:
+            layer.forward = previous
 
 
 def _mined_logits(
