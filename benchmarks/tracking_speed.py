@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             "phases_640x360": _phases(results, wide, rule) if wide else None,
             "success_auc_mean": statistics.mean(r[rule]["success_auc"] for r in results.values()),
         }
+    defaults = TrackerConfig().to_dict()
     report = {
         "command": command(__file__, argv),
         "machine": {
@@ -173,13 +174,9 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
         },
         "backbone": backbone.info,
-        "config": TrackerConfig().to_dict(),
+        "config": defaults,
         "presets": {
-            p: {
-                k: v
-                for k, v in TrackerConfig.preset(p).to_dict().items()
-                if v != TrackerConfig().to_dict()[k]
-            }
+            p: {k: v for k, v in TrackerConfig.preset(p).to_dict().items() if v != defaults[k]}
             for p in presets
         },
         "seconds": time.perf_counter() - started,

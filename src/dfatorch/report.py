@@ -1193,7 +1193,7 @@ def _tracking_versions_section(root: Path, before: Path) -> list[str]:
     """Each setting of the tracker today against the tracker of an earlier version's records
     (``before``, same sequences and seeds) at *its* defaults: what a change of code and setting
     costs in success, per rule, paired by sequence and by run."""
-    from .tracking.holdout import load_scores, paired_runs
+    from .tracking.holdout import load_scores, paired_runs, shared_runs
 
     if not (root.is_dir() and before.is_dir()):
         return []
@@ -1224,7 +1224,7 @@ def _tracking_versions_section(root: Path, before: Path) -> list[str]:
                 seq, run = (paired_runs(a, b, by=by) for by in ("sequence", "run"))
             except LookupError:
                 continue
-            keys = [(q, s) for q in a.keys() & b.keys() for s in a[q].keys() & b[q].keys()]
+            keys = shared_runs(a, b)
             mean_now = statistics.fmean(a[q][s] for q, s in keys)
             mean_then = statistics.fmean(b[q][s] for q, s in keys)
             cells = [

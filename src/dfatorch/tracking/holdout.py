@@ -19,7 +19,7 @@ from pathlib import Path
 from .._stats import Difference, paired
 
 __all__ = ["HeldOut", "Scores", "candidates", "complete_settings", "leave_one_out", "load_scores",
-           "paired_difference", "paired_runs"]  # fmt: skip
+           "paired_difference", "paired_runs", "shared_runs"]  # fmt: skip
 
 #: ``scores[setting][rule][sequence][seed]``: success AUC of one run
 Scores = Mapping[str, Mapping[str, Mapping[str, Mapping[int, float]]]]
@@ -126,7 +126,7 @@ def paired_runs(
     Raises ``LookupError`` when no run is in both."""
     if by not in ("sequence", "run"):
         raise ValueError(f"by must be 'sequence' or 'run', not {by!r}")
-    keys = sorted((q, seed) for q in a.keys() & b.keys() for seed in a[q].keys() & b[q].keys())
+    keys = shared_runs(a, b)
     if not keys:
         raise LookupError("no (sequence, seed) run on both sides")
     if by == "run":
@@ -135,6 +135,13 @@ def paired_runs(
     mean_a = [statistics.fmean(a[q][s] for k, s in keys if k == q) for q in sequences]
     mean_b = [statistics.fmean(b[q][s] for k, s in keys if k == q) for q in sequences]
     return paired(mean_a, mean_b)
+
+
+def shared_runs(
+    a: Mapping[str, Mapping[int, float]], b: Mapping[str, Mapping[int, float]]
+) -> list[tuple[str, int]]:
+    """The (sequence, seed) runs both ``a`` and ``b`` (``[sequence][seed]``) have, sorted."""
+    return sorted((q, seed) for q in a.keys() & b.keys() for seed in a[q].keys() & b[q].keys())
 
 
 def load_scores(root: str | Path) -> dict[str, dict[str, dict[str, dict[int, float]]]]:
