@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dfatorch
-from dfatorch.alignment import gradient_alignment, weight_alignment
+from dfatorch.alignment import gradient_alignment, unit_statistics, weight_alignment
 from dfatorch.engine import get_rng_states
 from dfatorch.train import TrainConfig, read_metrics, train
 
@@ -49,6 +49,7 @@ def test_bp_aligns_exactly_even_with_dropout(mode):
     for a in report:
         assert a.samples > 0
         assert a.mean == pytest.approx(1.0, abs=1e-6) and a.std == pytest.approx(0.0, abs=1e-6)
+        assert a.scale == pytest.approx(1.0, abs=1e-6)
 
 
 def test_feedback_equal_to_the_transposed_path_aligns_exactly():
@@ -69,6 +70,32 @@ def test_feedback_equal_to_the_transposed_path_aligns_exactly():
     (a,) = gradient_alignment(engine, x, t, F.cross_entropy)
     assert a.mean == pytest.approx(-1.0, abs=1e-6)
     assert weight_alignment(engine)["0"] == pytest.approx(180.0, abs=1e-2)
+
+
+def test_signal_scale_and_unit_statistics_against_explicit_formulas():
+    """float64, one hidden ReLU layer with two units dead by construction: the scale is the
+    median over samples of |e_i B| / |e_i W2| (DFA's signal over BP's at the hidden output), the
+    dead fraction 2/5 and the norm the mean of |relu(W1 x_i + b1)|."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    with torch.no_grad():
+        model[0].bias[:2] = -100.0
+    x, t = torch.randn(9, 6, dtype=torch.float64), torch.randint(0, 3, (9,))
+    engine = dfatorch.attach(model, "dfa", example_input=x)
+    (a,) = gradient_alignment(engine, x, t, F.cross_entropy)
+    (b,) = engine.feedback.blocks()
+    with torch.no_grad():
+        h = torch.relu(model[0](x))
+        e = (torch.softmax(model[2](h), 1) - F.one_hot(t, 3).double()) / len(t)
+    ratios = (e @ b.double()).norm(dim=1) / (e @ model[2].weight).norm(dim=1)
+    assert a.scale == pytest.approx(ratios.quantile(0.5).item(), rel=1e-12)
+    assert a.samples == 9
+    dead, norm = unit_statistics(h)
+    assert dead == pytest.approx(2 / 5)
+    assert norm == pytest.approx(h.norm(dim=1).mean().item(), rel=1e-12)
+    # a unit that is zero for some samples only is alive; an all-zero output is all dead
+    assert unit_statistics(torch.tensor([[0.0, 1.0], [2.0, 0.0]]))[0] == 0.0
+    assert unit_statistics(torch.zeros(3, 4)) == (1.0, 0.0)
 
 
 def test_untrained_dfa_with_random_feedback_is_near_zero():
@@ -118,3 +145,6 @@ def test_training_with_probes_is_unchanged_and_logs_alignment(tmp_path):
     assert [p["step"] for p in probes] == list(range(0, 45, 10))
     assert set(probes[0]["layers"]) == {"1", "4"}
     assert all(-1 <= layer["mean"] <= 1 for p in probes for layer in p["layers"].values())
+    for p in probes:  # tanh units are never exactly zero; the other fields are logged per layer
+        for layer in p["layers"].values():
+            assert layer["dead"] == 0.0 and layer["norm"] > 0 and layer["scale"] > 0

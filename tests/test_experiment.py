@@ -536,3 +536,39 @@ def test_peer_accuracy_table_gives_welchs_interval_of_the_difference(tmp_path):
         f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}] |"
     ) in text
     assert _peer_accuracy_section(tmp_path / "missing.json") == []
+
+
+def test_probe_fields_are_tabulated_and_plotted_from_the_records(tmp_path):
+    """``diagnostics = true``: the report tabulates each probe field per layer as the mean over
+    the last epoch's probes and seeds (recomputed here from the records) and draws the probes."""
+    from dfatorch.experiment import cell_results, select
+    from dfatorch.report import write_report
+
+    path = tmp_path / "probed.toml"
+    path.write_text(
+        'name = "probed"\ndiagnostics = true\n'
+        '[base]\ndataset = "digits"\nmodel = "mlp"\nwidth = 0.05\nepochs = 2\nbatch_size = 64\n'
+        'activation = "relu"\nalign_every = 5\n'
+        '[[methods]]\nlabel = "dfa"\nmethod = "dfa"\nscope = "all"\n'
+        "[[grid]]\nseed = [0, 1]\n"
+    )
+    roots = ["--runs-root", str(tmp_path / "runs"), "--results-root", str(tmp_path / "res")]
+    assert main(["experiment", str(path), *roots, "--no-progress"]) == 0
+    out = write_report([path], results_root=tmp_path / "res", out=tmp_path / "docs" / "R.md")
+    text = out.read_text()
+    exp = load_experiment(path)
+    histories = [
+        cell_results(tmp_path / "res" / "probed", c)
+        for c in exp.cells(select(exp, tmp_path / "res" / "probed")[0] or None)
+    ]
+    for key, title in (("dead", "Final dead units"), ("scale", "Final signal scale")):
+        per_seed = []
+        for history in histories:
+            probes = history[-1]["alignment"]
+            per_seed.append(sum(p["layers"]["1"][key] for p in probes) / len(probes))
+        table = text[text.index(title) :].split("\n\n")[1].splitlines()
+        assert table[0] == "| method | layer 1 | layer 3 |"
+        want = format(sum(per_seed) / 2, ".3f" if key == "dead" else ".3g")
+        assert table[2].startswith(f"| dfa | {want} |"), (key, table[2], want)
+    assert "![probed-probes-1](figures/probed-probes-1.png)" in text
+    assert (out.parent / "figures" / "probed-probes-1.png").stat().st_size > 5_000

@@ -7,6 +7,13 @@ weights, the same batch and the same randomness (dropout masks); reported as the
 deviation over the batch. BP layers under plain BP score 1; a DFA layer scores near 0 before its
 forward weights have aligned with its feedback.
 
+*Signal scale* of a hidden layer: the median over the batch of ``|delivered| / |true|``, the
+per-sample norms of the same two gradients. 1 under plain BP; for DFA it says how much stronger or
+weaker the fixed feedback pushes a layer than back-propagation would, which the cosine cannot.
+
+*Unit statistics* of a hidden layer's output (:func:`unit_statistics`): the fraction of units that
+are exactly zero for every sample of the batch (dead ReLU units) and the mean per-sample norm.
+
 *Weight alignment*: for a direct rule (``dfa``, ``bdfa``, ``dkp``), the angle between the output
 layer's weights ``W_out`` (``C x d``) and the feedback ``B_l`` of the hidden layer just below it,
 which has the same shape; for deeper layers the forward path is not one matrix (nonlinearities in
@@ -32,7 +39,7 @@ from torch import Tensor, nn
 
 from .engine import DFAEngine, get_rng_states, preserved_state, set_rng_states
 
-__all__ = ["LayerAlignment", "gradient_alignment", "weight_alignment"]
+__all__ = ["LayerAlignment", "gradient_alignment", "unit_statistics", "weight_alignment"]
 
 
 @dataclass(frozen=True)
@@ -46,17 +53,31 @@ class LayerAlignment:
     samples: int  #: samples where both gradients are non-zero
     #: degrees between the forward weights and the feedback that stands for them (module docstring)
     weight_angle: float | None = None
+    #: median over samples of |delivered| / |true| (module docstring)
+    scale: float = math.nan
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _cosines(delivered: Tensor, true: Tensor) -> Tensor:
+def _cosines_and_ratios(delivered: Tensor, true: Tensor) -> tuple[Tensor, Tensor]:
+    """Per sample where both are non-zero: cos(delivered, true) and |delivered| / |true|."""
     a = delivered.reshape(delivered.shape[0], -1).double()
     b = true.reshape(true.shape[0], -1).double()
     na, nb = a.norm(dim=1), b.norm(dim=1)
     keep = (na > 0) & (nb > 0)
-    return (a[keep] * b[keep]).sum(1) / (na[keep] * nb[keep])
+    return (a[keep] * b[keep]).sum(1) / (na[keep] * nb[keep]), na[keep] / nb[keep]
+
+
+def unit_statistics(output: Tensor) -> tuple[float, float]:
+    """``(dead, norm)`` of one hidden layer's output on a batch (first dimension): the fraction of
+    units (every other position) that are exactly zero for every sample, and the mean over samples
+    of the output's L2 norm."""
+    flat = output.detach().reshape(output.shape[0], -1)
+    if flat.numel() == 0:
+        return math.nan, math.nan
+    dead = (flat == 0).all(dim=0).double().mean().item()
+    return dead, flat.double().norm(dim=1).mean().item()
 
 
 def _angle(w: Tensor, b: Tensor) -> float:
@@ -125,7 +146,8 @@ def gradient_alignment(
     angles = weight_alignment(engine)
     report = []
     for info, d, t in zip(engine.layers[:-1], delivered, true):
-        cos = torch.zeros(0, dtype=torch.float64) if d is None else _cosines(d, t)
+        empty = torch.zeros(0, dtype=torch.float64)
+        cos, ratio = (empty, empty) if d is None else _cosines_and_ratios(d, t)
         n = cos.numel()
         report.append(
             LayerAlignment(
@@ -135,6 +157,7 @@ def gradient_alignment(
                 std=cos.std(unbiased=False).item() if n else float("nan"),
                 samples=n,
                 weight_angle=angles.get(info.name),
+                scale=ratio.quantile(0.5).item() if n else float("nan"),
             )
         )
     return report

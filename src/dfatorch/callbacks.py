@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .alignment import gradient_alignment
+from .alignment import gradient_alignment, unit_statistics
 from .distributed import ProcessGroup, gather_batch
 from .engine import DFAEngine, get_rng_states
 from .rundir import RunDir
@@ -142,13 +142,16 @@ class NormMatchedCalibration(Callback):
 
 class AlignmentProbe(Callback):
     """Every ``every`` steps, the gradient alignment of each hidden layer (one extra BP pass on
-    the same batch, weights and randomness), kept in the epoch's record under ``alignment``."""
+    the same batch, weights and randomness), kept in the epoch's record under ``alignment``: per
+    layer the cosine's ``mean`` and ``std`` over the batch, ``weight_angle``, the signal ``scale``
+    and the layer output's ``dead`` fraction and ``norm`` (:mod:`dfatorch.alignment`)."""
 
     def __init__(self, every: int) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         self.every = every
         self._slots: list[Tensor | None] | None = None
+        self._outputs: list[Tensor] | None = None
         self._rng: dict[str, Any] | None = None
 
     def _due(self, state: TrainState) -> bool:
@@ -160,8 +163,8 @@ class AlignmentProbe(Callback):
             yield
             return
         self._rng = get_rng_states()  # the probe replays this step's randomness (dropout)
-        with state.engine.recording() as slots:
-            self._slots = slots
+        with state.engine.recording() as slots, state.engine.capturing() as outputs:
+            self._slots, self._outputs = slots, outputs
             yield
 
     def after_backward(self, state: TrainState) -> None:
@@ -171,11 +174,17 @@ class AlignmentProbe(Callback):
             state.engine, state.x, state.y, state.loss_fn, delivered=self._slots,
             rng_state=self._rng,
         )  # fmt: skip
-        compact = {
-            a.name: {"mean": a.mean, "std": a.std, "weight_angle": a.weight_angle} for a in layers
-        }
+        outputs = self._outputs or []
+        units = [unit_statistics(h) for h in outputs] if len(outputs) == len(layers) else []
+        compact = {}
+        for i, a in enumerate(layers):
+            dead, norm = units[i] if units else (None, None)
+            compact[a.name] = {
+                "mean": a.mean, "std": a.std, "weight_angle": a.weight_angle, "scale": a.scale,
+                "dead": dead, "norm": norm,
+            }  # fmt: skip
         state.partial.setdefault("alignment", []).append({"step": state.step, "layers": compact})
-        self._slots = self._rng = None
+        self._slots = self._outputs = self._rng = None
 
     def on_epoch_end(self, state: TrainState, record: dict[str, Any]) -> None:
         record["alignment"] = state.partial.get("alignment", [])

@@ -9,6 +9,7 @@ hyper-parameter search on a validation split::
     reference = "bp"            # optional: the method the report's differences are taken to
     targets = [0.5, 0.55]       # optional: the report gives epochs and seconds to these accuracies
     nproc = 2                   # optional: train each cell data-parallel (as --nproc)
+    diagnostics = true          # optional: the report plots every probe field over training
 
     [base]                      # TrainConfig fields shared by every cell
     dataset = "cifar10"
@@ -88,6 +89,8 @@ class Experiment:
     reference: str = "bp"  #: the method the report's difference table subtracts
     targets: tuple[float, ...] = ()  #: test accuracies the report times each run to
     nproc: int = 1  #: data-parallel processes per cell (``dfatorch experiment --nproc`` overrides)
+    #: the report plots every alignment-probe field over training (seed 0 of each configuration)
+    diagnostics: bool = False
 
     @property
     def tune_axes(self) -> dict[str, list[Any]]:
@@ -195,7 +198,7 @@ def load_experiment(path: str | Path) -> Experiment:
     path = Path(path)
     data = read_toml(path, "experiment file")
     known = {"name", "description", "order", "reference", "targets", "nproc", "base", "methods"}
-    known |= {"grid", "tune"}
+    known |= {"grid", "tune", "diagnostics"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown} (known: {sorted(known)})")
@@ -224,6 +227,7 @@ def load_experiment(path: str | Path) -> Experiment:
         reference=str(data.get("reference", "bp")),
         targets=tuple(float(t) for t in data.get("targets", ())),
         nproc=int(data.get("nproc", 1)),
+        diagnostics=bool(data.get("diagnostics", False)),
     )
     # build every cell once so that a typo fails now, not hours into the sweep
     for cell in exp.tuning_cells() + exp.cells({g: {} for g in _all_groups(exp)}):

@@ -9,7 +9,14 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["alignment_series", "plot_alignment", "plot_curves", "save_figure"]
+__all__ = [
+    "PROBE_FIELDS",
+    "alignment_series",
+    "plot_alignment",
+    "plot_curves",
+    "plot_probes",
+    "save_figure",
+]
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
@@ -100,21 +107,80 @@ def plot_curves(
     return save_figure(fig, path)
 
 
+#: What each probe field measures (axis labels); see :class:`dfatorch.callbacks.AlignmentProbe`.
+PROBE_FIELDS = {
+    "mean": "cos(delivered, BP gradient)",
+    "scale": "|delivered| / |BP gradient|",
+    "dead": "dead units (fraction)",
+    "norm": "output norm",
+}
+_LOG_FIELDS = {"scale", "norm"}  # ratios and norms span decades when a run diverges
+
+
 def alignment_series(
-    history: Sequence[Mapping[str, Any]],
+    history: Sequence[Mapping[str, Any]], key: str = "mean"
 ) -> dict[str, tuple[list[int], list[float], list[float]]]:
-    """Per layer, the (steps, means, stds) of the alignment probes logged in a run's history."""
+    """Per layer, the (steps, values, stds) of probe field ``key`` logged in a run's history
+    (stds: the alignment's spread over the batch for ``mean``, zeros otherwise)."""
     series: dict[str, tuple[list[int], list[float], list[float]]] = {}
     for record in history:
         for probe in record.get("alignment") or []:
             for name, value in probe["layers"].items():
-                steps, means, stds = series.setdefault(name, ([], [], []))
-                if value["mean"] is None or value["mean"] != value["mean"]:  # NaN: no samples
+                steps, values, stds = series.setdefault(name, ([], [], []))
+                v = value.get(key)
+                if v is None or v != v:  # NaN: no samples; None: not logged
                     continue
                 steps.append(probe["step"])
-                means.append(value["mean"])
-                stds.append(value["std"])
-    return series
+                values.append(v)
+                stds.append(value["std"] if key == "mean" else 0.0)
+    return {k: v for k, v in series.items() if v[0]}
+
+
+def plot_probes(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]],
+    path: str | Path,
+    *,
+    fields: Sequence[str] = tuple(PROBE_FIELDS),
+    title: str | None = None,
+) -> Path | None:
+    """The alignment probes of every hidden layer over training: one row per probe field
+    (:data:`PROBE_FIELDS`), one column per run, one line per layer (the alignment with a +- std
+    band). Rows share their y-axis so that runs compare at a glance. None if no run has probes."""
+    unknown = sorted(set(fields) - set(PROBE_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown probe fields {unknown}; known: {sorted(PROBE_FIELDS)}")
+    found = {k: {f: alignment_series(h, f) for f in fields} for k, h in runs.items()}
+    found = {k: v for k, v in found.items() if any(v.values())}
+    if not found:
+        return None
+    fig = Figure(figsize=(4.2 * len(found) + 1.0, 3.2 * len(fields)))
+    grid = fig.subplots(len(fields), len(found), squeeze=False, sharex="col", sharey="row")
+    for col, (label, per_field) in enumerate(found.items()):
+        for row, key in enumerate(fields):
+            ax = grid[row][col]
+            for i, (layer, (steps, values, stds)) in enumerate(per_field[key].items()):
+                color = f"C{i % 10}"
+                ax.plot(steps, values, color=color, label=f"layer {layer}")
+                if key == "mean":
+                    lo = [m - s for m, s in zip(values, stds)]
+                    hi = [m + s for m, s in zip(values, stds)]
+                    ax.fill_between(steps, lo, hi, color=color, alpha=0.15, linewidth=0)
+            if key == "mean":
+                ax.axhline(0, color="grey", linewidth=0.8)
+                ax.set_ylim(-0.2, 1.02)
+            elif key in _LOG_FIELDS and any(per_field[key].values()):
+                ax.set_yscale("log")
+            if col == 0:
+                ax.set_ylabel(PROBE_FIELDS[key])
+            if row == 0:
+                ax.set_title(label, fontsize=9)
+            if row == len(fields) - 1:
+                ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        grid[0][col].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)
 
 
 def plot_alignment(
@@ -122,26 +188,4 @@ def plot_alignment(
 ) -> Path | None:
     """Gradient alignment (cosine with the true gradient) of every hidden layer over training,
     one panel per run, one line per layer with a +- std band. None if no run logged probes."""
-    found = {k: alignment_series(h) for k, h in runs.items()}
-    found = {k: v for k, v in found.items() if v}
-    if not found:
-        return None
-    fig = Figure(figsize=(5.5 * len(found), 4.0))
-    axes = fig.subplots(1, len(found), squeeze=False)[0]
-    for ax, (label, series) in zip(axes, found.items()):
-        for i, (layer, (steps, means, stds)) in enumerate(series.items()):
-            color = f"C{i % 10}"
-            ax.plot(steps, means, color=color, label=f"layer {layer}")
-            lo = [m - s for m, s in zip(means, stds)]
-            hi = [m + s for m, s in zip(means, stds)]
-            ax.fill_between(steps, lo, hi, color=color, alpha=0.15, linewidth=0)
-        ax.axhline(0, color="grey", linewidth=0.8)
-        ax.set_ylim(-0.2, 1.02)
-        ax.set_xlabel("step")
-        ax.set_ylabel("cos(delivered, BP gradient)")
-        ax.set_title(label, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    return save_figure(fig, path)
+    return plot_probes(runs, path, fields=("mean",), title=title)

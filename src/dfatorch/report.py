@@ -25,7 +25,7 @@ from .experiment import (
     load_experiment,
     select,
 )
-from .plots import plot_curves, save_figure
+from .plots import plot_curves, plot_probes, save_figure
 from .rundir import RunDir
 from .train import read_metrics, summarize
 
@@ -245,6 +245,32 @@ def _curves(exp: Experiment, results_dir: Path, figures: Path, axes: list[str]) 
     return paths
 
 
+def _probe_plots(
+    exp: Experiment, results_dir: Path, figures: Path, axes: list[str], per_figure: int = 4
+) -> list[Path]:
+    """``diagnostics = true``: every alignment-probe field over training for the lowest seed of
+    each configuration, ``per_figure`` configurations side by side in each figure."""
+    chosen, _ = select(exp, results_dir)
+    runs: dict[str, tuple[Any, list[dict[str, Any]]]] = {}
+    for cell in exp.cells(chosen or None):
+        history = cell_results(results_dir, cell)
+        if history is None:
+            continue
+        others = ", ".join(f"{a}={format_value(cell.labels.get(a))}" for a in axes if a != "seed")
+        name = cell.labels["method"] + (f" ({others})" if others else "")
+        seed = cell.config.seed
+        if name not in runs or seed < runs[name][0]:
+            runs[name] = (seed, history)
+    names = list(runs)
+    paths = []
+    for i in range(0, len(names), per_figure):
+        part = {f"{n}, seed {runs[n][0]}": runs[n][1] for n in names[i : i + per_figure]}
+        path = figures / f"{exp.name}-probes-{i // per_figure + 1}.png"
+        if plot_probes(part, path, title=f"{exp.name}: alignment probes") is not None:
+            paths.append(path)
+    return paths
+
+
 def _fraction_plot(summary: dict[str, Any], path: Path) -> Path | None:
     rows = [r for r in summary["rows"] if r.get("fraction") is not None and r["final_acc_mean"]]
     fractions = sorted({r["fraction"] for r in rows})
@@ -273,16 +299,19 @@ def _fraction_plot(summary: dict[str, Any], path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
-def _final_alignment(history: list[dict[str, Any]]) -> dict[str, float]:
-    """Per layer, the mean gradient alignment over the probes of the last epoch that has some."""
+def _final_alignment(history: list[dict[str, Any]], key: str = "mean") -> dict[str, float]:
+    """Per layer, the mean of a probe field (``mean``: the gradient alignment; ``scale``,
+    ``dead``, ``norm``: see :class:`dfatorch.callbacks.AlignmentProbe`) over the probes of the
+    last epoch that has some."""
     for record in reversed(history):
         probes = record.get("alignment") or []
         if probes:
             layers: dict[str, list[float]] = defaultdict(list)
             for p in probes:
                 for name, v in p["layers"].items():
-                    if v["mean"] is not None and v["mean"] == v["mean"]:
-                        layers[name].append(v["mean"])
+                    value = v.get(key)
+                    if value is not None and value == value:
+                        layers[name].append(value)
             return {k: sum(v) / len(v) for k, v in layers.items() if v}
     return {}
 
@@ -361,8 +390,23 @@ def _axis_plot(exp: Experiment, results_dir: Path, axis: str, path: Path) -> Pat
     return save_figure(fig, path)
 
 
-def _alignment_table(exp: Experiment, results_dir: Path, axes: list[str]) -> list[str]:
-    """Final gradient alignment per layer (mean over seeds of the last epoch's probes)."""
+#: Probe fields the report tabulates: the sentence that heads each table, the number format.
+PROBE_TABLES = {
+    "mean": ("Final gradient alignment (cosine with the BP gradient, last epoch's probes):", ".3f"),
+    "scale": ("Final signal scale (median over the probe batch of the delivered gradient's norm "
+              "over BP's, last epoch's probes; 1 under BP):", ".3g"),
+    "dead": ("Final dead units (fraction of a layer's output units that are zero for the whole "
+             "probe batch, last epoch's probes):", ".3f"),
+    "norm": ("Final output norm (mean over the probe batch of a layer's output norm, last epoch's "
+             "probes):", ".3g"),
+}  # fmt: skip
+
+
+def _alignment_table(
+    exp: Experiment, results_dir: Path, axes: list[str], key: str = "mean"
+) -> list[str]:
+    """Final value of probe field ``key`` per layer (mean over seeds of the last epoch's probes);
+    empty when no run logged it."""
     chosen, _ = select(exp, results_dir)
     rows: dict[tuple[Any, ...], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     layers: list[str] = []
@@ -370,18 +414,19 @@ def _alignment_table(exp: Experiment, results_dir: Path, axes: list[str]) -> lis
         history = cell_results(results_dir, cell)
         if history is None:
             continue
-        key = (cell.labels["method"], *(cell.labels.get(a) for a in axes))
-        for layer, a in _final_alignment(history).items():
-            rows[key][layer].append(a)
+        row = (cell.labels["method"], *(cell.labels.get(a) for a in axes))
+        for layer, a in _final_alignment(history, key).items():
+            rows[row][layer].append(a)
             if layer not in layers:
                 layers.append(layer)
     if not rows:
         return []
     header = ["method", *axes, *(f"layer {name}" for name in layers)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key, per in rows.items():
-        values = [f"{sum(per[n]) / len(per[n]):.3f}" if per.get(n) else "-" for n in layers]
-        lines.append("| " + " | ".join([*map(format_value, key), *values]) + " |")
+    for row, per in rows.items():
+        fmt = PROBE_TABLES[key][1]
+        values = [format(sum(per[n]) / len(per[n]), fmt) if per.get(n) else "-" for n in layers]
+        lines.append("| " + " | ".join([*map(format_value, row), *values]) + " |")
     return lines
 
 
@@ -464,10 +509,10 @@ def write_report(
         if fraction_png is not None:
             link = fraction_png.relative_to(out.parent)
             lines += [f"![accuracy against training-set fraction]({link})", ""]
-        aligned = _alignment_table(exp, results_dir, axes)
-        if aligned:
-            title = "Final gradient alignment (cosine with the BP gradient, last epoch's probes):"
-            lines += [title, "", *aligned, ""]
+        for key, (title, _) in PROBE_TABLES.items():
+            table = _alignment_table(exp, results_dir, axes, key)
+            if table:
+                lines += [title, "", *table, ""]
         for axis in axes:
             if axis == "fraction":
                 continue
@@ -475,6 +520,8 @@ def write_report(
             if png is not None:
                 lines += [f"![{png.stem}]({png.relative_to(out.parent)})", ""]
         for png in _curves(exp, results_dir, figures, axes):
+            lines += [f"![{png.stem}]({png.relative_to(out.parent)})", ""]
+        for png in _probe_plots(exp, results_dir, figures, axes) if exp.diagnostics else []:
             lines += [f"![{png.stem}]({png.relative_to(out.parent)})", ""]
     for folder in sorted(Path(results_root).glob("tracking*")):
         lines += _tracking_section(folder, out)
