@@ -187,7 +187,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .plots import plot_alignment, plot_curves
+    from .plots import plot_curves, plot_probes
     from .train import read_metrics
 
     runs = {Path(d).name or str(d): read_metrics(d) for d in args.run_dirs}
@@ -197,9 +197,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
         return 2
     print(f"plot: {plot_curves(runs, args.out)}")
     out = Path(args.out)
-    aligned = plot_alignment(runs, out.with_name(out.stem + "-alignment" + out.suffix))
+    aligned = plot_probes(runs, out.with_name(out.stem + "-alignment" + out.suffix))
     if aligned is not None:
-        print(f"alignment plot: {aligned}")
+        print(f"alignment plot (every probe field logged): {aligned}")
     return 0
 
 
@@ -209,10 +209,11 @@ def cmd_align(args: argparse.Namespace) -> int:
 
     engine, x, y, loss_fn = probe_batch(args.run_dir, batch_size=args.batch_size, split=args.split)
     report = gradient_alignment(engine, x, y, loss_fn)
-    rows = [("layer", "rule", "cos mean", "cos std", "samples", "W_out angle")]
+    rows = [("layer", "rule", "cos mean", "cos std", "scale", "samples", "W_out angle")]
     for a in report:
         angle = "-" if a.weight_angle is None else f"{a.weight_angle:.1f} deg"
-        rows.append((a.name, a.rule, f"{a.mean:.4f}", f"{a.std:.4f}", str(a.samples), angle))
+        cells = (f"{a.mean:.4f}", f"{a.std:.4f}", f"{a.scale:.3g}", str(a.samples), angle)
+        rows.append((a.name, a.rule, *cells))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))

@@ -145,12 +145,15 @@ def plot_probes(
 ) -> Path | None:
     """The alignment probes of every hidden layer over training: one row per probe field
     (:data:`PROBE_FIELDS`), one column per run, one line per layer (the alignment with a +- std
-    band). Rows share their y-axis so that runs compare at a glance. None if no run has probes."""
+    band); a field that no run logged gets no row. Rows share their y-axis so that runs compare at
+    a glance. None if no run has probes."""
     unknown = sorted(set(fields) - set(PROBE_FIELDS))
     if unknown:
         raise ValueError(f"unknown probe fields {unknown}; known: {sorted(PROBE_FIELDS)}")
     found = {k: {f: alignment_series(h, f) for f in fields} for k, h in runs.items()}
     found = {k: v for k, v in found.items() if any(v.values())}
+    # a field no run logged (records from before it existed) gets no row
+    fields = [f for f in fields if any(v[f] for v in found.values())]
     if not found:
         return None
     fig = Figure(figsize=(4.2 * len(found) + 1.0, 3.2 * len(fields)))
