@@ -11,6 +11,7 @@ from torch import nn
 
 import dfatorch
 from dfatorch.alignment import gradient_alignment, unit_statistics, weight_alignment
+from dfatorch.callbacks import AlignmentProbe, TrainState
 from dfatorch.engine import get_rng_states
 from dfatorch.train import TrainConfig, read_metrics, train
 
@@ -96,6 +97,42 @@ def test_signal_scale_and_unit_statistics_against_explicit_formulas():
     # a unit that is zero for some samples only is alive; an all-zero output is all dead
     assert unit_statistics(torch.tensor([[0.0, 1.0], [2.0, 0.0]]))[0] == 0.0
     assert unit_statistics(torch.zeros(3, 4)) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize("loss_scale", [1.0, 2.5])
+def test_probe_logs_each_layers_output_statistics_and_undoes_a_loss_scale(tmp_path, loss_scale):
+    """The training probe's ``dead`` and ``norm`` are those of each hidden layer's own output
+    (layers of different widths, recomputed by a plain forward pass), and its ``scale`` is the
+    standalone one also when the loss was scaled before backward (a data-parallel shard's share)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Linear(6, 7), nn.ReLU(), nn.Linear(7, 4), nn.ReLU(), nn.Linear(4, 3)
+    ).double()
+    with torch.no_grad():
+        model[0].bias[:3] = -100.0  # 3 of 7 dead in the first layer, none forced in the second
+    x, t = torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 3, (12,))
+    engine = dfatorch.attach(model, "dfa", example_input=x)
+    probe = AlignmentProbe(1)
+    state = TrainState(
+        config=TrainConfig(), run_dir=tmp_path, model=model, engine=engine, optimizer=None,
+        loss_fn=F.cross_entropy, steps_per_epoch=1,
+    )  # fmt: skip
+    state.x, state.y, state.loss_scale = x, t, loss_scale
+    with probe.step_context(state):
+        (F.cross_entropy(model(x), t) * loss_scale).backward()
+    probe.after_backward(state)
+    logged = state.partial["alignment"][0]["layers"]
+    with torch.no_grad():
+        h1 = torch.relu(model[0](x))
+        h2 = torch.relu(model[2](h1))
+    for name, h in (("0", h1), ("2", h2)):
+        dead, norm = unit_statistics(h)
+        assert logged[name]["dead"] == dead and logged[name]["norm"] == pytest.approx(norm)
+    assert logged["0"]["dead"] == pytest.approx(3 / 7)
+    assert logged["0"]["norm"] != pytest.approx(logged["2"]["norm"])
+    standalone = gradient_alignment(engine, x, t, F.cross_entropy)
+    for a in standalone:
+        assert logged[a.name]["scale"] == pytest.approx(a.scale, rel=1e-9)
 
 
 def test_untrained_dfa_with_random_feedback_is_near_zero():

@@ -176,6 +176,9 @@ def test_bad_experiment_files_fail_early(tmp_path):
     bad.write_text('name = "x"\n[[methods]]\nmethod = "bp"\n')
     with pytest.raises(ValueError, match="label"):
         load_experiment(bad)
+    bad.write_text('name = "x"\ndiagnostics = "false"\n[[methods]]\nlabel = "a"\nmethod = "bp"\n')
+    with pytest.raises(ValueError, match="diagnostics must be true or false"):
+        load_experiment(bad)
 
 
 def test_one_seed_reports_no_spread():

@@ -7,12 +7,15 @@ weights, the same batch and the same randomness (dropout masks); reported as the
 deviation over the batch. BP layers under plain BP score 1; a DFA layer scores near 0 before its
 forward weights have aligned with its feedback.
 
-*Signal scale* of a hidden layer: the median over the batch of ``|delivered| / |true|``, the
-per-sample norms of the same two gradients. 1 under plain BP; for DFA it says how much stronger or
-weaker the fixed feedback pushes a layer than back-propagation would, which the cosine cannot.
+*Signal scale* of a hidden layer: the median of ``|delivered| / |true|``, the per-sample norms of
+the same two gradients, over the samples where both are non-zero (``samples``). 1 under plain
+BP; for DFA it says how much stronger or weaker the fixed feedback pushes a layer than
+back-propagation would, which the cosine cannot.
 
-*Unit statistics* of a hidden layer's output (:func:`unit_statistics`): the fraction of units that
-are exactly zero for every sample of the batch (dead ReLU units) and the mean per-sample norm.
+*Unit statistics* of a hidden layer's output (the next layer's input: after activation, pooling
+and dropout; :func:`unit_statistics`): the fraction of units (every non-batch position: a conv
+map's channel at one position) that are exactly zero for every sample of the batch (dead ReLU
+units; fewer on a larger batch) and the mean per-sample norm.
 
 *Weight alignment*: for a direct rule (``dfa``, ``bdfa``, ``dkp``), the angle between the output
 layer's weights ``W_out`` (``C x d``) and the feedback ``B_l`` of the hidden layer just below it,
@@ -53,7 +56,7 @@ class LayerAlignment:
     samples: int  #: samples where both gradients are non-zero
     #: degrees between the forward weights and the feedback that stands for them (module docstring)
     weight_angle: float | None = None
-    #: median over samples of |delivered| / |true| (module docstring)
+    #: median of |delivered| / |true| over the ``samples`` (module docstring)
     scale: float = math.nan
 
     def as_dict(self) -> dict[str, Any]:
@@ -71,8 +74,8 @@ def _cosines_and_ratios(delivered: Tensor, true: Tensor) -> tuple[Tensor, Tensor
 
 def unit_statistics(output: Tensor) -> tuple[float, float]:
     """``(dead, norm)`` of one hidden layer's output on a batch (first dimension): the fraction of
-    units (every other position) that are exactly zero for every sample, and the mean over samples
-    of the output's L2 norm."""
+    units (every non-batch position) that are exactly zero for every sample, and the mean over
+    samples of the output's L2 norm."""
     flat = output.detach().reshape(output.shape[0], -1)
     if flat.numel() == 0:
         return math.nan, math.nan

@@ -88,6 +88,8 @@ class TrainState:
     logits: Tensor | None = None
     loss: Tensor | None = None
     loss_value: float = math.nan
+    #: the factor on ``loss`` before ``backward()`` (data-parallel: the shard's share; else 1)
+    loss_scale: float = 1.0
     #: where the checkpoint on disk stands, e.g. "after epoch 3" (None: no checkpoint yet)
     checkpoint_at: str | None = None
 
@@ -144,14 +146,16 @@ class AlignmentProbe(Callback):
     """Every ``every`` steps, the gradient alignment of each hidden layer (one extra BP pass on
     the same batch, weights and randomness), kept in the epoch's record under ``alignment``: per
     layer the cosine's ``mean`` and ``std`` over the batch, ``weight_angle``, the signal ``scale``
-    and the layer output's ``dead`` fraction and ``norm`` (:mod:`dfatorch.alignment`)."""
+    and the layer output's ``dead`` fraction and ``norm`` (:mod:`dfatorch.alignment`; the output
+    is the next layer's input, after activation, pooling and dropout). Measured on the probe batch
+    (data-parallel: rank 0's share), so ``dead`` is lower on larger batches."""
 
     def __init__(self, every: int) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         self.every = every
         self._slots: list[Tensor | None] | None = None
-        self._outputs: list[Tensor] | None = None
+        self._units: list[tuple[float, float]] = []
         self._rng: dict[str, Any] | None = None
 
     def _due(self, state: TrainState) -> bool:
@@ -164,27 +168,35 @@ class AlignmentProbe(Callback):
             return
         self._rng = get_rng_states()  # the probe replays this step's randomness (dropout)
         with state.engine.recording() as slots, state.engine.capturing() as outputs:
-            self._slots, self._outputs = slots, outputs
+            self._slots = slots
             yield
+            # now, so that the outputs are not held through the probe's extra pass
+            self._units = [unit_statistics(h) for h in outputs]
 
     def after_backward(self, state: TrainState) -> None:
         if not self._due(state):
             return
+        delivered = self._slots
+        if delivered is not None and state.loss_scale != 1.0:  # the shard's share: undo it
+            delivered = [None if d is None else d / state.loss_scale for d in delivered]
         layers = gradient_alignment(
-            state.engine, state.x, state.y, state.loss_fn, delivered=self._slots,
+            state.engine, state.x, state.y, state.loss_fn, delivered=delivered,
             rng_state=self._rng,
         )  # fmt: skip
-        outputs = self._outputs or []
-        units = [unit_statistics(h) for h in outputs] if len(outputs) == len(layers) else []
+        if len(self._units) != len(layers):
+            raise RuntimeError(
+                f"alignment probe: captured {len(self._units)} layer outputs for {len(layers)} "
+                "hidden layers"
+            )
         compact = {}
-        for i, a in enumerate(layers):
-            dead, norm = units[i] if units else (None, None)
+        for a, (dead, norm) in zip(layers, self._units):
             compact[a.name] = {
                 "mean": a.mean, "std": a.std, "weight_angle": a.weight_angle, "scale": a.scale,
                 "dead": dead, "norm": norm,
             }  # fmt: skip
         state.partial.setdefault("alignment", []).append({"step": state.step, "layers": compact})
-        self._slots = self._outputs = self._rng = None
+        self._slots = self._rng = None
+        self._units = []
 
     def on_epoch_end(self, state: TrainState, record: dict[str, Any]) -> None:
         record["alignment"] = state.partial.get("alignment", [])

@@ -89,7 +89,7 @@ class Experiment:
     reference: str = "bp"  #: the method the report's difference table subtracts
     targets: tuple[float, ...] = ()  #: test accuracies the report times each run to
     nproc: int = 1  #: data-parallel processes per cell (``dfatorch experiment --nproc`` overrides)
-    #: the report plots every alignment-probe field over training (seed 0 of each configuration)
+    #: the report plots every alignment-probe field over training (lowest seed of each setting)
     diagnostics: bool = False
 
     @property
@@ -213,6 +213,8 @@ def load_experiment(path: str | Path) -> Experiment:
             raise ValueError(f"{path}: a [[grid]] block names unknown methods {stray}")
     if not (isinstance(data.get("nproc", 1), int) and data.get("nproc", 1) >= 1):
         raise ValueError(f"{path}: nproc must be a positive integer, got {data['nproc']!r}")
+    if not isinstance(data.get("diagnostics", False), bool):
+        raise ValueError(f"{path}: diagnostics must be true or false, got {data['diagnostics']!r}")
     if not all(0 < float(t) <= 1 for t in data.get("targets", ())):
         raise ValueError(f"{path}: targets are test accuracies in (0, 1], got {data['targets']}")
     exp = Experiment(
@@ -227,7 +229,7 @@ def load_experiment(path: str | Path) -> Experiment:
         reference=str(data.get("reference", "bp")),
         targets=tuple(float(t) for t in data.get("targets", ())),
         nproc=int(data.get("nproc", 1)),
-        diagnostics=bool(data.get("diagnostics", False)),
+        diagnostics=data.get("diagnostics", False),
     )
     # build every cell once so that a typo fails now, not hours into the sweep
     for cell in exp.tuning_cells() + exp.cells({g: {} for g in _all_groups(exp)}):

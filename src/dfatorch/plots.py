@@ -114,7 +114,8 @@ PROBE_FIELDS = {
     "dead": "dead units (fraction)",
     "norm": "output norm",
 }
-_LOG_FIELDS = {"scale", "norm"}  # ratios and norms span decades when a run diverges
+# ratios and norms span decades when a run diverges; a norm is 0 when a layer dies (symlog)
+_LOG_FIELDS = {"scale": "log", "norm": "symlog"}
 
 
 def alignment_series(
@@ -172,7 +173,7 @@ def plot_probes(
                 ax.axhline(0, color="grey", linewidth=0.8)
                 ax.set_ylim(-0.2, 1.02)
             elif key in _LOG_FIELDS and any(per_field[key].values()):
-                ax.set_yscale("log")
+                ax.set_yscale(_LOG_FIELDS[key], **({"linthresh": 1e-2} if key == "norm" else {}))
             if col == 0:
                 ax.set_ylabel(PROBE_FIELDS[key])
             if row == 0:

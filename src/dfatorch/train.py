@@ -686,7 +686,8 @@ def _train_epoch(
                 state.loss = state.loss_fn(state.logits, y)
                 if group.enabled:  # DDP averages the ranks' gradients: scale to the global mean
                     total = built.train_loader.global_batch_size(state.batch_index)
-                    (state.loss * shard_loss_scale(len(y), total, group.world_size)).backward()
+                    state.loss_scale = shard_loss_scale(len(y), total, group.world_size)
+                    (state.loss * state.loss_scale).backward()
                 else:
                     state.loss.backward()
             if group.enabled:  # learned feedback lives outside the model DDP wraps
