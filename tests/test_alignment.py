@@ -185,3 +185,23 @@ def test_training_with_probes_is_unchanged_and_logs_alignment(tmp_path):
     for p in probes:  # tanh units are never exactly zero; the other fields are logged per layer
         for layer in p["layers"].values():
             assert layer["dead"] == 0.0 and layer["norm"] > 0 and layer["scale"] > 0
+
+
+def test_probe_plots_and_tables_read_records_from_before_the_new_fields(tmp_path):
+    """Records with only the alignment (older runs) still plot, with one row per logged field,
+    and the report's per-field reader returns nothing for a field they lack."""
+    from dfatorch.plots import alignment_series, plot_probes
+    from dfatorch.report import _final_alignment
+
+    old = [{"alignment": [{"step": s, "layers": {"1": {"mean": 0.1 * s, "std": 0.0}}}
+                          for s in (0, 10)]}]  # fmt: skip
+    new = [{"alignment": [{"step": 0, "layers": {"1": {"mean": 0.5, "std": 0.1, "scale": 2.0,
+                                                      "dead": 0.0, "norm": 0.0}}}]}]  # fmt: skip
+    assert alignment_series(old, "scale") == {}
+    assert alignment_series(old)["1"] == ([0, 10], [0.0, 1.0], [0.0, 0.0])
+    assert _final_alignment(old, "dead") == {} and _final_alignment(old) == {"1": 0.5}
+    assert plot_probes({"old": old}, tmp_path / "old.png").stat().st_size > 5_000
+    assert plot_probes({"old": old, "new": new}, tmp_path / "both.png") is not None
+    assert plot_probes({"none": [{"epoch": 1}]}, tmp_path / "none.png") is None
+    with pytest.raises(ValueError, match="unknown probe fields"):
+        plot_probes({"old": old}, tmp_path / "x.png", fields=("angle",))
