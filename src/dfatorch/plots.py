@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -176,8 +177,8 @@ def plot_probes(
                 ax.set_yscale(_LOG_FIELDS[key], **({"linthresh": 1e-2} if key == "norm" else {}))
             if col == 0:
                 ax.set_ylabel(PROBE_FIELDS[key])
-            if row == 0:
-                ax.set_title(label, fontsize=9)
+            if row == 0:  # long run names (every grid axis) wrap instead of overlapping
+                ax.set_title(textwrap.fill(label, 48), fontsize=9)
             if row == len(fields) - 1:
                 ax.set_xlabel("step")
             ax.grid(alpha=0.3)

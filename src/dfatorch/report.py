@@ -231,7 +231,7 @@ def _curves(exp: Experiment, results_dir: Path, figures: Path, axes: list[str]) 
         point = ", ".join(f"{a}={format_value(cell.labels.get(a))}" for a in axes) or "all"
         groups[point].setdefault(cell.labels["method"], []).append(history)
     paths: list[Path] = []
-    if len(groups) > 6:  # a long axis: its own plot summarises it better than a dozen panels
+    if len(groups) > 8:  # a long axis: its own plot summarises it better than a dozen panels
         return paths
     for point, runs in sorted(groups.items()):
         slug = point.replace(", ", "_").replace("=", "") or "all"
