@@ -148,8 +148,8 @@ def gradient_alignment(
         set_rng_states(current)
     angles = weight_alignment(engine)
     report = []
+    empty = torch.zeros(0, dtype=torch.float64)
     for info, d, t in zip(engine.layers[:-1], delivered, true):
-        empty = torch.zeros(0, dtype=torch.float64)
         cos, ratio = (empty, empty) if d is None else _cosines_and_ratios(d, t)
         n = cos.numel()
         report.append(

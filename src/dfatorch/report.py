@@ -402,31 +402,35 @@ PROBE_TABLES = {
 }  # fmt: skip
 
 
-def _alignment_table(
-    exp: Experiment, results_dir: Path, axes: list[str], key: str = "mean"
-) -> list[str]:
-    """Final value of probe field ``key`` per layer (mean over seeds of the last epoch's probes);
-    empty when no run logged it."""
+def _probe_tables(exp: Experiment, results_dir: Path, axes: list[str]) -> list[str]:
+    """One table per probe field of :data:`PROBE_TABLES` that some run logged, each headed by its
+    sentence: the field's final value per layer (mean over seeds of the last epoch's probes).
+    Every run's records are read once for all the tables."""
     chosen, _ = select(exp, results_dir)
-    rows: dict[tuple[Any, ...], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    layers: list[str] = []
+    # field -> row (method and axis values) -> layer -> one value per seed
+    tables: dict[str, dict[tuple[Any, ...], dict[str, list[float]]]] = {
+        key: defaultdict(lambda: defaultdict(list)) for key in PROBE_TABLES
+    }
     for cell in exp.cells(chosen or None):
         history = cell_results(results_dir, cell)
         if history is None:
             continue
         row = (cell.labels["method"], *(cell.labels.get(a) for a in axes))
-        for layer, a in _final_alignment(history, key).items():
-            rows[row][layer].append(a)
-            if layer not in layers:
-                layers.append(layer)
-    if not rows:
-        return []
-    header = ["method", *axes, *(f"layer {name}" for name in layers)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row, per in rows.items():
-        fmt = PROBE_TABLES[key][1]
-        values = [format(sum(per[n]) / len(per[n]), fmt) if per.get(n) else "-" for n in layers]
-        lines.append("| " + " | ".join([*map(format_value, row), *values]) + " |")
+        for key, rows in tables.items():
+            for layer, value in _final_alignment(history, key).items():
+                rows[row][layer].append(value)
+    lines: list[str] = []
+    for key, rows in tables.items():
+        if not rows:
+            continue
+        layers = list(dict.fromkeys(layer for per in rows.values() for layer in per))
+        header = ["method", *axes, *(f"layer {name}" for name in layers)]
+        title, fmt = PROBE_TABLES[key]
+        lines += [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row, per in rows.items():
+            values = [format(sum(per[n]) / len(per[n]), fmt) if per.get(n) else "-" for n in layers]
+            lines.append("| " + " | ".join([*map(format_value, row), *values]) + " |")
+        lines.append("")
     return lines
 
 
@@ -509,10 +513,7 @@ def write_report(
         if fraction_png is not None:
             link = fraction_png.relative_to(out.parent)
             lines += [f"![accuracy against training-set fraction]({link})", ""]
-        for key, (title, _) in PROBE_TABLES.items():
-            table = _alignment_table(exp, results_dir, axes, key)
-            if table:
-                lines += [title, "", *table, ""]
+        lines += _probe_tables(exp, results_dir, axes)
         for axis in axes:
             if axis == "fraction":
                 continue
