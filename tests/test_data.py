@@ -54,6 +54,7 @@ from dfatorch.data import (
     resolve_data_dir,
     safe_extract_tar,
     stratified_subset,
+    subset_and_holdout,
     train_val_split,
 )
 from dfatorch.data.download import RemoteDataset, RemoteFile
@@ -417,6 +418,32 @@ def test_train_val_split_stratified_disjoint() -> None:
     assert torch.equal(train, again[0]) and torch.equal(val, again[1])
     with pytest.raises(ValueError):
         train_val_split(labels, 1.0, seed=0)
+
+
+def test_holdout_comes_from_outside_the_unchanged_subset() -> None:
+    labels = torch.tensor([0] * 100 + [1] * 50 + [2] * 10 + [3] * 1)[torch.randperm(161)]
+    train, val = subset_and_holdout(labels, 0.1, 30, seed=4)
+    assert torch.equal(train, stratified_subset(labels, 0.1, seed=4))  # same subset, same size
+    assert set(train.tolist()).isdisjoint(val.tolist()) and val.numel() == 30
+    assert torch.equal(val, torch.sort(val).values) and val.unique().numel() == 30
+    # proportional to class sizes 100:50:10:1 (quotas 18.6, 9.3, 1.9, 0.2; largest remainder),
+    # except that class 3's only example is in the subset: its share goes to the others
+    assert torch.bincount(labels[val], minlength=4).tolist() == [19, 9, 2, 0]
+    again = subset_and_holdout(labels, 0.1, 30, seed=4)
+    assert torch.equal(val, again[1])
+    assert subset_and_holdout(labels, 0.1, 0, seed=4)[1].numel() == 0
+    # everything outside the subset can be held out, not one more
+    spare = 161 - train.numel()
+    assert subset_and_holdout(labels, 0.1, spare, seed=4)[1].numel() == spare
+    with pytest.raises(ValueError, match="leaves 144"):
+        subset_and_holdout(labels, 0.1, spare + 1, seed=4)
+    with pytest.raises(ValueError, match="val_size"):
+        subset_and_holdout(labels, 0.1, -1, seed=4)
+    # class 0's share (one of two by size 1:1:4) has no example outside the subset: class 2 takes it
+    tiny = torch.tensor([0, 1, 2, 2, 2, 2])
+    train, val = subset_and_holdout(tiny, 0.5, 2, seed=0)
+    assert torch.bincount(tiny[train], minlength=3).tolist() == [1, 1, 2]
+    assert torch.bincount(tiny[val], minlength=3).tolist() == [0, 0, 2]
 
 
 # --------------------------------------------------------------------------- augmentation

@@ -575,3 +575,34 @@ def test_probe_fields_are_tabulated_and_plotted_from_the_records(tmp_path):
         assert table[2].startswith(f"| dfa | {want} |"), (key, table[2], want)
     assert "![probed-probes-1](figures/probed-probes-1.png)" in text
     assert (out.parent / "figures" / "probed-probes-1.png").stat().st_size > 5_000
+
+
+def test_each_search_stage_is_followed_by_its_measured_cells(tmp_path):
+    """Searches run one `by` value at a time, in grid order, each followed by its measured cells,
+    so a sweep ordered cheapest first has its cheap results first; `val_size` in [tune] validates
+    the search on examples outside the training subset."""
+    path = tmp_path / "staged.toml"
+    path.write_text(
+        'name = "staged"\n[base]\ndataset = "digits"\nmodel = "mlp"\nwidth = 0.05\nepochs = 1\n'
+        '[[methods]]\nlabel = "bp"\nmethod = "bp"\n'
+        '[[methods]]\nlabel = "dfa"\nmethod = "dfa"\n'
+        "[[grid]]\nfraction = [0.5, 0.2]\nseed = [0]\n"
+        '[tune]\nlr = [1e-3, 3e-3]\nval_size = 100\nby = ["fraction"]\n'
+    )
+    exp = load_experiment(path)
+    stages = exp.tuning_stages()
+    assert [[c.key for c in s] for s in stages] == [
+        [f"tune/{m}/fraction={f}/lr={lr}" for m in ("bp", "dfa") for lr in (0.001, 0.003)]
+        for f in (0.5, 0.2)
+    ]
+    assert all(c.config.val_size == 100 and c.config.val_fraction == 0 for s in stages for c in s)
+    lines: list[str] = []
+    run_experiment(exp, runs_root=tmp_path / "runs", results_root=tmp_path / "results",
+                   progress=False, log=lines.append)  # fmt: skip
+    order = [line.split(": ")[1].split("/fraction=")[0] + line.split("fraction=")[1][:3]
+             for line in lines if ": " in line]  # fmt: skip
+    assert order == ["tune/bp0.5"] * 2 + ["tune/dfa0.5"] * 2 + ["bp0.5", "dfa0.5"] + [
+        "tune/bp0.2"
+    ] * 2 + ["tune/dfa0.2"] * 2 + ["bp0.2", "dfa0.2"]
+    measured = exp.cells(select(exp, tmp_path / "results" / "staged")[0])
+    assert len(measured) == 4 and all(c.config.val_size == 0 for c in measured)

@@ -132,6 +132,18 @@ def test_validation_split_never_touches_test(tmp_path):
     assert meta["data"]["train_examples"] == total - held
 
 
+def test_val_size_validates_outside_the_training_subset(tmp_path):
+    config = TrainConfig(**{**FAST, "epochs": 1}, method="bp", fraction=0.1, val_size=300,
+                         eval_test=False)  # fmt: skip
+    history = train(config, tmp_path / "run", progress=False).history
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    measured = TrainConfig(**{**FAST, "epochs": 1}, method="bp", fraction=0.1)
+    train(measured, tmp_path / "measured", progress=False)
+    alone = json.loads((tmp_path / "measured" / "config.json").read_text())
+    assert meta["data"]["train_examples"] == alone["data"]["train_examples"]  # subset keeps size
+    assert meta["data"]["eval_examples"] == {"val": 300} and history[-1]["val_acc"] is not None
+
+
 def test_fraction_trains_on_a_stratified_subset(tmp_path):
     config = TrainConfig(**{**FAST, "epochs": 1}, method="bp", fraction=0.1)
     train(config, tmp_path / "run", progress=False)

@@ -95,6 +95,11 @@ class TrainConfig:
         1.0, "train on a class-stratified, seeded fraction of the training set"
     )
     val_fraction: float = _field(0.0, "hold out this fraction of the training set for validation")
+    val_size: int = _field(
+        0,
+        "validate on this many class-stratified examples from outside the training subset "
+        "(needs fraction < 1; the subset keeps its size)",
+    )
     augment: bool | None = _field(
         None, "random crop (4-pixel padding) and horizontal flip; unset: on for CIFAR only"
     )
@@ -259,6 +264,15 @@ class TrainConfig:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.val_size < 0:
+            raise ValueError(f"val_size must be >= 0, got {self.val_size}")
+        if self.val_size and self.val_fraction:
+            raise ValueError("set val_size or val_fraction, not both")
+        if self.val_size and self.fraction == 1:
+            raise ValueError(
+                "val_size draws validation examples from outside the training subset: "
+                "it needs fraction < 1 (use val_fraction to carve them out of the whole set)"
+            )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         for name in ("momentum", "weight_decay", "dropout", "divergence_factor"):

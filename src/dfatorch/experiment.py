@@ -28,7 +28,8 @@ hyper-parameter search on a validation split::
     [tune]                      # optional: searched per method (and per `by` axis) on a held-out
     lr = [1e-4, 3e-4, 1e-3]     # split of the training set, never on the test set; lists are
     val_fraction = 0.1          # searched, other TrainConfig keys (e.g. epochs = 5) apply to the
-    seed = 100                  # search runs only
+    seed = 100                  # search runs only; val_size = 1000 instead validates on that many
+                                # examples from outside the training subset (fraction < 1)
     by = ["fraction"]
     metric = "final"            # or "best": the validation accuracy that decides
 
@@ -131,35 +132,49 @@ class Experiment:
 
     def tuning_cells(self) -> list[Cell]:
         """The search: every method x tuned-by value x point of the tuned axes, one seed."""
+        return [cell for stage in self.tuning_stages() for cell in stage]
+
+    def tuning_stages(self) -> list[list[Cell]]:
+        """The search cells grouped by the value of the ``by`` axes, in the order those values
+        first appear in the grid (each stage: every method's search at that value). The runner
+        finishes one stage's search and its measured cells before the next, so a sweep ordered
+        cheapest first has its cheap results first."""
         if not self.tune:
             return []
         by = list(self.tune.get("by", []))
         axes = self.tune_axes
-        cells = []
-        for method in self.methods:
-            overrides = {k: v for k, v in method.items() if k != "label"}
-            points = self._grid_points(method["label"])
-            groups = sorted({tuple(p.get(k) for k in by) for p in points}, key=str)
-            for group in groups:
-                fixed = dict(zip(by, group))
+        stages: dict[tuple[Any, ...], list[Cell]] = {}
+        for point in self._grid_points():
+            stages.setdefault(tuple(point.get(k) for k in by), [])
+        for group, cells in stages.items():
+            fixed = dict(zip(by, group))
+            for method in self.methods:
+                label = method["label"]
+                if not any(tuple(p.get(k) for k in by) == group for p in self._grid_points(label)):
+                    continue  # no grid block of this method has this value
+                overrides = {k: v for k, v in method.items() if k != "label"}
                 for values in itertools.product(*axes.values()):
                     point = dict(zip(axes, values))
                     tune_run = {
                         **self.tune_fixed,
-                        "val_fraction": self.tune.get("val_fraction", 0.1),
+                        **self._validation(),
                         "seed": self.tune.get("seed", 100),
                         "eval_test": False,
                     }
                     config = self._config(overrides, fixed, point, tune_run)
                     key = "/".join(
-                        [
-                            "tune",
-                            method["label"],
-                            *(f"{k}={v}" for k, v in {**fixed, **point}.items()),
-                        ]
+                        ["tune", label, *(f"{k}={v}" for k, v in {**fixed, **point}.items())]
                     )
-                    cells.append(Cell(key, config, {"method": method["label"], **fixed, **point}))
-        return cells
+                    cells.append(Cell(key, config, {"method": label, **fixed, **point}))
+        return [cells for cells in stages.values() if cells]
+
+    def _validation(self) -> dict[str, Any]:
+        """The search's validation split: ``val_size`` examples from outside the training subset
+        if ``[tune]`` names it, else ``val_fraction`` (default 0.1) carved out of the subset."""
+        tune = self.tune or {}
+        if "val_size" in tune:
+            return {"val_size": tune["val_size"], "val_fraction": 0.0}
+        return {"val_fraction": tune.get("val_fraction", 0.1)}
 
     def cells(self, chosen: dict[str, dict[str, Any]] | None = None) -> list[Cell]:
         """The measured cells; ``chosen`` maps a tuning group key to its selected values."""
@@ -182,7 +197,7 @@ class Experiment:
         return cells
 
 
-_TUNE_KEYS = {"val_fraction", "seed", "by", "metric"}
+_TUNE_KEYS = {"val_fraction", "val_size", "seed", "by", "metric"}
 
 
 def _is_list(value: Any) -> bool:
@@ -451,17 +466,24 @@ def run_experiment(
                         return True
         return False
 
-    run(exp.tuning_cells(), "search")
     seen: set[str] = set()
+
+    def run_chosen() -> bool:
+        """Run the measured cells not offered yet of every group whose search is done."""
+        chosen, _ = select(exp, results_dir)
+        fresh = [c for c in exp.cells(chosen) if c.key not in seen]
+        seen.update(c.key for c in fresh)
+        run(fresh, "cell")
+        return bool(fresh)
+
+    for stage in exp.tuning_stages():
+        run(stage, "search")
+        run_chosen()
     waiting = False
     while True:
         busy = searches_held_elsewhere()  # before select: a search ending now is seen there
-        chosen, _ = select(exp, results_dir)
-        fresh = [c for c in exp.cells(chosen) if c.key not in seen]
-        if fresh:
+        if run_chosen():
             waiting = False
-            seen.update(c.key for c in fresh)
-            run(fresh, "cell")
             continue
         if not busy:
             break

@@ -38,7 +38,7 @@ from ._console import progress_bar, warn
 from ._io import atomic_write, portable_path
 from .callbacks import Callback, NonFiniteLossError, TrainingDiverged, TrainState, default_callbacks
 from .config import DEFAULT_SEQ_LEN, OptimizerName, Schedule, TrainConfig, parse_options
-from .data import BatchLoader, DatasetSplits, load_dataset, stratified_subset, train_val_split
+from .data import BatchLoader, DatasetSplits, load_dataset, subset_and_holdout, train_val_split
 from .data.loader import derive_seed
 from .distributed import (
     DDPOptions,
@@ -173,11 +173,14 @@ def _build(
         text_file=config.text_file,
     )
     train_set = splits.train
-    if config.fraction < 1:
-        train_set = train_set.subset(
-            stratified_subset(train_set.labels, config.fraction, config.seed)
-        )
     eval_sets = {}
+    if config.fraction < 1:
+        keep, held = subset_and_holdout(
+            train_set.labels, config.fraction, config.val_size, config.seed
+        )
+        if config.val_size:
+            eval_sets["val"] = train_set.subset(held)
+        train_set = train_set.subset(keep)
     if config.val_fraction > 0:
         keep, held = train_val_split(train_set.labels, config.val_fraction, config.seed)
         train_set, eval_sets["val"] = train_set.subset(keep), train_set.subset(held)

@@ -37,7 +37,7 @@ from .loader import (
 )
 from .registry import DATASET_NAMES, canonical_name, load_dataset, resolve_data_dir
 from .sequence import load_text, permuted
-from .subset import stratified_subset, train_val_split
+from .subset import stratified_subset, subset_and_holdout, train_val_split
 
 __all__ = [
     "DATASET_NAMES",
@@ -76,5 +76,6 @@ __all__ = [
     "resolve_data_dir",
     "safe_extract_tar",
     "stratified_subset",
+    "subset_and_holdout",
     "train_val_split",
 ]

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["stratified_subset", "train_val_split"]
+__all__ = ["stratified_subset", "subset_and_holdout", "train_val_split"]
 
 
 def _round_half_up(x: float) -> int:
@@ -36,15 +36,60 @@ def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch
     Each class keeps ``round(fraction * n_class)`` examples (half rounded up), at least 1.
     ``fraction`` must lie in (0, 1]; ``fraction == 1`` returns every index.
     """
+    return subset_and_holdout(labels, fraction, 0, seed)[0]
+
+
+def _allocate(total: int, sizes: list[int]) -> list[int]:
+    """Split ``total`` over groups in proportion to ``sizes`` (largest remainder, ties to the
+    earlier group), so that the parts sum to ``total`` exactly."""
+    n = sum(sizes)
+    quotas = [total * s / n for s in sizes]
+    parts = [math.floor(q) for q in quotas]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (-(quotas[i] - parts[i]), i))
+    for i in by_remainder[: total - sum(parts)]:
+        parts[i] += 1
+    return parts
+
+
+def subset_and_holdout(
+    labels: torch.Tensor, fraction: float, val_size: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded class-stratified training subset and ``val_size`` validation examples drawn from
+    the examples *outside* it: ``(train_idx, val_idx)``, disjoint, both sorted int64.
+
+    The training subset is :func:`stratified_subset`'s (the same indices for the same seed), so a
+    search on the held-out examples trains on exactly as many examples as the measured runs. The
+    validation examples are spread over the classes in proportion to their sizes.
+    """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    parts = [
-        perm[: max(1, _round_half_up(fraction * perm.numel()))]
-        for perm in _class_permutations(labels, seed)
-    ]
-    if not parts:
-        return torch.empty(0, dtype=torch.int64)
-    return torch.sort(torch.cat(parts)).values
+    if val_size < 0:
+        raise ValueError(f"val_size must be >= 0, got {val_size}")
+    perms = _class_permutations(labels, seed)
+    keep = [max(1, _round_half_up(fraction * p.numel())) for p in perms]
+    spare = sum(p.numel() - k for p, k in zip(perms, keep))
+    if val_size > spare:
+        raise ValueError(
+            f"val_size={val_size} needs that many examples outside the training subset; "
+            f"fraction={fraction} leaves {spare}"
+        )
+    held = _allocate(val_size, [p.numel() for p in perms]) if val_size else [0] * len(perms)
+    # a small class may lack its share outside the subset: its shortfall goes to the others
+    for _ in range(len(perms)):
+        short = [max(0, h - (p.numel() - k)) for p, k, h in zip(perms, keep, held)]
+        if not sum(short):
+            break
+        held = [h - s for h, s in zip(held, short)]
+        room = [p.numel() - k - h for p, k, h in zip(perms, keep, held)]
+        extra = _allocate(sum(short), room)
+        held = [h + e for h, e in zip(held, extra)]
+    empty = torch.empty(0, dtype=torch.int64)
+    train = [p[:k] for p, k in zip(perms, keep)]
+    val = [p[k : k + h] for p, k, h in zip(perms, keep, held)]
+    return (
+        torch.sort(torch.cat(train)).values if train else empty,
+        torch.sort(torch.cat(val)).values if val else empty,
+    )
 
 
 def train_val_split(
