@@ -191,22 +191,29 @@ def test_one_seed_reports_no_spread():
     assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)  # sample std (n - 1); population would be 0.816
     assert _pm(0.5, None) == "50.00" and _pm(0.5, 0.01) == "50.00 ± 1.00"
 
-    def row(method, x, seeds, final, best, std):
-        return {"method": method, "x": x, "seeds": seeds, "final_acc_mean": final,
-                "final_acc_std": std, "best_acc_mean": best, "best_acc_std": std}  # fmt: skip
+    def row(method, x, finals, bests):
+        runs = [{"final_acc": f, "best_acc": b} for f, b in zip(finals, bests)]
+        return {"method": method, "x": x, "seeds": len(finals), "runs": runs}
 
     rows = [
-        row("bp", 1, 1, 0.5, 0.6, None),
-        row("dfa", 1, 3, 0.4, 0.45, 0.03),
-        row("bp", 2, 2, 0.5, 0.5, 0.02),
-        row("dfa", 2, 2, 0.55, 0.6, 0.02),
-        row("bp", 3, 0, None, None, None),
-        row("dfa", 3, 1, 0.3, 0.3, None),
+        row("bp", 1, [0.5], [0.6]),
+        row("dfa", 1, [0.37, 0.4, 0.43], [0.45, 0.45, 0.45]),
+        row("bp", 2, [0.48, 0.52], [0.5, 0.5]),
+        row("dfa", 2, [0.53, 0.57], [0.58, 0.62]),
+        row("bp", 3, [], []),
+        row("dfa", 3, [0.3], [0.3]),
     ]
     lines = _versus_table({"rows": rows}, ["x"])
+    # x=2, final: diff 5, Welch se = sqrt(2^2/2 + 2.83^2/2) = 2.449... on df = 2 (equal spreads):
+    # t_{0.975, 2} = 4.303, half-width 10.54; best: bp has no spread, so df = 1 and t = 12.706
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, 2) * (8.0 / 2 + 8.0 / 2) ** 0.5
+    best_half = stats.t.ppf(0.975, 1) * (8.0 / 2) ** 0.5
     assert lines[2:] == [
-        "| dfa | 1 | -10.00 | -15.00 |",
-        "| dfa | 2 | +5.00 ± 2.00 | +10.00 ± 2.00 |",
+        "| dfa | 1 | -10.00 | -15.00 |",  # one bp seed: no interval is invented
+        f"| dfa | 2 | +5.00 [{5 - half:+.2f}, {5 + half:+.2f}] "
+        f"| +10.00 [{10 - best_half:+.2f}, {10 + best_half:+.2f}] |",
     ]
 
 
@@ -216,7 +223,7 @@ def test_report_tables_order_numbers_numerically_and_handle_no_axis():
     def row(method, b, final):
         return {"method": method, "b": b, "seeds": 1, "final_acc_mean": final,
                 "final_acc_std": None, "best_acc_mean": final, "best_acc_std": None,
-                "seconds_per_epoch": 1.0}  # fmt: skip
+                "runs": [{"final_acc": final, "best_acc": final}]}  # fmt: skip
 
     rows = [row(m, b, 0.5) for b in (10, 2, 100, 1) for m in ("dfa", "bp")]
     body = _table({"rows": rows}, ["b"])[2:]
@@ -606,3 +613,55 @@ def test_each_search_stage_is_followed_by_its_measured_cells(tmp_path):
     ] * 2 + ["tune/dfa0.2"] * 2 + ["bp0.2", "dfa0.2"]
     measured = exp.cells(select(exp, tmp_path / "results" / "staged")[0])
     assert len(measured) == 4 and all(c.config.val_size == 0 for c in measured)
+
+
+def test_plateau_rise_is_the_gain_over_the_last_third():
+    from dfatorch.report import plateau_rise
+
+    history = [
+        {"epoch": e, "val_acc": v} for e, v in ((10, 0.3), (20, 0.5), (25, None), (30, 0.52))
+    ]
+    assert plateau_rise(history) == (20, pytest.approx(0.02))  # 20 <= 2/3 * 30 < 30
+    history[1]["epoch"] = 21  # past two thirds: the evaluation before it counts
+    assert plateau_rise(history) == (10, pytest.approx(0.22))
+    assert plateau_rise(history[-1:]) is None and plateau_rise([]) is None
+    assert plateau_rise([{"epoch": 3, "val_acc": None}]) is None
+
+
+def test_chosen_table_reports_the_chosen_runs_own_plateau(swept):
+    from dfatorch.report import PLATEAU_POINTS, _chosen_table, plateau_rise
+
+    exp_file, _, results = swept
+    exp = load_experiment(exp_file)
+    summary = aggregate(exp, results / "tiny")
+    lines = _chosen_table(exp, results / "tiny", summary)
+    assert len(lines) == 2 + len(summary["chosen"]) == 4
+    for line in lines[2:]:
+        group = line.split(" | ")[0][2:]
+        lr = summary["chosen"][group]["lr"]
+        method = group.split("/")[0]
+        history = read_metrics(results / "tiny" / f"tune/{method}/fraction=0.5/lr={lr}")
+        epoch, rise = plateau_rise(history)
+        assert f"lr={lr:g}" in line and f"{100 * rise:+.2f} (since epoch {epoch})" in line
+        assert f"{100 * history[-1]['val_acc']:.2f}" in line
+        assert line.endswith("| yes |" if 100 * rise < PLATEAU_POINTS else "| **no** |")
+
+
+def test_a_95_interval_of_the_mean_and_axes_set_by_another_axis(tmp_path):
+    from scipy import stats
+
+    from dfatorch.report import _tied, mean_interval
+
+    assert mean_interval({"seeds": 5, "final_acc_std": 0.02}) == pytest.approx(
+        stats.t.ppf(0.975, 4) * 0.02 / 5**0.5
+    )
+    assert mean_interval({"seeds": 1, "final_acc_std": None}) == 0.0
+    path = tmp_path / "t.toml"
+    path.write_text(
+        'name = "t"\n[[methods]]\nlabel = "bp"\nmethod = "bp"\n'
+        "[[grid]]\nfraction = [0.01]\nepochs = [100]\nlr = [0.1, 0.3]\nseed = [0, 1]\n"
+        "[[grid]]\nfraction = [0.1, 0.2]\nepochs = [30]\nlr = [0.1, 0.3]\nseed = [0, 1]\n"
+    )
+    exp = load_experiment(path)
+    # epochs is set by the fraction; lr and seed vary within a fraction
+    assert [a for a in exp.axes if _tied(exp, a)] == ["epochs"]

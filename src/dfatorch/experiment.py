@@ -168,6 +168,11 @@ class Experiment:
                     cells.append(Cell(key, config, {"method": label, **fixed, **point}))
         return [cells for cells in stages.values() if cells]
 
+    def search_group(self, labels: dict[str, Any]) -> str:
+        """The search group a cell's labels belong to: its method and its ``by`` values."""
+        by = list((self.tune or {}).get("by", []))
+        return _group_key(labels["method"], {k: labels.get(k) for k in by})
+
     def _validation(self) -> dict[str, Any]:
         """The search's validation split: ``val_size`` examples from outside the training subset
         if ``[tune]`` names it, else ``val_fraction`` (default 0.1) carved out of the subset."""
@@ -388,12 +393,11 @@ def select(exp: Experiment, results_dir: Path) -> tuple[dict[str, dict[str, Any]
     """
     if not exp.tune:
         return {}, {}
-    by = list(exp.tune.get("by", []))
     axes = list(exp.tune_axes)
     metric = exp.tune.get("metric", "final")
     groups: dict[str, list[tuple[dict[str, Any], float | None, bool]]] = {}
     for cell in exp.tuning_cells():
-        group = _group_key(cell.labels["method"], {k: cell.labels[k] for k in by})
+        group = exp.search_group(cell.labels)
         history = cell_results(results_dir, cell)
         score = None
         if history is not None:

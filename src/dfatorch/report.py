@@ -98,7 +98,7 @@ def _table(summary: dict[str, Any], axes: list[str], exp: Experiment | None = No
 
 def _versus_table(summary: dict[str, Any], axes: list[str], reference: str = "bp") -> list[str]:
     """Each method's accuracy minus the reference method's at the same grid point (points), with
-    the standard error of that difference (sample standard deviations over seeds)."""
+    Welch's 95% interval over seeds (none where a side has a single seed)."""
     rows = summary["rows"]
     ref = {tuple(r.get(a) for a in axes): r for r in rows if r["method"] == reference}
     if not ref:
@@ -113,19 +113,20 @@ def _versus_table(summary: dict[str, Any], axes: list[str], reference: str = "bp
         base = ref.get(tuple(r.get(a) for a in axes))
         if r["method"] == reference or base is None:
             continue
-        if r["final_acc_mean"] is None or base["final_acc_mean"] is None:
-            continue
         cells = []
         for key in ("final", "best"):
-            diff = 100 * (r[f"{key}_acc_mean"] - base[f"{key}_acc_mean"])
-            stds = (r[f"{key}_acc_std"], base[f"{key}_acc_std"])
-            if None in stds:  # a single seed on either side: no standard error
-                cells.append(f"{diff:+.2f}")
-                continue
-            se = 100 * (stds[0] ** 2 / r["seeds"] + stds[1] ** 2 / base["seeds"]) ** 0.5
-            cells.append(f"{diff:+.2f} ± {se:.2f}")
-        values = [format_value(r.get(a)) for a in axes]
-        lines.append("| " + " | ".join([r["method"], *values, *cells]) + " |")
+            a, b = (
+                [100 * run[f"{key}_acc"] for run in row["runs"] if run[f"{key}_acc"] is not None]
+                for row in (r, base)
+            )
+            if not a or not b:
+                break
+            d = welch(a, b)
+            interval = "" if d.low is None else f" [{d.low:+.2f}, {d.high:+.2f}]"
+            cells.append(f"{d.diff:+.2f}{interval}")
+        else:
+            values = [format_value(r.get(a)) for a in axes]
+            lines.append("| " + " | ".join([r["method"], *values, *cells]) + " |")
     return lines if len(lines) > 2 else []
 
 
@@ -176,16 +177,75 @@ def _time_to_target_table(exp: Experiment, results_dir: Path, axes: list[str]) -
 
 
 def search_edges(summary: dict[str, Any]) -> dict[str, list[str]]:
-    """Per search group, the numeric axes whose chosen value is the smallest or the largest one
-    searched: a choice on the grid's edge, where the best value may lie outside the grid."""
+    """Per search group, the numeric axes (searched at three or more values) whose chosen value is
+    the smallest or the largest one searched: a choice on the grid's edge, where the best value may
+    lie outside the grid."""
     edges: dict[str, list[str]] = {}
     for group, picked in summary["chosen"].items():
         points = summary["search"].get(group, [])
         for axis, value in picked.items():
             grid = {p[axis] for p in points if isinstance(p[axis], (int, float))}
-            if len(grid) > 1 and value in (min(grid), max(grid)):
+            # with two values every choice is an edge: the flag would say nothing
+            if len(grid) > 2 and value in (min(grid), max(grid)):
                 edges.setdefault(group, []).append(axis)
     return edges
+
+
+#: a search table longer than this many lines is folded under its chosen points
+LONG_TABLE = 40
+
+#: the plateau criterion: validation accuracy rose by less than this (points) over the last third
+PLATEAU_POINTS = 1.0
+
+
+def plateau_rise(
+    history: Sequence[dict[str, Any]], key: str = "val_acc"
+) -> tuple[int, float] | None:
+    """How much ``key`` rose over the last third of a run: ``(epoch, rise)`` with ``epoch`` the last
+    evaluated epoch at or before two thirds of the run and ``rise`` the final value minus the value
+    then (fractions, not points); ``None`` with fewer than two evaluations that far apart."""
+    evals = [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
+    if not evals:
+        return None
+    last_epoch, last = evals[-1]
+    before = [(e, v) for e, v in evals if e <= 2 * last_epoch / 3]
+    if not before:
+        return None
+    epoch, value = before[-1]
+    return epoch, last - value
+
+
+def _chosen_table(exp: Experiment, results_dir: Path, summary: dict[str, Any]) -> list[str]:
+    """Per search group, the chosen point, its validation accuracy and whether its search run had
+    reached a plateau (:data:`PLATEAU_POINTS`) over its last third."""
+    chosen = summary["chosen"]
+    if not chosen:
+        return []
+    runs = {}
+    for cell in exp.tuning_cells():
+        group = exp.search_group(cell.labels)
+        if chosen.get(group) == {k: cell.labels[k] for k in chosen.get(group, {})}:
+            runs[group] = cell
+    edges = search_edges(summary)
+    lines = [
+        "| group | chosen | validation acc (%) | rise over the last third (points) | plateau |",
+        "|---|---|---|---|---|",
+    ]
+    for group, picked in chosen.items():
+        history = cell_results(results_dir, runs[group]) or []
+        score = next(p["val_acc"] for p in summary["search"][group]
+                     if {k: p[k] for k in picked} == picked)  # fmt: skip
+        values = ", ".join(f"{k}={format_value(v)}" for k, v in picked.items())
+        if edges.get(group):
+            values += f" (edge: {', '.join(edges[group])})"
+        rise = plateau_rise(history)
+        if rise is None:
+            since, verdict = "not measured (one evaluation)", "-"
+        else:
+            since = f"{100 * rise[1]:+.2f} (since epoch {rise[0]})"
+            verdict = "yes" if 100 * rise[1] < PLATEAU_POINTS else "**no**"
+        lines.append(f"| {group} | {values} | {100 * score:.2f} | {since} | {verdict} |")
+    return lines
 
 
 def _search_table(summary: dict[str, Any]) -> list[str]:
@@ -271,6 +331,17 @@ def _probe_plots(
     return paths
 
 
+def mean_interval(row: dict[str, Any], level: float = 0.95) -> float:
+    """Half-width of the t interval for a table row's mean final accuracy over its seeds
+    (``t_{(1+level)/2, n-1} · s / sqrt(n)``; 0 with a single seed, where none exists)."""
+    from scipy import stats  # the report only: slow to load
+
+    n, std = row["seeds"], row["final_acc_std"]
+    if n < 2 or std is None:
+        return 0.0
+    return float(stats.t.ppf((1 + level) / 2, n - 1)) * std / n**0.5
+
+
 def _fraction_plot(summary: dict[str, Any], path: Path) -> Path | None:
     rows = [r for r in summary["rows"] if r.get("fraction") is not None and r["final_acc_mean"]]
     fractions = sorted({r["fraction"] for r in rows})
@@ -285,14 +356,14 @@ def _fraction_plot(summary: dict[str, Any], path: Path) -> Path | None:
         rs = sorted(rs, key=lambda r: r["fraction"])
         xs = [r["fraction"] for r in rs]
         ys = [100 * r["final_acc_mean"] for r in rs]
-        es = [100 * (r["final_acc_std"] or 0) for r in rs]
+        es = [100 * mean_interval(r) for r in rs]
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=f"C{i}", label=method)
     ax.set_xscale("log")
     # Ticks at the measured fractions, as percentages: "2%" reads better than "2x10^-2".
     ax.set_xticks(fractions, [f"{100 * f:g}%" for f in fractions])
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("share of the training set")
-    ax.set_ylabel("final test accuracy (%)")
+    ax.set_ylabel("final test accuracy (%), 95% interval of the mean")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(summary["name"])
@@ -352,6 +423,18 @@ def axis_series(
         for layer, a in _final_alignment(history).items():
             align[series][layer][value].append(a)
     return acc, align, level
+
+
+def _tied(exp: Experiment, axis: str) -> bool:
+    """Whether ``axis`` is set by an axis listed before it (each value of that axis goes with a
+    single value of this one, as epochs chosen per fraction): a plot against it would repeat
+    that axis's plot under another name."""
+    points = exp._grid_points()
+    for other in exp.axes[: exp.axes.index(axis)]:
+        pairs = {(format_value(p.get(other)), format_value(p.get(axis))) for p in points}
+        if len(pairs) == len({o for o, _ in pairs}):
+            return True
+    return False
 
 
 def _axis_plot(exp: Experiment, results_dir: Path, axis: str, path: Path) -> Path | None:
@@ -494,7 +577,7 @@ def write_report(
         versus = _versus_table(summary, axes, exp.reference)
         if versus:
             lines += [f"Difference to `{exp.reference}` at the same grid point (percentage points; "
-                      "± the standard error over seeds):", ""]  # fmt: skip
+                      "in brackets Welch's 95% interval over seeds):", ""]  # fmt: skip
             lines += [*versus, ""]
         timed = _time_to_target_table(exp, results_dir, axes)
         if timed:
@@ -506,8 +589,20 @@ def write_report(
                 *timed,
                 "",
             ]
+        picked = _chosen_table(exp, results_dir, summary)
+        if picked:
+            lines += [
+                "Chosen on the validation split (one seed; plateau: the chosen run's validation "
+                f"accuracy rose by less than {PLATEAU_POINTS:g} point over its last third):",
+                "",
+                *picked,
+                "",
+            ]
         search = _search_table(summary)
-        if search:
+        if len(search) > LONG_TABLE:  # folded: a reader wants the choices, a checker every point
+            lines += ["<details><summary>Every searched point (one seed)</summary>", "", *search,
+                      "", "</details>", ""]  # fmt: skip
+        elif search:
             lines += ["Search on the validation split (one seed):", "", *search, ""]
         fraction_png = _fraction_plot(summary, figures / f"{exp.name}-fraction.png")
         if fraction_png is not None:
@@ -515,7 +610,7 @@ def write_report(
             lines += [f"![accuracy against training-set fraction]({link})", ""]
         lines += _probe_tables(exp, results_dir, axes)
         for axis in axes:
-            if axis == "fraction":
+            if axis == "fraction" or _tied(exp, axis):
                 continue
             png = _axis_plot(exp, results_dir, axis, figures / f"{exp.name}-{axis}.png")
             if png is not None:
