@@ -72,6 +72,8 @@ CASES = [
     Case("train-val-size-whole-set", ["train", "--val-size", "100"], ("val_size", "fraction < 1")),
     Case("train-val-size-and-fraction", ["train", "--fraction", "0.5", "--val-size", "100",
                                          "--val-fraction", "0.1"], ("val_size or val_fraction",)),
+    Case("train-val-size-float", ["train", "--fraction", "0.5", "--val-size", "10.5"],
+         ("--val-size",), argparse=True),
     Case("train-val-size-negative", ["train", "--fraction", "0.5", "--val-size", "-1"],
          ("val_size",)),
     Case("train-val-size-too-big", ["train", "--fraction", "0.5", "--val-size", "5000",

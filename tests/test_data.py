@@ -426,8 +426,7 @@ def test_holdout_comes_from_outside_the_unchanged_subset() -> None:
     assert torch.equal(train, stratified_subset(labels, 0.1, seed=4))  # same subset, same size
     assert set(train.tolist()).isdisjoint(val.tolist()) and val.numel() == 30
     assert torch.equal(val, torch.sort(val).values) and val.unique().numel() == 30
-    # proportional to class sizes 100:50:10:1 (quotas 18.6, 9.3, 1.9, 0.2; largest remainder),
-    # except that class 3's only example is in the subset: its share goes to the others
+    # proportional to class sizes 100:50:10:1 (quotas 18.6, 9.3, 1.9, 0.2; largest remainder)
     assert torch.bincount(labels[val], minlength=4).tolist() == [19, 9, 2, 0]
     again = subset_and_holdout(labels, 0.1, 30, seed=4)
     assert torch.equal(val, again[1])

@@ -204,7 +204,7 @@ def test_one_seed_reports_no_spread():
         row("dfa", 3, [0.3], [0.3]),
     ]
     lines = _versus_table({"rows": rows}, ["x"])
-    # x=2, final: diff 5, Welch se = sqrt(2^2/2 + 2.83^2/2) = 2.449... on df = 2 (equal spreads):
+    # x=2, final: diff 5, Welch se = sqrt(2.83^2/2 + 2.83^2/2) = 2.83 on df = 2 (equal spreads):
     # t_{0.975, 2} = 4.303, half-width 10.54; best: bp has no spread, so df = 1 and t = 12.706
     from scipy import stats
 
@@ -603,6 +603,17 @@ def test_each_search_stage_is_followed_by_its_measured_cells(tmp_path):
         for f in (0.5, 0.2)
     ]
     assert all(c.config.val_size == 100 and c.config.val_fraction == 0 for s in stages for c in s)
+    # a method that only some grid blocks name is searched in those stages only
+    limited = path.read_text().replace("seed = [0]\n", 'seed = [0]\nmethods = ["bp"]\n')
+    limited += '[[grid]]\nfraction = [0.2]\nseed = [0]\nmethods = ["dfa"]\n'
+    (tmp_path / "limited.toml").write_text(limited)
+    shown = [[c.key.split("/lr=")[0] for c in s][::2]
+             for s in load_experiment(tmp_path / "limited.toml").tuning_stages()]  # fmt: skip
+    assert shown == [["tune/bp/fraction=0.5"], ["tune/bp/fraction=0.2", "tune/dfa/fraction=0.2"]]
+    both = path.read_text().replace("val_size = 100", "val_size = 100\nval_fraction = 0.1")
+    (tmp_path / "both.toml").write_text(both)
+    with pytest.raises(ValueError, match="val_size or val_fraction, not both"):
+        load_experiment(tmp_path / "both.toml")
     lines: list[str] = []
     run_experiment(exp, runs_root=tmp_path / "runs", results_root=tmp_path / "results",
                    progress=False, log=lines.append)  # fmt: skip
@@ -652,10 +663,11 @@ def test_a_95_interval_of_the_mean_and_axes_set_by_another_axis(tmp_path):
 
     from dfatorch.report import _tied, mean_interval
 
-    assert mean_interval({"seeds": 5, "final_acc_std": 0.02}) == pytest.approx(
+    runs = [{"final_acc": 0.5}] * 5 + [{"final_acc": None}]  # a run without a final accuracy
+    assert mean_interval({"seeds": 6, "final_acc_std": 0.02, "runs": runs}) == pytest.approx(
         stats.t.ppf(0.975, 4) * 0.02 / 5**0.5
     )
-    assert mean_interval({"seeds": 1, "final_acc_std": None}) == 0.0
+    assert mean_interval({"seeds": 1, "final_acc_std": None, "runs": runs[:1]}) == 0.0
     path = tmp_path / "t.toml"
     path.write_text(
         'name = "t"\n[[methods]]\nlabel = "bp"\nmethod = "bp"\n'
@@ -665,3 +677,24 @@ def test_a_95_interval_of_the_mean_and_axes_set_by_another_axis(tmp_path):
     exp = load_experiment(path)
     # epochs is set by the fraction; lr and seed vary within a fraction
     assert [a for a in exp.axes if _tied(exp, a)] == ["epochs"]
+
+
+def test_shards_split_the_search_by_place_in_the_whole_sweep(tmp_path):
+    """`--shard i/n` gives cell k of the whole sweep to shard k mod n, whatever stage offers it:
+    two shards run disjoint halves of the search that together cover it."""
+    path = tmp_path / "tiny.toml"
+    spec = SPEC.replace("fraction = [0.5]", 'fraction = [0.5, 0.3]\nmethods = ["bp"]')
+    path.write_text(spec.replace("lr = [1e-4, 3e-3]", "lr = [1e-4, 1e-3, 3e-3]"))
+    exp = load_experiment(path)
+    assert [len(stage) for stage in exp.tuning_stages()] == [
+        3,
+        3,
+    ]  # odd: a stage-wise count differs
+    done = []
+    for i in (0, 1):
+        results = tmp_path / f"results{i}"
+        run_experiment(exp, runs_root=tmp_path / f"runs{i}", results_root=results,
+                       shard=(i, 2), progress=False, log=lambda _: None)  # fmt: skip
+        done.append({c.key for c in exp.tuning_cells() if (results / "tiny" / c.key).exists()})
+    keys = [c.key for c in exp.tuning_cells()]
+    assert done[0] == set(keys[0::2]) and done[1] == set(keys[1::2])

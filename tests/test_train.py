@@ -142,6 +142,9 @@ def test_val_size_validates_outside_the_training_subset(tmp_path):
     alone = json.loads((tmp_path / "measured" / "config.json").read_text())
     assert meta["data"]["train_examples"] == alone["data"]["train_examples"]  # subset keeps size
     assert meta["data"]["eval_examples"] == {"val": 300} and history[-1]["val_acc"] is not None
+    for bad in (300.0, True):  # a TOML float or boolean is not a count of examples
+        with pytest.raises(ValueError, match="val_size must be a whole number"):
+            TrainConfig(fraction=0.1, val_size=bad)
 
 
 def test_fraction_trains_on_a_stratified_subset(tmp_path):

@@ -264,6 +264,8 @@ class TrainConfig:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if isinstance(self.val_size, bool) or not isinstance(self.val_size, int):
+            raise ValueError(f"val_size must be a whole number of examples, got {self.val_size!r}")
         if self.val_size < 0:
             raise ValueError(f"val_size must be >= 0, got {self.val_size}")
         if self.val_size and self.val_fraction:

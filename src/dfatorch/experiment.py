@@ -136,8 +136,9 @@ class Experiment:
 
     def tuning_stages(self) -> list[list[Cell]]:
         """The search cells grouped by the value of the ``by`` axes, in the order those values
-        first appear in the grid (each stage: every method's search at that value). The runner
-        finishes one stage's search and its measured cells before the next, so a sweep ordered
+        first appear in the grid (each stage: every method's search at that value). A worker
+        runs one stage's search, then the measured cells of every group whose search is done,
+        then the next stage (a cell another worker holds is left to it), so a sweep ordered
         cheapest first has its cheap results first."""
         if not self.tune:
             return []
@@ -235,6 +236,8 @@ def load_experiment(path: str | Path) -> Experiment:
         raise ValueError(f"{path}: nproc must be a positive integer, got {data['nproc']!r}")
     if not isinstance(data.get("diagnostics", False), bool):
         raise ValueError(f"{path}: diagnostics must be true or false, got {data['diagnostics']!r}")
+    if {"val_size", "val_fraction"} <= set(data.get("tune") or {}):
+        raise ValueError(f"{path}: [tune] sets val_size or val_fraction, not both")
     if not all(0 < float(t) <= 1 for t in data.get("targets", ())):
         raise ValueError(f"{path}: targets are test accuracies in (0, 1], got {data['targets']}")
     exp = Experiment(
@@ -446,8 +449,12 @@ def run_experiment(
     results_dir = Path(results_root) / exp.name
     index, count = shard
 
+    # a cell's shard follows from its place in the whole sweep, however the cells are offered
+    every = exp.tuning_cells() + exp.cells({g: {} for g in _all_groups(exp)})
+    place = {c.key: i for i, c in enumerate(every)}
+
     def run(cells: Iterable[Cell], what: str) -> None:
-        mine = [c for i, c in enumerate(cells) if i % count == index]
+        mine = [c for c in cells if place[c.key] % count == index]
         todo = [c for c in mine if not _cell_done(results_dir, c)]
         for n, cell in enumerate(todo, 1):
             # Beside the run folder, not in it: a stale run folder is deleted with what is in it.

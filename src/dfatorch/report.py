@@ -194,14 +194,15 @@ def search_edges(summary: dict[str, Any]) -> dict[str, list[str]]:
 #: a search table longer than this many lines is folded under its chosen points
 LONG_TABLE = 40
 
-#: the plateau criterion: validation accuracy rose by less than this (points) over the last third
+#: the plateau criterion: validation accuracy rose by less than this (points) since the last
+#: evaluation at or before two thirds of the run
 PLATEAU_POINTS = 1.0
 
 
 def plateau_rise(
     history: Sequence[dict[str, Any]], key: str = "val_acc"
 ) -> tuple[int, float] | None:
-    """How much ``key`` rose over the last third of a run: ``(epoch, rise)`` with ``epoch`` the last
+    """How much ``key`` rose late in a run: ``(epoch, rise)`` with ``epoch`` the last
     evaluated epoch at or before two thirds of the run and ``rise`` the final value minus the value
     then (fractions, not points); ``None`` with fewer than two evaluations that far apart."""
     evals = [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
@@ -217,7 +218,7 @@ def plateau_rise(
 
 def _chosen_table(exp: Experiment, results_dir: Path, summary: dict[str, Any]) -> list[str]:
     """Per search group, the chosen point, its validation accuracy and whether its search run had
-    reached a plateau (:data:`PLATEAU_POINTS`) over its last third."""
+    reached a plateau (:data:`PLATEAU_POINTS`, measured by :func:`plateau_rise`)."""
     chosen = summary["chosen"]
     if not chosen:
         return []
@@ -228,7 +229,7 @@ def _chosen_table(exp: Experiment, results_dir: Path, summary: dict[str, Any]) -
             runs[group] = cell
     edges = search_edges(summary)
     lines = [
-        "| group | chosen | validation acc (%) | rise over the last third (points) | plateau |",
+        "| group | chosen | validation acc (%) | late rise (points) | plateau |",
         "|---|---|---|---|---|",
     ]
     for group, picked in chosen.items():
@@ -240,7 +241,7 @@ def _chosen_table(exp: Experiment, results_dir: Path, summary: dict[str, Any]) -
             values += f" (edge: {', '.join(edges[group])})"
         rise = plateau_rise(history)
         if rise is None:
-            since, verdict = "not measured (one evaluation)", "-"
+            since, verdict = "not measured (no evaluation by two thirds)", "-"
         else:
             since = f"{100 * rise[1]:+.2f} (since epoch {rise[0]})"
             verdict = "yes" if 100 * rise[1] < PLATEAU_POINTS else "**no**"
@@ -336,7 +337,8 @@ def mean_interval(row: dict[str, Any], level: float = 0.95) -> float:
     (``t_{(1+level)/2, n-1} · s / sqrt(n)``; 0 with a single seed, where none exists)."""
     from scipy import stats  # the report only: slow to load
 
-    n, std = row["seeds"], row["final_acc_std"]
+    n = sum(run["final_acc"] is not None for run in row.get("runs", ()))
+    std = row["final_acc_std"]
     if n < 2 or std is None:
         return 0.0
     return float(stats.t.ppf((1 + level) / 2, n - 1)) * std / n**0.5
@@ -593,7 +595,8 @@ def write_report(
         if picked:
             lines += [
                 "Chosen on the validation split (one seed; plateau: the chosen run's validation "
-                f"accuracy rose by less than {PLATEAU_POINTS:g} point over its last third):",
+                f"accuracy rose by less than {PLATEAU_POINTS:g} point since its last evaluation "
+                "at or before two thirds of the run):",
                 "",
                 *picked,
                 "",
