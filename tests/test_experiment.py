@@ -698,3 +698,17 @@ def test_shards_split_the_search_by_place_in_the_whole_sweep(tmp_path):
         done.append({c.key for c in exp.tuning_cells() if (results / "tiny" / c.key).exists()})
     keys = [c.key for c in exp.tuning_cells()]
     assert done[0] == set(keys[0::2]) and done[1] == set(keys[1::2])
+
+
+def test_the_report_names_the_stages_with_no_finished_run(tmp_path):
+    from dfatorch.report import _stages_not_run
+
+    path = tmp_path / "t.toml"
+    path.write_text(
+        'name = "t"\n[[methods]]\nlabel = "bp"\nmethod = "bp"\n'
+        "[[grid]]\nfraction = [0.1, 0.2, 0.4]\nseed = [0, 1]\n"
+        '[tune]\nlr = [0.1, 0.3]\nby = ["fraction"]\n'
+    )
+    exp = load_experiment(path)
+    rows = [{"method": "bp", "fraction": f, "seeds": n} for f, n in ((0.1, 2), (0.2, 0))]
+    assert _stages_not_run(exp, {"rows": rows}) == ["fraction=0.2", "fraction=0.4"]

@@ -96,6 +96,21 @@ def _table(summary: dict[str, Any], axes: list[str], exp: Experiment | None = No
     return lines
 
 
+def _stages_not_run(exp: Experiment, summary: dict[str, Any]) -> list[str]:
+    """The values of the search's ``by`` axes (in grid order) at which no measured run has
+    finished yet, e.g. ``fraction=0.25, epochs=30``."""
+    by = [k for k in (exp.tune or {}).get("by", []) if k != "seed"]
+    if not by:
+        return []
+    ran = {tuple(r.get(k) for k in by) for r in summary["rows"] if r["seeds"]}
+    values = dict.fromkeys(tuple(p.get(k) for k in by) for p in exp._grid_points())
+    return [
+        ", ".join(f"{k}={format_value(v)}" for k, v in zip(by, point))
+        for point in values
+        if point not in ran
+    ]
+
+
 def _versus_table(summary: dict[str, Any], axes: list[str], reference: str = "bp") -> list[str]:
     """Each method's accuracy minus the reference method's at the same grid point (points), with
     Welch's 95% interval over seeds (none where a side has a single seed)."""
@@ -572,7 +587,9 @@ def write_report(
             "",
         ]
         if summary["cells_missing"]:
-            lines += [f"**{summary['cells_missing']} cells have not run yet.**", ""]
+            empty = _stages_not_run(exp, summary)
+            where = f" Nothing has run yet at: {'; '.join(empty)}." if empty else ""
+            lines += [f"**{summary['cells_missing']} cells have not run yet.**{where}", ""]
         for group in summary.get("search_diverged", []):
             lines += [f"**{group}: every searched value diverged, so its cells did not run.**", ""]
         lines += [*_table(summary, axes, exp), ""]
