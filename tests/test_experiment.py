@@ -712,3 +712,60 @@ def test_the_report_names_the_stages_with_no_finished_run(tmp_path):
     exp = load_experiment(path)
     rows = [{"method": "bp", "fraction": f, "seeds": n} for f, n in ((0.1, 2), (0.2, 0))]
     assert _stages_not_run(exp, {"rows": rows}) == ["fraction=0.2", "fraction=0.4"]
+
+
+def test_a_longer_run_of_each_chosen_point_checks_convergence(tmp_path):
+    """`[tune] check_longer = F` trains each chosen search point again for F times its epochs
+    (same seed, validation split and everything else), after its group's measured cells; the
+    summary and the chosen-point table give its validation accuracy and the gain."""
+    from dfatorch.report import LONGER_POINTS, _chosen_table, _longer_columns
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(SPEC.replace('by = ["fraction"]', 'by = ["fraction"]\ncheck_longer = 3'))
+    exp = load_experiment(path)
+    lines: list[str] = []
+    run = dict(runs_root=tmp_path / "runs", results_root=tmp_path / "results", progress=False)
+    run_experiment(exp, **run, log=lines.append)
+    results = tmp_path / "results" / "tiny"
+    chosen, search = select(exp, results)
+    checks = exp.longer_cells(chosen)
+    assert [c.key for c in checks] == [
+        f"longer/{m}/fraction=0.5/lr={chosen[f'{m}/fraction=0.5']['lr']}" for m in ("bp", "bdfa")
+    ]
+    # offered after the measured cells of their group, once
+    kinds = [line.split("] ")[1].split(" ")[0] for line in lines]
+    assert kinds == ["search"] * 4 + ["cell"] * 4 + ["check"] * 2
+    searched = {c.key: c for c in exp.tuning_cells()}
+    summary = aggregate(exp, results)
+    for cell in checks:
+        own = searched[cell.key.replace("longer/", "tune/")].config.to_dict()
+        config = json.loads((results / cell.key / "config.json").read_text())["config"]
+        assert config == {**own, "epochs": 3 * own["epochs"]} and own["epochs"] == 2
+        history = read_metrics(results / cell.key)
+        assert history[-1]["epoch"] == 6 and history[-1]["test_acc"] is None
+        group = exp.search_group(cell.labels)
+        assert summary["longer"][group] == {"epochs": 6, "val_acc": history[-1]["val_acc"]}
+    table = _chosen_table(exp, results, summary)
+    assert table[0].endswith("| gain (points) | converged |")
+    for row in table[2:]:
+        group = row.split(" | ")[0][2:]
+        score = next(p["val_acc"] for p in search[group] if p["lr"] == chosen[group]["lr"])
+        gain = 100 * (summary["longer"][group]["val_acc"] - score)
+        verdict = "yes" if gain < LONGER_POINTS else "**no**"
+        assert row.endswith(f"| {gain:+.2f} | {verdict} |"), row
+    assert _longer_columns({"epochs": 6, "val_acc": 0.5}, 0.47) == " 6: 50.00 | +3.00 | **no** |"
+    assert _longer_columns({"epochs": 6, "val_acc": 0.5}, 0.49) == " 6: 50.00 | +1.00 | yes |"
+    assert _longer_columns(None, 0.5) == " not run | - | - |"
+    assert _longer_columns({"epochs": 6, "val_acc": None, "diverged": True}, 0.5).endswith(
+        "diverged | - | **no** |"
+    )
+    # done cells are never run again
+    again: list[str] = []
+    run_experiment(exp, **run, log=again.append)
+    assert not [line for line in again if "check" in line or "cell" in line]
+    for bad in ("1", "2.5", "true"):
+        path.write_text(
+            SPEC.replace('by = ["fraction"]', f'by = ["fraction"]\ncheck_longer = {bad}')
+        )
+        with pytest.raises(ValueError, match="check_longer is an integer factor >= 2"):
+            load_experiment(path)

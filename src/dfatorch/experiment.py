@@ -32,6 +32,8 @@ hyper-parameter search on a validation split::
                                 # examples from outside the training subset (fraction < 1)
     by = ["fraction"]
     metric = "final"            # or "best": the validation accuracy that decides
+    check_longer = 2            # optional: train each chosen point again for 2x its epochs (same
+                                # seed and validation split), to see whether longer runs help
 
 Every cell is a run folder under ``runs_root``; when it finishes, its ``config.json`` and
 ``metrics.jsonl`` are copied under ``results_root`` (small text files, meant to be committed), and a
@@ -174,6 +176,25 @@ class Experiment:
         by = list((self.tune or {}).get("by", []))
         return _group_key(labels["method"], {k: labels.get(k) for k in by})
 
+    def longer_cells(self, chosen: dict[str, dict[str, Any]]) -> list[Cell]:
+        """The convergence check (``[tune] check_longer = F``): each group's chosen search run
+        again with ``F`` times its epochs, on the same seed and validation split, so that the
+        report can say whether a longer schedule would have scored better. Empty without it."""
+        factor = (self.tune or {}).get("check_longer")
+        if not factor:
+            return []
+        cells = []
+        for cell in self.tuning_cells():
+            picked = chosen.get(self.search_group(cell.labels))
+            if picked is None or picked != {k: cell.labels[k] for k in picked}:
+                continue
+            config = TrainConfig.from_dict(
+                {**cell.config.to_dict(), "epochs": cell.config.epochs * factor}
+            )
+            key = "longer/" + cell.key.removeprefix("tune/")
+            cells.append(Cell(key, config, {**cell.labels, "check_longer": factor}))
+        return cells
+
     def _validation(self) -> dict[str, Any]:
         """The search's validation split: ``val_size`` examples from outside the training subset
         if ``[tune]`` names it, else ``val_fraction`` (default 0.1) carved out of the subset."""
@@ -203,7 +224,7 @@ class Experiment:
         return cells
 
 
-_TUNE_KEYS = {"val_fraction", "val_size", "seed", "by", "metric"}
+_TUNE_KEYS = {"val_fraction", "val_size", "seed", "by", "metric", "check_longer"}
 
 
 def _is_list(value: Any) -> bool:
@@ -238,6 +259,9 @@ def load_experiment(path: str | Path) -> Experiment:
         raise ValueError(f"{path}: diagnostics must be true or false, got {data['diagnostics']!r}")
     if {"val_size", "val_fraction"} <= set(data.get("tune") or {}):
         raise ValueError(f"{path}: [tune] sets val_size or val_fraction, not both")
+    factor = (data.get("tune") or {}).get("check_longer")
+    if factor is not None and not (type(factor) is int and factor >= 2):
+        raise ValueError(f"{path}: [tune] check_longer is an integer factor >= 2, got {factor!r}")
     if not all(0 < float(t) <= 1 for t in data.get("targets", ())):
         raise ValueError(f"{path}: targets are test accuracies in (0, 1], got {data['targets']}")
     exp = Experiment(
@@ -452,9 +476,16 @@ def run_experiment(
     # a cell's shard follows from its place in the whole sweep, however the cells are offered
     every = exp.tuning_cells() + exp.cells({g: {} for g in _all_groups(exp)})
     place = {c.key: i for i, c in enumerate(every)}
+    groups = list(dict.fromkeys(_all_groups(exp)))
+
+    def shard_of(cell: Cell) -> int:
+        if cell.key in place:
+            return place[cell.key] % count
+        # a convergence check (its key names the chosen point): after the sweep, by its group
+        return (len(place) + groups.index(exp.search_group(cell.labels))) % count
 
     def run(cells: Iterable[Cell], what: str) -> None:
-        mine = [c for c in cells if place[c.key] % count == index]
+        mine = [c for c in cells if shard_of(c) == index]
         todo = [c for c in mine if not _cell_done(results_dir, c)]
         for n, cell in enumerate(todo, 1):
             # Beside the run folder, not in it: a stale run folder is deleted with what is in it.
@@ -480,12 +511,15 @@ def run_experiment(
     seen: set[str] = set()
 
     def run_chosen() -> bool:
-        """Run the measured cells not offered yet of every group whose search is done."""
+        """Run the measured cells not offered yet of every group whose search is done, then
+        those groups' convergence checks."""
         chosen, _ = select(exp, results_dir)
         fresh = [c for c in exp.cells(chosen) if c.key not in seen]
-        seen.update(c.key for c in fresh)
+        checks = [c for c in exp.longer_cells(chosen) if c.key not in seen]
+        seen.update(c.key for c in fresh + checks)
         run(fresh, "cell")
-        return bool(fresh)
+        run(checks, "check")
+        return bool(fresh or checks)
 
     for stage in exp.tuning_stages():
         run(stage, "search")
@@ -571,8 +605,23 @@ def aggregate(exp: Experiment, results_dir: str | Path) -> dict[str, Any]:
         "chosen": chosen,
         "search": search,
         "search_diverged": failed if exp.tune else [],
+        "longer": _longer(exp, results_dir, chosen),
         "rows": table,
     }
+
+
+def _longer(exp: Experiment, results_dir: Path, chosen: dict[str, Any]) -> dict[str, Any]:
+    """Per chosen group, its convergence check: the epochs it ran and its final validation
+    accuracy (None while not run; ``diverged`` if it diverged)."""
+    out = {}
+    for cell in exp.longer_cells(chosen):
+        history = cell_results(results_dir, cell)
+        out[exp.search_group(cell.labels)] = {
+            "epochs": cell.config.epochs,
+            "val_acc": None if history is None else summarize(history)["final_acc"],
+            **({"diverged": True} if cell_diverged(results_dir, cell) is not None else {}),
+        }
+    return out
 
 
 def format_value(value: Any) -> str:

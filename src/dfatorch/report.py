@@ -213,6 +213,11 @@ LONG_TABLE = 40
 #: evaluation at or before two thirds of the run
 PLATEAU_POINTS = 1.0
 
+#: the convergence check (``[tune] check_longer``): a longer run of the chosen point scoring this
+#: many points more on validation says the schedule was too short. Two single-seed runs on 1,000
+#: validation images differ by about this much by chance alone, so a smaller gain is not a finding.
+LONGER_POINTS = 2.0
+
 
 def plateau_rise(
     history: Sequence[dict[str, Any]], key: str = "val_acc"
@@ -232,8 +237,9 @@ def plateau_rise(
 
 
 def _chosen_table(exp: Experiment, results_dir: Path, summary: dict[str, Any]) -> list[str]:
-    """Per search group, the chosen point, its validation accuracy and whether its search run had
-    reached a plateau (:data:`PLATEAU_POINTS`, measured by :func:`plateau_rise`)."""
+    """Per search group, the chosen point, its validation accuracy, whether its search run had
+    reached a plateau (:data:`PLATEAU_POINTS`, measured by :func:`plateau_rise`) and, where the
+    experiment checks it, what a longer run of the same point scored (:data:`LONGER_POINTS`)."""
     chosen = summary["chosen"]
     if not chosen:
         return []
@@ -243,9 +249,12 @@ def _chosen_table(exp: Experiment, results_dir: Path, summary: dict[str, Any]) -
         if chosen.get(group) == {k: cell.labels[k] for k in chosen.get(group, {})}:
             runs[group] = cell
     edges = search_edges(summary)
+    longer = summary.get("longer") or {}
+    extra = " longer run: epochs, validation acc (%) | gain (points) | converged |"
     lines = [
-        "| group | chosen | validation acc (%) | late rise (points) | plateau |",
-        "|---|---|---|---|---|",
+        "| group | chosen | validation acc (%) | late rise (points) | plateau |"
+        + (extra if longer else ""),
+        "|---|---|---|---|---|" + ("---|---|---|" if longer else ""),
     ]
     for group, picked in chosen.items():
         history = cell_results(results_dir, runs[group]) or []
@@ -260,8 +269,22 @@ def _chosen_table(exp: Experiment, results_dir: Path, summary: dict[str, Any]) -
         else:
             since = f"{100 * rise[1]:+.2f} (since epoch {rise[0]})"
             verdict = "yes" if 100 * rise[1] < PLATEAU_POINTS else "**no**"
-        lines.append(f"| {group} | {values} | {100 * score:.2f} | {since} | {verdict} |")
+        row = f"| {group} | {values} | {100 * score:.2f} | {since} | {verdict} |"
+        if longer:
+            row += _longer_columns(longer.get(group), score)
+        lines.append(row)
     return lines
+
+
+def _longer_columns(check: dict[str, Any] | None, score: float) -> str:
+    """The convergence check's three cells of a chosen-point row."""
+    if check is None or (check["val_acc"] is None and not check.get("diverged")):
+        return " not run | - | - |"
+    if check.get("diverged"):
+        return f" {check['epochs']}: diverged | - | **no** |"
+    gain = 100 * (check["val_acc"] - score)
+    verdict = "yes" if gain < LONGER_POINTS else "**no**"
+    return f" {check['epochs']}: {100 * check['val_acc']:.2f} | {gain:+.2f} | {verdict} |"
 
 
 def _search_table(summary: dict[str, Any]) -> list[str]:
@@ -613,7 +636,16 @@ def write_report(
             lines += [
                 "Chosen on the validation split (one seed; plateau: the chosen run's validation "
                 f"accuracy rose by less than {PLATEAU_POINTS:g} point since its last evaluation "
-                "at or before two thirds of the run):",
+                "at or before two thirds of the run"
+                + (
+                    f"; converged: the chosen point trained {exp.tune['check_longer']}x as long "
+                    "(same seed and validation split) gained less than "
+                    f"{LONGER_POINTS:g} points, about one standard deviation of the difference "
+                    "between two single-seed runs"
+                    if (exp.tune or {}).get("check_longer")
+                    else ""
+                )
+                + "):",
                 "",
                 *picked,
                 "",
