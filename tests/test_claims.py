@@ -186,3 +186,48 @@ def test_a_claim_against_a_baseline_point_compares_the_gaps():
     assert c.difference.diff == pytest.approx(-9.0) and c.verdict == "holds"
     _, detail = verdict_tables([claim], {"exp": {"name": "exp", "rows": rows}})
     assert "(dfa − bp) − the same at b 800" in detail[2] and "against b 800" in detail[2]
+
+
+def test_runs_on_the_same_seeds_are_paired_by_seed_not_by_position():
+    """Methods that ran the same seeds (same subset, batch order and initial weights) are
+    compared on their per-seed differences: scipy's paired t; anything else falls back to Welch."""
+    from dfatorch._stats import seed_contrast
+
+    a = [(0, 50.0), (1, 56.0), (2, 47.0), (3, 53.5)]
+    b = [(3, 52.0), (0, 48.5), (2, 46.0), (1, 53.0)]  # listed in another order
+    d = seed_contrast([a, b], [1.0, -1.0])
+    x, y = [v for _, v in sorted(a)], [v for _, v in sorted(b)]
+    ref = stats.ttest_rel(x, y)
+    assert d.test == "paired t" and d.df == 3 and d.n == (4, 4)
+    assert d.p == pytest.approx(ref.pvalue, rel=1e-12)
+    ci = ref.confidence_interval()
+    assert (d.low, d.high) == pytest.approx((ci.low, ci.high), rel=1e-12)
+    assert d.diff == pytest.approx(statistics.fmean(x) - statistics.fmean(y), abs=1e-12)
+    # a difference of differences pairs the four groups by seed too
+    c, e = [(s, v + 1.0) for s, v in a], [(s, v - 0.5 * s) for s, v in b]
+    dd = seed_contrast([a, b, c, e], [1.0, -1.0, -1.0, 1.0])
+    per = [(x[s] - y[s]) - (x[s] + 1.0) + (y[s] - 0.5 * s) for s in range(4)]
+    assert dd.test == "paired t" and dd.diff == pytest.approx(statistics.fmean(per))
+    assert dd.high - dd.low == pytest.approx(
+        2 * stats.t.ppf(0.975, 3) * statistics.stdev(per) / 2, rel=1e-12
+    )
+    welch_ab = welch([v for _, v in a], [v for _, v in b])
+    for other in (b[:3], [(4, 52.0), *b[1:]], [*b, (0, 52.0)], [(None, v) for _, v in b]):
+        got = seed_contrast([a, other], [1.0, -1.0])  # fewer, other, repeated, unknown seeds
+        assert got.test == "Welch t"
+    assert seed_contrast([a, [(None, v) for _, v in b]], [1.0, -1.0]) == welch_ab
+
+
+def test_claims_pair_seeded_runs():
+    """The same accuracies: Welch's interval straddles 0, the paired one (the seeds' shared
+    spread removed) lies above it."""
+    a, b = [0.50, 0.56, 0.47, 0.535], [0.485, 0.53, 0.46, 0.52]
+    assert evaluate(_claim("above"), _summary(a=a, b=b))[0].verdict == "not shown"
+    summary = _summary(a=a, b=b)
+    for row in summary["exp"]["rows"]:
+        for seed, run in enumerate(row["runs"]):
+            run["seed"] = seed
+    (c,) = evaluate(_claim("above"), summary)
+    assert c.verdict == "holds" and c.difference.test == "paired t"
+    _, detail = verdict_tables([_claim("above")], summary)
+    assert "paired t, 4 vs 4 seeds" in detail[2]

@@ -212,9 +212,20 @@ def test_one_seed_reports_no_spread():
     best_half = stats.t.ppf(0.975, 1) * (8.0 / 2) ** 0.5
     assert lines[2:] == [
         "| dfa | 1 | -10.00 | -15.00 |",  # one bp seed: no interval is invented
-        f"| dfa | 2 | +5.00 [{5 - half:+.2f}, {5 + half:+.2f}] "
-        f"| +10.00 [{10 - best_half:+.2f}, {10 + best_half:+.2f}] |",
+        f"| dfa | 2 | +5.00 [{5 - half:+.2f}, {5 + half:+.2f}] (Welch) "
+        f"| +10.00 [{10 - best_half:+.2f}, {10 + best_half:+.2f}] (Welch) |",
     ]
+    # runs under seeds pair: the interval comes from the per-seed differences (+2, +4)
+    rows[3]["runs"] = [{"final_acc": f, "best_acc": 0.6} for f in (0.50, 0.56)]
+    for r in rows:
+        for seed, run in enumerate(r["runs"]):
+            run["seed"] = seed
+    lines = _versus_table({"rows": rows}, ["x"])
+    paired = stats.ttest_rel([50.0, 56.0], [48.0, 52.0]).confidence_interval()
+    assert lines[3].startswith(f"| dfa | 2 | +3.00 [{paired.low:+.2f}, {paired.high:+.2f}] |")
+    rows[3]["runs"][1]["seed"] = 7  # the seeds no longer match: Welch's, and said so
+    assert _versus_table({"rows": rows}, ["x"])[3].startswith("| dfa | 2 | +3.00 [")
+    assert _versus_table({"rows": rows}, ["x"])[3].split(" | ")[2].endswith("] (Welch)")
 
 
 def test_report_tables_order_numbers_numerically_and_handle_no_axis():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass, replace
 
 
 def mean_std(values: Iterable[float]) -> tuple[float | None, float | None]:
@@ -21,11 +21,11 @@ def mean_std(values: Iterable[float]) -> tuple[float | None, float | None]:
 
 @dataclass(frozen=True)
 class Difference:
-    """A contrast of group means (``mean(a) − mean(b)`` for two groups) with Welch's two-sided
-    confidence interval and p-value of "no difference".
+    """A contrast of group means (``mean(a) − mean(b)`` for two groups) with a two-sided t
+    confidence interval and p-value of "no difference" (``test`` says which t).
 
     ``low``, ``high``, ``p`` and ``df`` are ``None`` when a group has fewer than two values (no
-    variance estimate) or no group varies.
+    variance estimate) or no group varies. ``n`` is the number of values in each group.
     """
 
     diff: float
@@ -34,6 +34,7 @@ class Difference:
     p: float | None
     df: float | None
     n: tuple[int, ...]
+    test: str = "Welch t"
 
 
 def contrast(
@@ -77,4 +78,30 @@ def paired(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Diffe
     degrees of freedom)."""
     if len(a) != len(b) or not a:
         raise ValueError("paired needs two equally long, non-empty sequences")
-    return contrast([[x - y for x, y in zip(a, b)]], [1.0], level)
+    return replace(contrast([[x - y for x, y in zip(a, b)]], [1.0], level), test="paired t")
+
+
+def seed_contrast(
+    groups: Sequence[Sequence[tuple[Hashable, float]]],
+    weights: Sequence[float],
+    level: float = 0.95,
+) -> Difference:
+    """``Σ w_i · mean(group_i)`` over runs given as ``(seed, value)`` pairs.
+
+    A seed fixes what runs of different methods share in this library's trainer (the training
+    subset, the batch order and augmentation, the initial weights), so where every group ran the
+    same seeds (at least two, each once) the per-seed contrasts ``Σ w_i x_i(s)`` are paired: a
+    one-sample t interval over them (``n − 1`` degrees of freedom), which removes the spread the
+    groups share. Otherwise (different seeds, a seed that diverged on one side only, runs without
+    a seed) Welch's interval of :func:`contrast`.
+    """
+    by_seed = [dict(g) for g in groups]
+    common = set(by_seed[0]) if groups else set()
+    if len(common) >= 2 and all(
+        len(d) == len(g) and set(d) == common for d, g in zip(by_seed, groups)
+    ):
+        order = sorted(common, key=repr)
+        per_seed = [sum(w * d[s] for d, w in zip(by_seed, weights)) for s in order]
+        d = contrast([per_seed], [1.0], level)
+        return replace(d, n=tuple(len(g) for g in groups), test="paired t")
+    return contrast([[v for _, v in g] for g in groups], weights, level)

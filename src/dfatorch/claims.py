@@ -15,11 +15,12 @@ A claims file (``experiments/claims.toml``) lists each claim with the comparison
     baseline_at = { ... }   # optional: compare the difference at `at` with the one here
 
 or, for a claim no run tests, ``not_tested = "why"``. Each comparison is the difference of final
-test accuracy (points) between the two methods' seeds at one grid point, with Welch's 95%
-interval (:func:`dfatorch._stats.welch`); with ``baseline_at``, the difference at ``at`` minus the
-difference at ``baseline_at`` (a difference of differences, :func:`dfatorch._stats.contrast`), as
-in "DFA's gap to BP at a narrow layer, against its gap at full width". A comparison's verdict
-follows from its interval only:
+test accuracy (points) between the two methods' seeds at one grid point, with a 95% t interval
+(:func:`dfatorch._stats.seed_contrast`): paired over seeds where both methods ran the same seeds
+(a seed fixes the training subset, batch order and initial weights), Welch's otherwise; with
+``baseline_at``, the difference at ``at`` minus the difference at ``baseline_at`` (a difference of
+differences), as in "DFA's gap to BP at a narrow layer, against its gap at full width". A
+comparison's verdict follows from its interval only:
 
 - ``below`` (the claim says A < B): *holds* if the interval lies below 0, *contradicted* if above;
 - ``above`` (A > B): *holds* if above 0, *contradicted* if below;
@@ -41,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ._io import read_toml
-from ._stats import Difference, contrast
+from ._stats import Difference, seed_contrast
 from .experiment import format_value
 
 __all__ = ["Claim", "Comparison", "Evidence", "evaluate", "load_claims", "verdict_tables"]
@@ -128,9 +129,10 @@ def load_claims(path: str | Path) -> list[Claim]:
 
 def _finals(
     summary: Mapping[str, Any], method: str, at: Mapping[str, Any]
-) -> tuple[list[float] | None, int]:
-    """Final test accuracies (points) of ``method``'s seeds at the grid point ``at``, and how many
-    of its seeds diverged (``-1``: every value its search tried diverged, so none ran)."""
+) -> tuple[list[tuple[Any, float]] | None, int]:
+    """``(seed, final test accuracy in points)`` of ``method``'s seeds at the grid point ``at``,
+    and how many of its seeds diverged (``-1``: every value its search tried diverged, so none
+    ran)."""
     rows = [
         r
         for r in summary["rows"]
@@ -147,7 +149,9 @@ def _finals(
         if summary.get("cells_missing"):  # the sweep has not reached it (or its search) yet
             return None, 0
         raise ValueError(f"{summary['name']}: no grid point for {method} at {dict(at)}")
-    finals = [100 * r["final_acc"] for r in rows[0]["runs"] if r["final_acc"] is not None]
+    finals = [
+        (r.get("seed"), 100 * r["final_acc"]) for r in rows[0]["runs"] if r["final_acc"] is not None
+    ]
     return finals or None, int(rows[0].get("diverged", 0))
 
 
@@ -181,7 +185,7 @@ def evaluate(claim: Claim, summaries: Mapping[str, Mapping[str, Any]]) -> list[C
             out.append(Comparison(ev, None, why))
             continue
         weights = [1.0, -1.0] if ev.baseline_at is None else [1.0, -1.0, -1.0, 1.0]
-        d = contrast(groups, weights, LEVEL)  # type: ignore[arg-type]
+        d = seed_contrast(groups, weights, LEVEL)  # type: ignore[arg-type]
         out.append(Comparison(ev, d, _verdict(claim.kind, claim.margin, d), sum(diverged)))
     return out
 
@@ -235,7 +239,7 @@ def _interval(c: Comparison) -> tuple[str, str, str]:
     return (
         f"{d.diff:+.2f}",
         f"[{d.low:+.2f}, {d.high:+.2f}]",
-        f"Welch t, {seeds}, p(no difference) = {p}",
+        f"{d.test}, {seeds}, p(no difference) = {p}",
     )
 
 

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
 from ._io import write_json
-from ._stats import mean_std, welch
+from ._stats import mean_std, seed_contrast, welch
 from .claims import load_claims, verdict_tables
 from .experiment import (
     Experiment,
@@ -113,7 +113,8 @@ def _stages_not_run(exp: Experiment, summary: dict[str, Any]) -> list[str]:
 
 def _versus_table(summary: dict[str, Any], axes: list[str], reference: str = "bp") -> list[str]:
     """Each method's accuracy minus the reference method's at the same grid point (points), with
-    Welch's 95% interval over seeds (none where a side has a single seed)."""
+    the 95% interval over seeds of :func:`~dfatorch._stats.seed_contrast` (paired where both ran
+    the same seeds, Welch's otherwise; none where a side has a single seed)."""
     rows = summary["rows"]
     ref = {tuple(r.get(a) for a in axes): r for r in rows if r["method"] == reference}
     if not ref:
@@ -131,13 +132,19 @@ def _versus_table(summary: dict[str, Any], axes: list[str], reference: str = "bp
         cells = []
         for key in ("final", "best"):
             a, b = (
-                [100 * run[f"{key}_acc"] for run in row["runs"] if run[f"{key}_acc"] is not None]
+                [
+                    (run.get("seed"), 100 * run[f"{key}_acc"])
+                    for run in row["runs"]
+                    if run[f"{key}_acc"] is not None
+                ]
                 for row in (r, base)
             )
             if not a or not b:
                 break
-            d = welch(a, b)
+            d = seed_contrast([a, b], [1.0, -1.0])
             interval = "" if d.low is None else f" [{d.low:+.2f}, {d.high:+.2f}]"
+            if d.low is not None and d.test != "paired t":
+                interval += " (Welch)"
             cells.append(f"{d.diff:+.2f}{interval}")
         else:
             values = [format_value(r.get(a)) for a in axes]
@@ -619,7 +626,9 @@ def write_report(
         versus = _versus_table(summary, axes, exp.reference)
         if versus:
             lines += [f"Difference to `{exp.reference}` at the same grid point (percentage points; "
-                      "in brackets Welch's 95% interval over seeds):", ""]  # fmt: skip
+                      "in brackets the 95% interval over seeds: paired t on the per-seed "
+                      "differences where both ran the same seeds, which share the training subset, "
+                      "batch order and initial weights; Welch's t where marked):", ""]  # fmt: skip
             lines += [*versus, ""]
         timed = _time_to_target_table(exp, results_dir, axes)
         if timed:
@@ -690,11 +699,13 @@ def _verdict_section(path: Path, summaries: dict[str, dict[str, Any]]) -> list[s
         "## Verdicts",
         "",
         f"Each claim is tested by the comparisons listed in `{path}` (final test accuracy, "
-        "percentage points, the first named setting primary), each with Welch's 95% interval over "
-        "seeds. A comparison *holds* when its interval lies wholly on the claimed side of the "
-        "boundary, is *contradicted* when it lies wholly on the other side, and is *not shown* "
-        "when it straddles it; one seed on either side gives *no interval*. A claim's verdict "
-        "combines its comparisons that have an interval.",
+        "percentage points, the first named setting primary), each with a 95% t interval over "
+        "seeds: paired over the seeds both methods ran (a seed fixes the training subset, batch "
+        "order and initial weights), Welch's where their seeds differ. A comparison *holds* "
+        "when its interval lies wholly on the claimed side of the boundary, is *contradicted* "
+        "when it lies wholly on the other side, and is *not shown* when it straddles it; one "
+        "seed on either side gives *no interval*. A claim's verdict combines its comparisons "
+        "that have an interval.",
         "",
         *head,
         "",
