@@ -1,5 +1,5 @@
-"""The verdict table: Welch's interval against its formula and scipy, the verdict rules, and the
-claims file's checks."""
+"""The verdict table: Welch's and the paired-by-seed interval against their formulas and scipy,
+the verdict rules, and the claims file's checks."""
 
 from __future__ import annotations
 
@@ -208,6 +208,7 @@ def test_runs_on_the_same_seeds_are_paired_by_seed_not_by_position():
     dd = seed_contrast([a, b, c, e], [1.0, -1.0, -1.0, 1.0])
     per = [(x[s] - y[s]) - (x[s] + 1.0) + (y[s] - 0.5 * s) for s in range(4)]
     assert dd.test == "paired t" and dd.diff == pytest.approx(statistics.fmean(per))
+    assert dd.df == 3 and dd.n == (4, 4, 4, 4)
     assert dd.high - dd.low == pytest.approx(
         2 * stats.t.ppf(0.975, 3) * statistics.stdev(per) / 2, rel=1e-12
     )
@@ -216,6 +217,12 @@ def test_runs_on_the_same_seeds_are_paired_by_seed_not_by_position():
         got = seed_contrast([a, other], [1.0, -1.0])  # fewer, other, repeated, unknown seeds
         assert got.test == "Welch t"
     assert seed_contrast([a, [(None, v) for _, v in b]], [1.0, -1.0]) == welch_ab
+    for other in (b[:3], [(4, 52.0), *b[1:]]):
+        assert seed_contrast([a, other], [1.0, -1.0]) == welch([v for _, v in a],
+                                                               [v for _, v in other])  # fmt: skip
+    # an unknown seed is no seed: it pairs with nothing
+    unknown = seed_contrast([[(None, 50.0), (0, 53.0)], [(None, 48.0), (0, 50.0)]], [1.0, -1.0])
+    assert unknown.test == "Welch t"
 
 
 def test_claims_pair_seeded_runs():

@@ -725,58 +725,99 @@ def test_the_report_names_the_stages_with_no_finished_run(tmp_path):
     assert _stages_not_run(exp, {"rows": rows}) == ["fraction=0.2", "fraction=0.4"]
 
 
-def test_a_longer_run_of_each_chosen_point_checks_convergence(tmp_path):
-    """`[tune] check_longer = F` trains each chosen search point again for F times its epochs
-    (same seed, validation split and everything else), after its group's measured cells; the
-    summary and the chosen-point table give its validation accuracy and the gain."""
-    from dfatorch.report import LONGER_POINTS, _chosen_table, _longer_columns
+def test_the_convergence_check_reruns_each_chosen_point_on_a_fresh_seed_1x_and_fx(tmp_path):
+    """`[tune] check_longer = F` trains each chosen point twice more on seed (search seed + 1),
+    for the search's epochs and F times as many, everything else as searched, after its group's
+    measured cells; the summary, the chosen-point table and the missing counts report them."""
+    from dfatorch.experiment import _convergence
+    from dfatorch.report import CONVERGED_POINTS, _chosen_table, _convergence_columns
 
     path = tmp_path / "tiny.toml"
     path.write_text(SPEC.replace('by = ["fraction"]', 'by = ["fraction"]\ncheck_longer = 3'))
     exp = load_experiment(path)
+    # before anything ran: two check runs wait for each of the two groups' choice
+    assert aggregate(exp, tmp_path / "nothing")["checks_missing"] == 4
     lines: list[str] = []
     run = dict(runs_root=tmp_path / "runs", results_root=tmp_path / "results", progress=False)
     run_experiment(exp, **run, log=lines.append)
     results = tmp_path / "results" / "tiny"
-    chosen, search = select(exp, results)
-    checks = exp.longer_cells(chosen)
+    chosen, _ = select(exp, results)
+    checks = exp.convergence_cells(chosen)
     assert [c.key for c in checks] == [
-        f"longer/{m}/fraction=0.5/lr={chosen[f'{m}/fraction=0.5']['lr']}" for m in ("bp", "bdfa")
+        f"check/{m}/fraction=0.5/lr={chosen[f'{m}/fraction=0.5']['lr']}/length={n}"
+        for m in ("bp", "bdfa")
+        for n in (1, 3)
     ]
     # offered after the measured cells of their group, once
     kinds = [line.split("] ")[1].split(" ")[0] for line in lines]
-    assert kinds == ["search"] * 4 + ["cell"] * 4 + ["check"] * 2
+    assert kinds == ["search"] * 4 + ["cell"] * 4 + ["check"] * 4
     searched = {c.key: c for c in exp.tuning_cells()}
     summary = aggregate(exp, results)
+    assert summary["checks_missing"] == 0
+    finals = {}
     for cell in checks:
-        own = searched[cell.key.replace("longer/", "tune/")].config.to_dict()
+        own = searched["tune/" + cell.key.split("/", 1)[1].rsplit("/", 1)[0]].config.to_dict()
+        length = cell.labels["length"]
         config = json.loads((results / cell.key / "config.json").read_text())["config"]
-        assert config == {**own, "epochs": 3 * own["epochs"]} and own["epochs"] == 2
+        assert config == {**own, "seed": 101, "epochs": length * 2} and own["seed"] == 100
         history = read_metrics(results / cell.key)
-        assert history[-1]["epoch"] == 6 and history[-1]["test_acc"] is None
-        group = exp.search_group(cell.labels)
-        assert summary["longer"][group] == {"epochs": 6, "val_acc": history[-1]["val_acc"]}
+        assert history[-1]["epoch"] == 2 * length and history[-1]["test_acc"] is None
+        finals[cell.key] = history[-1]["val_acc"]
+    for group in chosen:
+        short, long = (finals[f"check/{group}/lr={chosen[group]['lr']}/length={n}"] for n in (1, 3))
+        want = {"seed": 101, "epochs": [2, 6], "val_acc": [short, long], "diverged": [False] * 2}
+        assert summary["convergence"][group] == want
     table = _chosen_table(exp, results, summary)
     assert table[0].endswith("| gain (points) | converged |")
     for row in table[2:]:
         group = row.split(" | ")[0][2:]
-        score = next(p["val_acc"] for p in search[group] if p["lr"] == chosen[group]["lr"])
-        gain = 100 * (summary["longer"][group]["val_acc"] - score)
-        verdict = "yes" if gain < LONGER_POINTS else "**no**"
-        assert row.endswith(f"| {gain:+.2f} | {verdict} |"), row
-    assert _longer_columns({"epochs": 6, "val_acc": 0.5}, 0.47) == " 6: 50.00 | +3.00 | **no** |"
-    assert _longer_columns({"epochs": 6, "val_acc": 0.5}, 0.49) == " 6: 50.00 | +1.00 | yes |"
-    assert _longer_columns(None, 0.5) == " not run | - | - |"
-    assert _longer_columns({"epochs": 6, "val_acc": None, "diverged": True}, 0.5).endswith(
-        "diverged | - | **no** |"
+        short, long = (finals[f"check/{group}/lr={chosen[group]['lr']}/length={n}"] for n in (1, 3))
+        gain = 100 * (long - short)
+        verdict = "yes" if gain < CONVERGED_POINTS else "**no**"
+        assert row.endswith(
+            f"| 2 → {100 * short:.2f}, 6 → {100 * long:.2f} | {gain:+.2f} | {verdict} |"
+        ), row
+    check = {"epochs": [2, 6], "val_acc": [0.47, 0.5], "diverged": [False, False]}
+    assert _convergence_columns(check) == " 2 → 47.00, 6 → 50.00 | +3.00 | **no** |"
+    assert _convergence_columns({**check, "val_acc": [0.49, 0.5]}).endswith("| +1.00 | yes |")
+    assert _convergence_columns({**check, "val_acc": [0.51, 0.5]}).endswith("| -1.00 | yes |")
+    assert _convergence_columns({**check, "val_acc": [0.47, None]}) == (
+        " 2 → 47.00, 6 → not run | - | - |"
     )
-    # done cells are never run again
+    assert (
+        _convergence_columns({**check, "val_acc": [0.47, None], "diverged": [False, True]})
+        == " 2 → 47.00, 6 → diverged | - | undetermined (diverged) |"
+    )
+    assert _convergence_columns(None) == " not run | - | - |"
+    # the search's metric decides which accuracy a check reports: give every check run an early
+    # peak above its final accuracy, which "best" must report and "final" must not
+    for cell in checks:
+        history = read_metrics(results / cell.key)
+        history[0]["val_acc"] = 0.999
+        text = "".join(json.dumps(r) + "\n" for r in history)
+        (results / cell.key / "metrics.jsonl").write_text(text)
+    best = load_experiment(path)
+    best.tune = {**best.tune, "metric": "best"}
+    assert all(c["val_acc"] == [0.999] * 2 for c in _convergence(best, results, chosen).values())
+    assert _convergence(exp, results, chosen) == summary["convergence"]
+    # done checks never run again; missing ones are counted, and shards split them
     again: list[str] = []
     run_experiment(exp, **run, log=again.append)
     assert not [line for line in again if "check" in line or "cell" in line]
-    for bad in ("1", "2.5", "true"):
-        path.write_text(
-            SPEC.replace('by = ["fraction"]', f'by = ["fraction"]\ncheck_longer = {bad}')
-        )
-        with pytest.raises(ValueError, match="check_longer is an integer factor >= 2"):
+    for cell in checks:
+        shutil.rmtree(results / cell.key)
+    assert aggregate(exp, results)["checks_missing"] == 4
+    shard: list[str] = []
+    run_experiment(exp, **run, shard=(0, 2), log=shard.append)
+    ran = [line.split(": ")[1] for line in shard if "] check" in line]
+    assert len(ran) == 2 and ran[0].split("/")[1] != ran[1].split("/")[1]  # one of each group
+    assert aggregate(exp, results)["checks_missing"] == 2
+    for bad, message in [
+        ("check_longer = 1", "check_longer is an integer factor >= 2"),
+        ("check_longer = 2.5", "check_longer is an integer factor >= 2"),
+        ("check_longer = true", "check_longer is an integer factor >= 2"),
+        ("check_longer = 2\nepochs = 1", "drop one of them"),
+    ]:
+        path.write_text(SPEC.replace('by = ["fraction"]', f'by = ["fraction"]\n{bad}'))
+        with pytest.raises(ValueError, match=message):
             load_experiment(path)

@@ -25,7 +25,8 @@ class Difference:
     confidence interval and p-value of "no difference" (``test`` says which t).
 
     ``low``, ``high``, ``p`` and ``df`` are ``None`` when a group has fewer than two values (no
-    variance estimate) or no group varies. ``n`` is the number of values in each group.
+    variance estimate) or nothing varies (no group, or for a paired test no per-pair difference).
+    ``n`` is the number of values in each group (for :func:`paired`, the number of pairs).
     """
 
     diff: float
@@ -93,12 +94,14 @@ def seed_contrast(
     same seeds (at least two, each once) the per-seed contrasts ``Σ w_i x_i(s)`` are paired: a
     one-sample t interval over them (``n − 1`` degrees of freedom), which removes the spread the
     groups share. Otherwise (different seeds, a seed that diverged on one side only, runs without
-    a seed) Welch's interval of :func:`contrast`.
+    a seed, ``None``) Welch's interval of :func:`contrast`.
     """
     by_seed = [dict(g) for g in groups]
     common = set(by_seed[0]) if groups else set()
-    if len(common) >= 2 and all(
-        len(d) == len(g) and set(d) == common for d, g in zip(by_seed, groups)
+    if (
+        len(common) >= 2
+        and None not in common
+        and all(len(d) == len(g) and set(d) == common for d, g in zip(by_seed, groups))
     ):
         order = sorted(common, key=repr)
         per_seed = [sum(w * d[s] for d, w in zip(by_seed, weights)) for s in order]

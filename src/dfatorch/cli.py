@@ -245,7 +245,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             from .experiment import select
 
             chosen, _ = select(exp, Path(args.results_root) / exp.name)
-            for cell in exp.tuning_cells() + exp.cells(chosen if exp.tune else None):
+            cells = exp.tuning_cells() + exp.cells(chosen if exp.tune else None)
+            for cell in cells + exp.convergence_cells(chosen):
                 print(cell.key)
             continue
         summary = run_experiment(
@@ -256,7 +257,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             nproc=args.nproc or exp.nproc,
         )
-        print(f"{exp.name}: {len(summary['rows'])} rows, {summary['cells_missing']} cells missing")
+        checks = summary["checks_missing"]
+        print(f"{exp.name}: {len(summary['rows'])} rows, {summary['cells_missing']} cells missing"
+              + (f", {checks} convergence-check runs missing" if checks else ""))  # fmt: skip
     return 0
 
 

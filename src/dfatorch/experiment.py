@@ -32,8 +32,8 @@ hyper-parameter search on a validation split::
                                 # examples from outside the training subset (fraction < 1)
     by = ["fraction"]
     metric = "final"            # or "best": the validation accuracy that decides
-    check_longer = 2            # optional: train each chosen point again for 2x its epochs (same
-                                # seed and validation split), to see whether longer runs help
+    check_longer = 2            # optional: train each chosen point on a fresh seed for 1x and 2x
+                                # its epochs, to see whether a longer schedule scores higher
 
 Every cell is a run folder under ``runs_root``; when it finishes, its ``config.json`` and
 ``metrics.jsonl`` are copied under ``results_root`` (small text files, meant to be committed), and a
@@ -161,7 +161,7 @@ class Experiment:
                     tune_run = {
                         **self.tune_fixed,
                         **self._validation(),
-                        "seed": self.tune.get("seed", 100),
+                        "seed": self.tune_seed,
                         "eval_test": False,
                     }
                     config = self._config(overrides, fixed, point, tune_run)
@@ -176,24 +176,33 @@ class Experiment:
         by = list((self.tune or {}).get("by", []))
         return _group_key(labels["method"], {k: labels.get(k) for k in by})
 
-    def longer_cells(self, chosen: dict[str, dict[str, Any]]) -> list[Cell]:
-        """The convergence check (``[tune] check_longer = F``): each group's chosen search run
-        again with ``F`` times its epochs, on the same seed and validation split, so that the
-        report can say whether a longer schedule would have scored better. Empty without it."""
+    def convergence_cells(self, chosen: dict[str, dict[str, Any]]) -> list[Cell]:
+        """The convergence check (``[tune] check_longer = F``): each chosen point trained twice
+        more on the same validation split, once for its search epochs and once for ``F`` times as
+        many, both on a fresh seed (the search's + 1): the chosen point's own search score is the
+        best of its grid, lucky by selection, and would make any rerun look worse. The report
+        gives the gain of the longer run. Empty without ``check_longer``."""
         factor = (self.tune or {}).get("check_longer")
         if not factor:
             return []
+        seed = self.tune_seed + 1
         cells = []
         for cell in self.tuning_cells():
             picked = chosen.get(self.search_group(cell.labels))
             if picked is None or picked != {k: cell.labels[k] for k in picked}:
                 continue
-            config = TrainConfig.from_dict(
-                {**cell.config.to_dict(), "epochs": cell.config.epochs * factor}
-            )
-            key = "longer/" + cell.key.removeprefix("tune/")
-            cells.append(Cell(key, config, {**cell.labels, "check_longer": factor}))
+            for length in (1, factor):
+                config = TrainConfig.from_dict(
+                    {**cell.config.to_dict(), "seed": seed, "epochs": cell.config.epochs * length}
+                )
+                key = "check/" + cell.key.removeprefix("tune/") + f"/length={length}"
+                cells.append(Cell(key, config, {**cell.labels, "length": length}))
         return cells
+
+    @property
+    def tune_seed(self) -> int:
+        """The seed of every search run."""
+        return int((self.tune or {}).get("seed", 100))
 
     def _validation(self) -> dict[str, Any]:
         """The search's validation split: ``val_size`` examples from outside the training subset
@@ -262,6 +271,11 @@ def load_experiment(path: str | Path) -> Experiment:
     factor = (data.get("tune") or {}).get("check_longer")
     if factor is not None and not (type(factor) is int and factor >= 2):
         raise ValueError(f"{path}: [tune] check_longer is an integer factor >= 2, got {factor!r}")
+    if factor is not None and "epochs" in (data.get("tune") or {}):
+        raise ValueError(
+            f"{path}: [tune] sets epochs for the search runs only, so check_longer would test "
+            "their schedule, not the measured runs': drop one of them"
+        )
     if not all(0 < float(t) <= 1 for t in data.get("targets", ())):
         raise ValueError(f"{path}: targets are test accuracies in (0, 1], got {data['targets']}")
     exp = Experiment(
@@ -461,9 +475,10 @@ def run_experiment(
     nproc: int = 1,
     poll_seconds: float = 20.0,
 ) -> dict[str, Any]:
-    """Run every unfinished cell (search first, then the measured cells whose search is done),
-    then aggregate. Returns the summary (also written to ``results_root/NAME/summary.json``).
-    ``nproc > 1`` trains each cell data-parallel in that many processes.
+    """Run every unfinished cell (search first, then the measured cells whose search is done,
+    then its convergence check if the file asks for one), then aggregate. Returns the summary
+    (also written to ``results_root/NAME/summary.json``). ``nproc > 1`` trains each cell
+    data-parallel in that many processes.
 
     A worker whose own share is done while another worker still runs a search waits for that
     search (checking every ``poll_seconds``) and then shares its group's measured cells, instead
@@ -476,13 +491,15 @@ def run_experiment(
     # a cell's shard follows from its place in the whole sweep, however the cells are offered
     every = exp.tuning_cells() + exp.cells({g: {} for g in _all_groups(exp)})
     place = {c.key: i for i, c in enumerate(every)}
-    groups = list(dict.fromkeys(_all_groups(exp)))
+    # the search groups in the order their stages run
+    groups = list(dict.fromkeys(exp.search_group(c.labels) for c in exp.tuning_cells()))
 
     def shard_of(cell: Cell) -> int:
         if cell.key in place:
             return place[cell.key] % count
         # a convergence check (its key names the chosen point): after the sweep, by its group
-        return (len(place) + groups.index(exp.search_group(cell.labels))) % count
+        second = cell.labels["length"] > 1
+        return (len(place) + 2 * groups.index(exp.search_group(cell.labels)) + second) % count
 
     def run(cells: Iterable[Cell], what: str) -> None:
         mine = [c for c in cells if shard_of(c) == index]
@@ -515,7 +532,7 @@ def run_experiment(
         those groups' convergence checks."""
         chosen, _ = select(exp, results_dir)
         fresh = [c for c in exp.cells(chosen) if c.key not in seen]
-        checks = [c for c in exp.longer_cells(chosen) if c.key not in seen]
+        checks = [c for c in exp.convergence_cells(chosen) if c.key not in seen]
         seen.update(c.key for c in fresh + checks)
         run(fresh, "cell")
         run(checks, "check")
@@ -555,6 +572,11 @@ def aggregate(exp: Experiment, results_dir: str | Path) -> dict[str, Any]:
     missing = (
         len(exp.cells({g: {} for g in _all_groups(exp)})) - len(cells) - never if exp.tune else 0
     )
+    convergence = _convergence(exp, results_dir, chosen)
+    checks_missing = sum(v is None and not d for c in convergence.values()
+                         for v, d in zip(c["val_acc"], c["diverged"]))  # fmt: skip
+    if exp.tune and exp.tune.get("check_longer"):  # groups not chosen yet: their checks wait too
+        checks_missing += 2 * len(set(_all_groups(exp)) - set(chosen) - set(failed))
     for cell in cells:
         history = cell_results(results_dir, cell)
         group = {k: v for k, v in cell.labels.items() if k != "seed"}
@@ -605,22 +627,26 @@ def aggregate(exp: Experiment, results_dir: str | Path) -> dict[str, Any]:
         "chosen": chosen,
         "search": search,
         "search_diverged": failed if exp.tune else [],
-        "longer": _longer(exp, results_dir, chosen),
+        "convergence": convergence,
+        "checks_missing": checks_missing,
         "rows": table,
     }
 
 
-def _longer(exp: Experiment, results_dir: Path, chosen: dict[str, Any]) -> dict[str, Any]:
-    """Per chosen group, its convergence check: the epochs it ran and its final validation
-    accuracy (None while not run; ``diverged`` if it diverged)."""
-    out = {}
-    for cell in exp.longer_cells(chosen):
+def _convergence(exp: Experiment, results_dir: Path, chosen: dict[str, Any]) -> dict[str, Any]:
+    """Per chosen group, its convergence check: the seed, the two runs' epochs, their validation
+    accuracies (by the search's metric; None while not run) and whether each diverged."""
+    key = "best_acc" if (exp.tune or {}).get("metric") == "best" else "final_acc"
+    out: dict[str, Any] = {}
+    for cell in exp.convergence_cells(chosen):
         history = cell_results(results_dir, cell)
-        out[exp.search_group(cell.labels)] = {
-            "epochs": cell.config.epochs,
-            "val_acc": None if history is None else summarize(history)["final_acc"],
-            **({"diverged": True} if cell_diverged(results_dir, cell) is not None else {}),
-        }
+        check = out.setdefault(
+            exp.search_group(cell.labels),
+            {"seed": cell.config.seed, "epochs": [], "val_acc": [], "diverged": []},
+        )
+        check["epochs"].append(cell.config.epochs)
+        check["val_acc"].append(None if history is None else summarize(history)[key])
+        check["diverged"].append(cell_diverged(results_dir, cell) is not None)
     return out
 
 
