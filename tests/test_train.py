@@ -223,3 +223,33 @@ def test_bottleneck_narrows_the_middle_layer_and_trainable_units_freeze_the_rest
     assert middle.weight.grad[:5].abs().sum() > 0 and middle.weight.grad[5:].abs().sum() == 0
     with pytest.raises(ValueError, match="bottleneck"):
         TrainConfig(dataset="digits", model="small_cnn", bottleneck=5)
+
+
+def test_evaluation_is_batch_size_free_and_keeps_no_graph():
+    """The trainer's evaluation batch changes speed only: with batch norm in eval mode every
+    example is scored alone, so loss and accuracy match batch by batch of 7; and no autograd
+    graph is recorded (the trainer calls the summing helper directly, outside `evaluate`)."""
+    from dfatorch.data import BatchLoader
+    from dfatorch.models import build_model
+    from dfatorch.train import EVAL_BATCH_SIZE, _evaluation_sums
+
+    splits = load_dataset("digits")
+    torch.manual_seed(0)
+    model = build_model("small_cnn", splits.input_shape, splits.num_classes, batch_norm=True)
+    model.train()
+    for _ in range(3):  # batch statistics that differ from the initial running ones
+        model(torch.randn(16, *splits.input_shape))
+    norm = dict(mean=splits.mean, std=splits.std, seed=0)
+    grad_modes: list[bool] = []
+    model.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+    sums = {
+        size: _evaluation_sums(
+            model, BatchLoader(splits.test, size, shuffle=False, augment=False, **norm), False, None
+        )
+        for size in (7, EVAL_BATCH_SIZE)
+    }
+    (loss_a, correct_a, seen_a), (loss_b, correct_b, seen_b) = sums.values()
+    assert seen_a == seen_b == len(splits.test) and correct_a == correct_b
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert grad_modes and not any(grad_modes)
+    assert model.training  # put back as it was

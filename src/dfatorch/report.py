@@ -770,6 +770,7 @@ def _speed_section(folder: Path) -> list[str]:
     lines += _activation_memory_section(folder / "activation_memory.json")
     lines += _scaling_section(folder / "scaling.json")
     lines += _private_step_section(folder / "private_step_time.json")
+    lines += _eval_speed_section(folder / "eval_speed.json")
     lines += _kfac_overhead_section(folder / "kfac_overhead.json")
     lines += _recurrent_memory_section(folder / "recurrent_memory.json")
     lines += _peer_section(folder / "biotorch_peer.json")
@@ -953,6 +954,31 @@ def _private_step_section(path: Path) -> list[str]:
                 f"{r['native']['ms_median']:.1f} ({r['native']['ratio_to_non_private']:.2f}) | "
                 f"{r['opacus']['ms_median']:.1f} ({r['opacus']['ratio_to_non_private']:.2f}) |"
             )
+    return [*lines, ""]
+
+
+def _eval_speed_section(path: Path) -> list[str]:
+    """The table of ``benchmarks/eval_speed.py``'s JSON: evaluation speed per batch size."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    m, cfg = data["machine"], data["config"]
+    ours = data["trainer_eval_batch_size"]
+    sizes = list(next(iter(data["models"].values())))
+    lines = [
+        "## Speed: evaluation batch size",
+        "",
+        f"`{data['command']}` ({m['processor']}, {m['threads']} threads, torch {m['torch']}; "
+        f"{cfg['images']} images per pass, {cfg['rounds']} interleaved rounds after a warm-up, "
+        f"medians). Images per second, forward only in eval mode, and in brackets the ratio to "
+        f"the trainer's evaluation batch of {ours}, which is chosen from this table.",
+        "",
+        "| model | " + " | ".join(f"batch {b}" for b in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
+    for model, speeds in data["models"].items():
+        cells = [f"{s['images_per_s']:,.0f} ({s['vs_trainer']:.2f})" for s in speeds.values()]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
