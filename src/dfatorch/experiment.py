@@ -178,9 +178,10 @@ class Experiment:
 
     def convergence_cells(self, chosen: dict[str, dict[str, Any]]) -> list[Cell]:
         """The convergence check (``[tune] check_longer = F``): each chosen point trained twice
-        more on the same validation split, once for its search epochs and once for ``F`` times as
-        many, both on a fresh seed (the search's + 1): the chosen point's own search score is the
-        best of its grid, lucky by selection, and would make any rerun look worse. The report
+        more, once for its search epochs and once for ``F`` times as many, both on a fresh seed
+        (the search's + 1, so a fresh training subset, validation split and initialisation where
+        the seed draws them; the two runs share all three): the chosen point's own search score is
+        the best of its grid, lucky by selection, and would make any rerun look worse. The report
         gives the gain of the longer run. Empty without ``check_longer``."""
         factor = (self.tune or {}).get("check_longer")
         if not factor:
