@@ -259,7 +259,7 @@ def _chosen_table(exp: Experiment, results_dir: Path, summary: dict[str, Any]) -
             runs[group] = cell
     edges = search_edges(summary)
     checks = summary.get("convergence") or {}
-    extra = " check: validation acc (%), epochs → acc | gain (points) | converged |"
+    extra = " check on a fresh seed: epochs → validation acc (%) | gain (points) | converged |"
     lines = [
         "| group | chosen | validation acc (%) | late rise (points) | plateau |"
         + (extra if checks else ""),
@@ -661,10 +661,10 @@ def write_report(
                 f"accuracy rose by less than {PLATEAU_POINTS:g} point since its last evaluation "
                 "at or before two thirds of the run"
                 + (
-                    "; converged: trained again on a fresh seed (the search's + 1) for the "
-                    f"search's epochs and for {exp.tune['check_longer']}x as many, the chosen "
-                    f"point gained less than {CONVERGED_POINTS:g} points of validation accuracy "
-                    "from the longer schedule"
+                    "; converged: retrained on a fresh seed (the search's + 1: a new training "
+                    "subset, validation split and initialisation) for the search's epochs and "
+                    f"for {exp.tune['check_longer']}x as many, the chosen point gained less than "
+                    f"{CONVERGED_POINTS:g} points of validation accuracy from the longer schedule"
                     if (exp.tune or {}).get("check_longer")
                     else ""
                 )
