@@ -1,13 +1,14 @@
 """Evaluation throughput per model and batch size (forward only, eval mode, no gradients); print
 JSON.
 
-    python benchmarks/eval_speed.py [--rounds 5] [--images 2000] [--models ...]
+    python benchmarks/eval_speed.py [--rounds 5] [--images 1000] [--threads 1] [--models ...]
                                     [--batch-sizes ...] [--out FILE]
 
 The trainer's evaluation batch (``dfatorch.train.EVAL_BATCH_SIZE``) is chosen from this. Batch
-sizes are interleaved round by round, so that drift of a shared machine hits all alike; one
-warm-up pass per model and batch size is excluded. Reported: the median images per second over
-rounds, and each batch size's ratio to the trainer's (the median of the per-round ratios).
+sizes are interleaved round by round, their order rotated each round, so that drift of a shared
+machine hits all alike; two warm-up batches per model and batch size are excluded. Reported: the
+median images per second over rounds, and each batch size's ratio to the trainer's (the median of
+the per-round ratios, so not quite the ratio of the medians).
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def measure(key: str, batches: list[int], images: int, rounds: int) -> dict[str,
     for b in sizes:  # warm-up
         _images_per_second(model, x[: 2 * b], b)
     speed: dict[int, list[float]] = {b: [] for b in sizes}
-    for _ in range(rounds):
-        for b in sizes:
+    for r in range(rounds):
+        for b in sizes[r % len(sizes) :] + sizes[: r % len(sizes)]:
             speed[b].append(_images_per_second(model, x, b))
     return {
         str(b): {
@@ -73,10 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 64, 128, 256, 500, 1000])
     parser.add_argument("--images", type=int, default=1000, help="images per timed pass")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (as the experiments)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.images < 1 or min(args.batch_sizes) < 1:
-        parser.error("--rounds, --images and --batch-sizes must be positive")
+    if min(args.rounds, args.images, args.threads, *args.batch_sizes) < 1:
+        parser.error("--rounds, --images, --threads and --batch-sizes must be positive")
+    torch.set_num_threads(args.threads)
     report: dict[str, Any] = {
         "benchmark": "eval_speed",
         "command": command(__file__, argv),

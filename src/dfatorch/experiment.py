@@ -181,8 +181,11 @@ class Experiment:
         more, once for its search epochs and once for ``F`` times as many, both on a fresh seed
         (the search's + 1, so a fresh training subset, validation split and initialisation where
         the seed draws them; the two runs share all three): the chosen point's own search score is
-        the best of its grid, lucky by selection, and would make any rerun look worse. The report
-        gives the gain of the longer run. Empty without ``check_longer``."""
+        the best of its grid, lucky by selection, and would make any rerun look worse. The runs
+        keep the search's configuration, ``[tune]``'s scalar overrides included (an ``epochs``
+        there is refused; a search-only ``target_epsilon`` or ``fraction`` would be checked as
+        searched, not as measured). The report gives the gain of the longer run. Empty without
+        ``check_longer``."""
         factor = (self.tune or {}).get("check_longer")
         if not factor:
             return []
@@ -499,8 +502,10 @@ def run_experiment(
         if cell.key in place:
             return place[cell.key] % count
         # a convergence check (its key names the chosen point): after the sweep, by its group
-        second = cell.labels["length"] > 1
-        return (len(place) + 2 * groups.index(exp.search_group(cell.labels)) + second) % count
+        group = groups.index(exp.search_group(cell.labels))
+        # the long run alternates sides from group to group, so two shards share the long runs
+        second = (cell.labels["length"] > 1) != (group % 2 == 1)
+        return (len(place) + 2 * group + second) % count
 
     def run(cells: Iterable[Cell], what: str) -> None:
         mine = [c for c in cells if shard_of(c) == index]

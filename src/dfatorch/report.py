@@ -223,8 +223,8 @@ PLATEAU_POINTS = 1.0
 #: the convergence check (``[tune] check_longer``): the chosen point's longer run scoring this many
 #: points more on validation than its run of the search's length (both on one fresh seed) says the
 #: schedule was too short. Runs of two seeds in the small-data study differ by about this much by
-#: chance (√2 × the seed spread, 1.5 to 2.4 points); two runs of one seed share their subset and
-#: initial weights and differ by less.
+#: chance (√2 × the seed spread at 0.5% and 1%: 1.5 to 2.4 points); two runs of one seed share
+#: their subset and initial weights and presumably differ by less (not measured).
 CONVERGED_POINTS = 2.0
 
 
@@ -664,7 +664,9 @@ def write_report(
                     "; converged: retrained on a fresh seed (the search's + 1: a new training "
                     "subset, validation split and initialisation) for the search's epochs and "
                     f"for {exp.tune['check_longer']}x as many, the chosen point gained less than "
-                    f"{CONVERGED_POINTS:g} points of validation accuracy from the longer schedule"
+                    f"{CONVERGED_POINTS:g} points of validation accuracy from the longer schedule; "
+                    "its runs and the search's are on different subsets and the search's score is "
+                    "the best of its grid, so only the check's two runs compare"
                     if (exp.tune or {}).get("check_longer")
                     else ""
                 )
@@ -970,8 +972,9 @@ def _eval_speed_section(path: Path) -> list[str]:
         "",
         f"`{data['command']}` ({m['processor']}, {m['threads']} threads, torch {m['torch']}; "
         f"{cfg['images']} images per pass, {cfg['rounds']} interleaved rounds after a warm-up, "
-        f"medians). Images per second, forward only in eval mode, and in brackets the ratio to "
-        f"the trainer's evaluation batch of {ours}, which is chosen from this table.",
+        f"medians). Images per second, forward only in eval mode, and in brackets the speed "
+        f"relative to the trainer's evaluation batch of {ours} (the median of the per-round "
+        "ratios), which is chosen from this table.",
         "",
         "| model | " + " | ".join(f"batch {b}" for b in sizes) + " |",
         "|---|" + "---|" * len(sizes),
