@@ -76,7 +76,7 @@ __all__ = [
 #: Examples per evaluation batch. Accuracy does not depend on it (eval mode scores every example
 #: alone), the loss only through float rounding (about 1e-7 relative); speed does. On one CPU
 #: thread the zoo's conv nets evaluate about 1.0-1.7x faster at 128 than at 500, the old value (a
-#: cache effect), the MLP about 0.6x as fast but at over 6,000 images per second
+#: cache effect), the MLP 0.6-0.9x as fast in two runs but at over 5,000 images per second
 #: (``benchmarks/eval_speed.py`` measures it per model; ``docs/RESULTS.md`` shows the table).
 EVAL_BATCH_SIZE = 128
 
