@@ -293,7 +293,6 @@ def _inputs(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     loader: BatchLoader,
@@ -307,7 +306,7 @@ def evaluate(
     return loss_sum / max(seen, 1), correct / max(seen, 1)
 
 
-@torch.no_grad()  # the trainer calls this directly: no graph is kept for a backward never run
+@torch.no_grad()  # for evaluate() and the trainer alike: no graph for a backward never run
 def _evaluation_sums(
     model: nn.Module, loader: BatchLoader, channels_last: bool, loss_fn: LossFn | None
 ) -> tuple[float, int, int]:
