@@ -595,6 +595,39 @@ def test_probe_fields_are_tabulated_and_plotted_from_the_records(tmp_path):
     assert (out.parent / "figures" / "probed-probes-1.png").stat().st_size > 5_000
 
 
+def test_private_runs_clipping_is_tabulated_from_the_records(tmp_path):
+    """The report's clipping table: per method and epsilon, the mean over seeds of the first and
+    last epoch's clipped share and of the last epoch's mean update norm (recomputed here)."""
+    from dfatorch.experiment import cell_results, select
+    from dfatorch.report import write_report
+
+    path = tmp_path / "dp.toml"
+    path.write_text(
+        'name = "dp"\n[base]\ndataset = "digits"\nmodel = "mlp"\nwidth = 0.05\nepochs = 2\n'
+        'batch_size = 64\nprivate = true\ndelta = 1e-4\nclip = 5.0\noptimizer = "sgd"\n'
+        '[[methods]]\nlabel = "dp-dfa"\nmethod = "dfa"\nscope = "all"\n'
+        "[[grid]]\ntarget_epsilon = [2.0, 8.0]\nseed = [0, 1]\n"
+    )
+    roots = ["--runs-root", str(tmp_path / "runs"), "--results-root", str(tmp_path / "res")]
+    assert main(["experiment", str(path), *roots, "--no-progress"]) == 0
+    text = write_report([path], results_root=tmp_path / "res", out=tmp_path / "R.md").read_text()
+    exp = load_experiment(path)
+    table = text[text.index("Clipping (per-example") :].split("\n\n")[1].splitlines()
+    assert table[0] == (
+        "| method | target_epsilon | runs | clipped, first epoch (%) | clipped, last epoch (%) "
+        "| mean update norm, last epoch |"
+    )
+    for eps, line in zip((2.0, 8.0), table[2:]):
+        runs = [cell_results(tmp_path / "res" / "dp", c) for c in exp.cells(select(exp,
+                tmp_path / "res" / "dp")[0] or None) if c.config.target_epsilon == eps]  # fmt: skip
+        first = sum(h[0]["clipped_fraction"] for h in runs) / 2
+        last = sum(h[-1]["clipped_fraction"] for h in runs) / 2
+        norm = sum(h[-1]["update_norm_mean"] for h in runs) / 2
+        assert 0 < last < first < 1 and norm > 0  # the clip splits the examples
+        assert line == (f"| dp-dfa | {eps:g} | 2 | {100 * first:.1f} | {100 * last:.1f} | "
+                        f"{norm:.3g} |")  # fmt: skip
+
+
 def test_each_search_stage_is_followed_by_its_measured_cells(tmp_path):
     """Searches run one `by` value at a time, in grid order, each followed by its measured cells,
     so a sweep ordered cheapest first has its cheap results first; `val_size` in [tune] validates

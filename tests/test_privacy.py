@@ -114,9 +114,38 @@ def test_native_clipped_sums_equal_the_per_example_formula(kind, method, scope):
     updates.enabled = True
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
-    sums = updates.clipped_sums(clip)
+    sums, native_norms = updates.clipped_sums(clip)
     for p, e in zip(model.parameters(), expected):
         torch.testing.assert_close(sums[p], e, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(native_norms, torch.tensor(norms, dtype=torch.float64), rtol=1e-9,
+                               atol=0)  # fmt: skip
+
+
+def test_the_epoch_record_counts_clipped_examples_and_their_mean_norm():
+    """Two steps of one epoch: the share of examples above the clip and the mean norm before
+    clipping, against the explicit per-example norms."""
+    model = _net("cnn", "dfa", "all")
+    gen = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(n, 3, 12, 12, generator=gen, dtype=torch.float64),
+                torch.randint(0, 5, (n,), generator=gen)) for n in (7, 4)]  # fmt: skip
+    norms = [v for x, y in batches for v in _explicit_clipped_sum(model, x, y, math.inf)[1]]
+    clip = sorted(norms)[3]  # 7 of the 11 are above it
+    dp = DifferentialPrivacy(clip=clip, delta=1e-5, batch_size=6, noise_multiplier=1.0)
+    dp.accountant = PrivacyAccountant(1.0, 0.01)
+    dp.generator = torch.Generator().manual_seed(0)
+    dp._params = list(model.parameters())
+    dp._samples = _NativeUpdates(model)
+    dp._samples.enabled = True
+    for x, y in batches:
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        dp.before_step(None)  # type: ignore[arg-type]
+    record: dict = {}
+    dp.on_epoch_end(None, record)  # type: ignore[arg-type]
+    assert record["clipped_fraction"] == 7 / 11
+    assert record["update_norm_mean"] == pytest.approx(sum(norms) / 11, rel=1e-9)
+    dp.on_epoch_end(None, record)  # a new epoch starts from zero: no examples seen yet
+    assert record["clipped_fraction"] is None
 
 
 def test_the_sensitivity_bound_holds_on_real_tensors():
@@ -132,7 +161,7 @@ def test_the_sensitivity_bound_holds_on_real_tensors():
         updates = _NativeUpdates(model)
         updates.enabled = True
         F.cross_entropy(model(xs), ys, reduction="mean").backward()
-        sums = updates.clipped_sums(clip)
+        sums, _ = updates.clipped_sums(clip)
         return torch.cat([sums[p].flatten() for p in model.parameters()])
 
     _, norms = _explicit_clipped_sum(model, x, y, clip)
@@ -157,6 +186,11 @@ def test_native_and_opacus_engines_train_the_same_run(tmp_path):
     for k in a:  # the same clip, the same noise draws: the same weights up to summation order
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-5)
     assert native.history[0]["epsilon"] == opacus.history[0]["epsilon"]
+    # the clipping diagnostics: native norms from the layer factors, opacus's from its gradients
+    assert native.history[0]["clipped_fraction"] == opacus.history[0]["clipped_fraction"]
+    assert native.history[0]["update_norm_mean"] == pytest.approx(
+        opacus.history[0]["update_norm_mean"], rel=1e-4
+    )
 
 
 # -- noise ----------------------------------------------------------------------------------------

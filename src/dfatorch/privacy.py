@@ -214,8 +214,11 @@ class _NativeUpdates:
         db = d.flatten(2).sum(2)
         return ("explicit", g, db), g.flatten(1).pow(2).sum(1) + bias * db.pow(2).sum(1)
 
-    def clipped_sums(self, clip: float) -> dict[torch.nn.Parameter, torch.Tensor]:
-        """Every parameter's sum of clipped per-example updates (all layers clipped together)."""
+    def clipped_sums(
+        self, clip: float
+    ) -> tuple[dict[torch.nn.Parameter, torch.Tensor], torch.Tensor]:
+        """Every parameter's sum of clipped per-example updates (all layers clipped together), and
+        each example's update norm before clipping."""
         missing = [m for m in self.layers if m not in self._grads]
         if missing:
             raise RuntimeError(f"no gradient reached {len(missing)} layer(s) this step")
@@ -234,7 +237,7 @@ class _NativeUpdates:
             sums[module.weight] = weight.view_as(module.weight)
             if module.bias is not None and module.bias.requires_grad:
                 sums[module.bias] = bias
-        return sums
+        return sums, norms
 
 
 class DifferentialPrivacy(Callback):
@@ -257,7 +260,12 @@ class DifferentialPrivacy(Callback):
             ``"opacus"`` (its ``GradSampleModule``, any layer opacus supports, much slower on
             wide layers). Both clip, noise and scale alike.
 
-    Each epoch's record gains ``epsilon`` and ``noise_multiplier``.
+    Each epoch's record gains ``epsilon`` and ``noise_multiplier``, and two clipping diagnostics
+    over the epoch's examples: ``clipped_fraction`` (the share whose update norm exceeded
+    ``clip``) and ``update_norm_mean`` (the mean norm before clipping). Where nearly every update
+    is clipped, the step is ``lr * clip`` times a sum of unit vectors, so the learning rate and the
+    clip act as one knob. Like the training loss, the diagnostics read the data without noise: the
+    epsilon does not cover them; do not publish them from a private deployment.
     """
 
     def __init__(
@@ -292,6 +300,8 @@ class DifferentialPrivacy(Callback):
         self._samples: Any = None  # per-example updates: _NativeUpdates or GradSampleModule
         self._dp: Any = None  # opacus DPOptimizer: clip, noise and scale (engine="opacus")
         self._params: list[nn.Parameter] = []
+        # this epoch's examples, how many of them were clipped, the sum of their update norms
+        self._clip_stats = [0, 0, 0.0]
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -383,10 +393,12 @@ class DifferentialPrivacy(Callback):
         """Per-example clip, sum, noise, divide by ``q N``: ``p.grad`` becomes the private
         update."""
         if self.engine == "opacus":
+            self._count_clipped(self._opacus_norms())
             self._dp.pre_step()
             return
         assert self.accountant is not None
-        sums = self._samples.clipped_sums(self.clip)
+        sums, norms = self._samples.clipped_sums(self.clip)
+        self._count_clipped(norms)
         std = self.accountant.noise_multiplier * self.clip
         for p in self._params:
             total = sums[p]
@@ -394,6 +406,18 @@ class DifferentialPrivacy(Callback):
                                  generator=self.generator)  # fmt: skip
             p.grad = ((total + noise) / self.batch_size).view_as(p).to(p.dtype)
         self._samples.clear()
+
+    def _opacus_norms(self) -> torch.Tensor:
+        """Each example's update norm, all parameters together, from opacus's per-example
+        gradients (as its ``DPOptimizer`` computes them to clip)."""
+        samples = [p.grad_sample for p in self._params if p.grad_sample is not None]
+        per_parameter = [g.reshape(len(g), -1).norm(2, dim=1) for g in samples]
+        return torch.stack(per_parameter, 1).norm(2, dim=1)
+
+    def _count_clipped(self, norms: torch.Tensor) -> None:
+        self._clip_stats[0] += len(norms)
+        self._clip_stats[1] += int((norms > self.clip).sum())
+        self._clip_stats[2] += float(norms.sum())
 
     def after_step(self, state: TrainState) -> None:
         assert self.accountant is not None
@@ -403,6 +427,10 @@ class DifferentialPrivacy(Callback):
         assert self.accountant is not None
         record["epsilon"] = self.accountant.epsilon(self.delta)
         record["noise_multiplier"] = self.accountant.noise_multiplier
+        seen, clipped, norm_sum = self._clip_stats
+        record["clipped_fraction"] = clipped / seen if seen else None
+        record["update_norm_mean"] = norm_sum / seen if seen else None
+        self._clip_stats = [0, 0, 0.0]
 
     # -- state -----------------------------------------------------------------------------
 
@@ -410,6 +438,7 @@ class DifferentialPrivacy(Callback):
         return {
             "accountant": None if self.accountant is None else self.accountant.state_dict(),
             "generator": None if self.generator is None else self.generator.get_state(),
+            "clip_stats": list(self._clip_stats),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -417,5 +446,6 @@ class DifferentialPrivacy(Callback):
             self.accountant = PrivacyAccountant(1.0, 1.0)
             self.accountant.load_state_dict(state["accountant"])
         self._saved_generator = state["generator"]
+        self._clip_stats = list(state.get("clip_stats", [0, 0, 0.0]))
         if self.generator is not None and self._saved_generator is not None:
             self.generator.set_state(self._saved_generator)

@@ -575,6 +575,40 @@ def _probe_tables(exp: Experiment, results_dir: Path, axes: list[str]) -> list[s
     return lines
 
 
+def _clipping_table(exp: Experiment, results_dir: Path, axes: list[str]) -> list[str]:
+    """For private runs: the share of examples whose update was clipped, in the first and the last
+    epoch, and the mean update norm before clipping in the last (means over seeds); empty if no
+    run logged them (non-private runs, or private runs from before they were logged)."""
+    chosen, _ = select(exp, results_dir)
+    rows: dict[tuple[Any, ...], list[tuple[float, float, float]]] = defaultdict(list)
+    for cell in exp.cells(chosen or None):
+        history = cell_results(results_dir, cell) or []
+        logged = [h for h in history if h.get("clipped_fraction") is not None]
+        if logged:
+            row = (cell.labels["method"], *(cell.labels.get(a) for a in axes))
+            first, last = logged[0], logged[-1]
+            rows[row].append(
+                (first["clipped_fraction"], last["clipped_fraction"], last["update_norm_mean"])
+            )
+    if not rows:
+        return []
+    header = ["method", *axes, "runs", "clipped, first epoch (%)", "clipped, last epoch (%)",
+              "mean update norm, last epoch"]  # fmt: skip
+    lines = [
+        "Clipping (per-example update norms before clipping, against the clip; logged by the "
+        "runs, not covered by their epsilon):",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for row, values in rows.items():
+        first, last, norm = (sum(v) / len(v) for v in zip(*values))
+        lines.append("| " + " | ".join([*map(format_value, row), str(len(values)),
+                                        f"{100 * first:.1f}", f"{100 * last:.1f}", f"{norm:.3g}"])
+                     + " |")  # fmt: skip
+    return [*lines, ""]
+
+
 def write_report(
     experiment_files: Sequence[str | Path],
     *,
@@ -686,6 +720,7 @@ def write_report(
             link = fraction_png.relative_to(out.parent)
             lines += [f"![accuracy against training-set fraction]({link})", ""]
         lines += _probe_tables(exp, results_dir, axes)
+        lines += _clipping_table(exp, results_dir, axes)
         for axis in axes:
             if axis == "fraction" or _tied(exp, axis):
                 continue
