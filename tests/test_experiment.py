@@ -522,6 +522,22 @@ def test_a_data_parallel_cell_that_diverges_is_recorded(tmp_path, monkeypatch):
     assert all(r["seeds"] == 0 and r["diverged"] == 2 for r in summary["rows"])
 
 
+def test_an_interrupted_data_parallel_cell_stops_the_sweep(tmp_path, monkeypatch):
+    """The launcher passes on ``dfatorch train``'s 130 (Ctrl-C): the sweep stops there."""
+    import dfatorch.distributed
+
+    launched: list[list[str]] = []
+    monkeypatch.setattr(dfatorch.distributed, "launch",
+                        lambda argv, nproc: launched.append(argv) or 130)  # fmt: skip
+    spec = SPEC.replace('[tune]\nlr = [1e-4, 3e-3]\nby = ["fraction"]\n', "").replace("tiny", "dq")
+    path = tmp_path / "dq.toml"
+    path.write_text(spec)
+    quiet = dict(runs_root=tmp_path / "runs", results_root=tmp_path / "res", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(load_experiment(path), **quiet, log=lambda _: None, nproc=2)
+    assert len(launched) == 1 and not (tmp_path / "res" / "dq").exists()
+
+
 def test_peer_accuracy_table_gives_welchs_interval_of_the_difference(tmp_path):
     from dfatorch._stats import welch
     from dfatorch.report import _peer_accuracy_section
@@ -593,6 +609,53 @@ def test_probe_fields_are_tabulated_and_plotted_from_the_records(tmp_path):
         assert table[2].startswith(f"| dfa | {want} |"), (key, table[2], want)
     assert "![probed-probes-1](figures/probed-probes-1.png)" in text
     assert (out.parent / "figures" / "probed-probes-1.png").stat().st_size > 5_000
+
+
+def test_ctrl_c_stops_the_sweep_and_the_same_command_resumes_it(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in a cell stops the whole sweep (exit 130) with the cell's checkpoint saved and no
+    result written for it; rerunning finishes it with the records of an uninterrupted sweep."""
+    import os
+    import signal
+
+    import torch.nn.functional as F
+
+    spec = SPEC.replace('[tune]\nlr = [1e-4, 3e-3]\nby = ["fraction"]\n', "").replace(
+        'name = "tiny"', 'name = "stop"'
+    )
+    path = tmp_path / "stop.toml"
+    path.write_text(spec)
+    exp = load_experiment(path)
+    first, second = exp.cells()[:2]
+
+    def roots(name):
+        return ["--runs-root", str(tmp_path / name / "runs"),
+                "--results-root", str(tmp_path / name / "res"), "--no-progress"]  # fmt: skip
+
+    assert main(["experiment", str(path), *roots("whole")]) == 0
+    real, calls = F.cross_entropy, {"n": 0}
+
+    def interrupting(logits, target, *args, **kwargs):
+        if not args and not kwargs:  # a training step (evaluation sums)
+            calls["n"] += 1
+            if calls["n"] == 15:  # in the first cell's second epoch (12 steps an epoch)
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(logits, target, *args, **kwargs)
+
+    monkeypatch.setattr(F, "cross_entropy", interrupting)
+    assert main(["experiment", str(path), *roots("split")]) == 130
+    assert "interrupted" in capsys.readouterr().out
+    monkeypatch.setattr(F, "cross_entropy", real)
+    runs, res = tmp_path / "split" / "runs" / "stop", tmp_path / "split" / "res" / "stop"
+    assert (runs / first.key / "checkpoint.pt").exists()
+    assert not (runs / second.key).exists() and not (res / first.key).exists()
+    assert main(["experiment", str(path), *roots("split")]) == 0
+    timing = {"epoch_seconds", "images_per_second"}
+    for cell in exp.cells():
+        whole = read_metrics(tmp_path / "whole" / "res" / "stop" / cell.key)
+        split = read_metrics(res / cell.key)
+        assert [{k: v for k, v in h.items() if k not in timing} for h in split] == [
+            {k: v for k, v in h.items() if k not in timing} for h in whole
+        ]
 
 
 def test_private_runs_clipping_is_tabulated_from_the_records(tmp_path):

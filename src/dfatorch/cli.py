@@ -101,6 +101,7 @@ def _launch(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .experiment import INTERRUPTED_EXIT
     from .train import train
 
     if args.nproc > 1:
@@ -124,12 +125,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         callbacks=[_resume_line()],
     )
     if _rank() != 0:
-        return 130 if result.interrupted else 0
+        return INTERRUPTED_EXIT if result.interrupted else 0
     _print_summary([(str(run_dir), result.history)])
     print(f"run folder: {run_dir}")
     if result.interrupted:
         print(f"interrupted: checkpoint saved; continue with: dfatorch train --resume {run_dir}")
-        return 130
+        return INTERRUPTED_EXIT
     return 0
 
 
@@ -237,7 +238,7 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from .experiment import load_experiment, run_experiment
+    from .experiment import INTERRUPTED_EXIT, load_experiment, run_experiment
 
     for file in args.files:
         exp = load_experiment(file)
@@ -249,14 +250,19 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             for cell in cells + exp.convergence_cells(chosen):
                 print(cell.key)
             continue
-        summary = run_experiment(
-            exp,
-            runs_root=args.runs_root,
-            results_root=args.results_root,
-            shard=args.shard,
-            progress=not args.no_progress,
-            nproc=args.nproc or exp.nproc,
-        )
+        try:
+            summary = run_experiment(
+                exp,
+                runs_root=args.runs_root,
+                results_root=args.results_root,
+                shard=args.shard,
+                progress=not args.no_progress,
+                nproc=args.nproc or exp.nproc,
+            )
+        except KeyboardInterrupt:
+            print(f"{exp.name}: interrupted, the running cell's checkpoint saved; the same "
+                  "command resumes the sweep")  # fmt: skip
+            return INTERRUPTED_EXIT
         checks = summary["checks_missing"]
         print(f"{exp.name}: {len(summary['rows'])} rows, {summary['cells_missing']} cells missing"
               + (f", {checks} convergence-check runs missing" if checks else ""))  # fmt: skip

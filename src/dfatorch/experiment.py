@@ -331,6 +331,8 @@ def cell_results(results_dir: Path, cell: Cell) -> list[dict[str, Any]] | None:
 
 #: the exit code of ``dfatorch train`` when training diverged (``cli.main``)
 DIVERGED_EXIT = 3
+#: the exit code of ``dfatorch train`` stopped by Ctrl-C, its checkpoint saved
+INTERRUPTED_EXIT = 130
 #: beside a cell's result files: the cell diverged (the message and the epochs it completed)
 DIVERGED = "diverged.json"
 
@@ -393,7 +395,10 @@ def _run_cell(
         if nproc > 1:
             _train_in_processes(cell, run, resume, progress, nproc)
         else:
-            train(None if resume else cell.config, run_dir, resume=resume, progress=progress)
+            result = train(None if resume else cell.config, run_dir, resume=resume,
+                           progress=progress)  # fmt: skip
+            if result.interrupted:  # Ctrl-C: the run keeps its checkpoint; the sweep stops
+                raise KeyboardInterrupt
     except TrainingDiverged as exc:  # a result (too high a learning rate), not a failure
         diverged = str(exc)
     target = results_dir / cell.key
@@ -426,6 +431,8 @@ def _train_in_processes(cell: Cell, run: RunDir, resume: bool, progress: bool, n
         raise TrainingDiverged(
             f"cell {cell.key}: training diverged (the ranks' messages are above)"
         )
+    if code == INTERRUPTED_EXIT:
+        raise KeyboardInterrupt
     if code != 0:
         raise RuntimeError(f"cell {cell.key}: the {nproc} training processes failed (code {code})")
 
