@@ -538,6 +538,28 @@ def test_an_interrupted_data_parallel_cell_stops_the_sweep(tmp_path, monkeypatch
     assert len(launched) == 1 and not (tmp_path / "res" / "dq").exists()
 
 
+def test_memory_format_section_tabulates_the_benchmark(tmp_path):
+    from dfatorch.report import _memory_format_section
+
+    timing = {"ms_contiguous": 150.0, "ms_channels_last": 100.0, "ratio_channels_last": 0.667}
+    config = {"rounds": 15, "warmup": 2, "batch_size": 64, "eval_batch_size": 128}
+    load = {"before": [2.5, 2, 2], "after": [2, 2, 2]}
+    machine = {"processor": "cpu", "threads": 1, "torch": "2", "load_average_1_5_15min": load}
+    rule = {"step": timing, "eval": {**timing, "ratio_channels_last": 1.1}}
+    data = {
+        "command": "python benchmarks/memory_format.py",
+        "config": {**config, "eval_images": 256},
+        "machine": machine,
+        "models": {"small_cnn_bn": {"bp": rule}},
+    }
+    path = tmp_path / "memory_format.json"
+    path.write_text(json.dumps(data))
+    text = "\n".join(_memory_format_section(path))
+    assert "| small_cnn_bn | bp | 150.0 | 0.67 | 150.0 | 1.10 |" in text
+    assert "load average 2.5 before" in text and "256 images in batches of 128" in text
+    assert _memory_format_section(tmp_path / "missing.json") == []
+
+
 def test_peer_accuracy_table_gives_welchs_interval_of_the_difference(tmp_path):
     from dfatorch._stats import welch
     from dfatorch.report import _peer_accuracy_section
@@ -656,6 +678,24 @@ def test_ctrl_c_stops_the_sweep_and_the_same_command_resumes_it(tmp_path, monkey
         assert [{k: v for k, v in h.items() if k not in timing} for h in split] == [
             {k: v for k, v in h.items() if k not in timing} for h in whole
         ]
+
+
+def test_a_finished_cell_counts_when_only_a_neutral_field_changes(tmp_path):
+    """Device, memory layout and data folder do not change what a cell computes: turning on
+    channels-last after a sweep ran reruns nothing; changing the learning rate reruns."""
+    spec = SPEC.replace('[tune]\nlr = [1e-4, 3e-3]\nby = ["fraction"]\n', "").replace(
+        'name = "tiny"', 'name = "same"'
+    )
+    quiet = dict(runs_root=tmp_path / "runs", results_root=tmp_path / "res", progress=False)
+    path = tmp_path / "same.toml"
+    path.write_text(spec)
+    run_experiment(load_experiment(path), **quiet, log=lambda _: None)
+    for change, reruns in (('device = "cpu"\nchannels_last = true\n', False),
+                           ("lr = 0.002\n", True)):  # fmt: skip
+        path.write_text(spec.replace("[base]\n", "[base]\n" + change))
+        ran: list[str] = []
+        run_experiment(load_experiment(path), **quiet, log=ran.append)
+        assert any("cell" in line for line in ran) == reruns, change
 
 
 def test_private_runs_clipping_is_tabulated_from_the_records(tmp_path):

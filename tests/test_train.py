@@ -253,3 +253,23 @@ def test_evaluation_is_batch_size_free_and_keeps_no_graph():
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     assert grad_modes and not any(grad_modes)
     assert model.training  # put back as it was
+
+
+@pytest.mark.parametrize("method, scope", [("bp", "all"), ("dfa", "all"), ("bdfa", "fc")])
+def test_channels_last_trains_the_same_steps_up_to_rounding(tmp_path, method, scope):
+    """The layout is a speed option (the experiment runner counts a cell run either way): with
+    batch norm, dropout and augmentation, two steps give the same weights and statistics up to
+    float rounding. (Over a whole run the rounding grows, as between devices: digits' few grey
+    levels make ties in max-pooling that rounding breaks either way.)"""
+    base = dict(dataset="digits", model="small_cnn", activation="relu", batch_norm=True,
+                dropout=0.3, augment=True, optimizer="sgd", momentum=0.9, lr=0.05,
+                batch_size=64, fraction=0.08, epochs=1, method=method, scope=scope)  # fmt: skip
+    weights = []
+    for layout in (False, True):
+        folder = tmp_path / f"{method}-{layout}"
+        train(TrainConfig(**base, channels_last=layout), folder, progress=False)
+        checkpoint = load_checkpoint(folder / "checkpoint.pt")
+        assert checkpoint["model"]["1.num_batches_tracked"] == 2  # two steps
+        weights.append(checkpoint["model"])
+    for key in weights[0]:
+        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-4, atol=2e-6)

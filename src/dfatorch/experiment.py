@@ -64,8 +64,10 @@ from .train import TrainConfig, summarize, train
 
 __all__ = ["Cell", "Experiment", "aggregate", "load_experiment", "run_experiment"]
 
-#: Config fields that do not change what a cell computes (a cell run elsewhere still counts).
-NEUTRAL = {"data_dir", "device", "download"}
+#: Config fields that do not change what a cell computes (a cell run elsewhere still counts): where
+#: the data is read from, and the device and memory layout, which change the float rounding only
+#: (the trajectories then drift apart, as between two machines: a test bounds two steps).
+NEUTRAL = {"data_dir", "device", "download", "channels_last"}
 
 
 @dataclass(frozen=True)

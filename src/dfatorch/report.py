@@ -808,6 +808,7 @@ def _speed_section(folder: Path) -> list[str]:
     lines += _scaling_section(folder / "scaling.json")
     lines += _private_step_section(folder / "private_step_time.json")
     lines += _eval_speed_section(folder / "eval_speed.json")
+    lines += _memory_format_section(folder / "memory_format.json")
     lines += _kfac_overhead_section(folder / "kfac_overhead.json")
     lines += _recurrent_memory_section(folder / "recurrent_memory.json")
     lines += _peer_section(folder / "biotorch_peer.json")
@@ -1017,6 +1018,38 @@ def _eval_speed_section(path: Path) -> list[str]:
     for model, speeds in data["models"].items():
         cells = [f"{s['images_per_s']:,.0f} ({s['vs_trainer']:.2f})" for s in speeds.values()]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _memory_format_section(path: Path) -> list[str]:
+    """The table of ``benchmarks/memory_format.py``'s JSON: channels-last against contiguous."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    m, cfg = data["machine"], data["config"]
+    lines = [
+        "## Speed: memory layout",
+        "",
+        f"`{data['command']}` ({m['processor']}, {m['threads']} threads, torch {m['torch']}"
+        f"{_load(m)}; {cfg['rounds']} rounds after {cfg['warmup']} warm-up rounds, the layouts' "
+        "order alternating, medians). A training step (Adam, batch "
+        f"{cfg['batch_size']}) and an evaluation pass ({cfg['eval_images']} images in batches "
+        f"of {cfg['eval_batch_size']}) in the contiguous layout and in channels-last "
+        "(`channels_last = true`), and the median of the per-round ratios channels-last / "
+        "contiguous: below 1, channels-last is faster. The layout changes float rounding only, "
+        "so the experiment runner counts a cell run in either.",
+        "",
+        "| model | rule | step ms (contiguous) | step ratio | eval ms (contiguous) | eval ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, rules in data["models"].items():
+        for rule, r in rules.items():
+            step, ev = r["step"], r["eval"]
+            lines.append(
+                f"| {model} | {rule} | {step['ms_contiguous']:.1f} | "
+                f"{step['ratio_channels_last']:.2f} | {ev['ms_contiguous']:.1f} | "
+                f"{ev['ratio_channels_last']:.2f} |"
+            )
     return [*lines, ""]
 
 
