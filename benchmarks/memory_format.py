@@ -57,7 +57,8 @@ def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 def _runner(key: str, rule: str, channels_last: bool, x: torch.Tensor, y: torch.Tensor,
             test: torch.Tensor):  # fmt: skip
-    """A training step and an evaluation pass, built as the trainer builds them."""
+    """A training step and an evaluation pass: the model in the layout, each batch converted to
+    it (as the trainer does), the rule attached with an example input of that layout."""
     name, kw, _ = MODELS[key]
     torch.manual_seed(0)
     model = build_model(name, INPUT_SHAPE, NUM_CLASSES, **kw)

@@ -498,7 +498,9 @@ def test_a_search_whose_every_value_diverged_is_reported_not_missing(tmp_path):
     assert summary["chosen"] == {} and summary["rows"] == []
     assert sorted(summary["search_diverged"]) == ["bdfa/fraction=0.5", "bp/fraction=0.5"]
     assert summary["cells_missing"] == 0
-    out = write_report([path], results_root=tmp_path / "res", out=tmp_path / "R.md")
+    out = write_report(
+        [path], results_root=tmp_path / "res", benchmarks=tmp_path, out=tmp_path / "R.md"
+    )
     text = out.read_text()
     assert "every searched value diverged, so its cells did not run" in text
     assert "cells have not run yet" not in text
@@ -520,6 +522,44 @@ def test_a_data_parallel_cell_that_diverges_is_recorded(tmp_path, monkeypatch):
     summary = run_experiment(exp, **quiet, log=lambda _: None, nproc=2)
     assert all(cell_diverged(tmp_path / "res" / "dp", c) for c in exp.cells())
     assert all(r["seeds"] == 0 and r["diverged"] == 2 for r in summary["rows"])
+
+
+def test_ctrl_c_in_the_last_evaluation_keeps_the_cell_and_stops_the_sweep(tmp_path, monkeypatch):
+    """A Ctrl-C that arrives while a cell's last epoch is evaluated lets the cell finish (its
+    results are written) and still stops the sweep before the next cell."""
+    import math
+    import os
+    import signal
+
+    import torch.nn.functional as F
+
+    from dfatorch.data import load_dataset
+    from dfatorch.train import EVAL_BATCH_SIZE
+
+    spec = SPEC.replace('[tune]\nlr = [1e-4, 3e-3]\nby = ["fraction"]\n', "").replace(
+        'name = "tiny"', 'name = "late"'
+    )
+    path = tmp_path / "late.toml"
+    path.write_text(spec)
+    exp = load_experiment(path)
+    first, second = exp.cells()[:2]
+    real, evaluations = F.cross_entropy, {"n": 0}
+    per_pass = math.ceil(len(load_dataset("digits").test.labels) / EVAL_BATCH_SIZE)
+
+    def interrupting(logits, target, *args, **kwargs):
+        if kwargs.get("reduction") == "sum":  # evaluation passes sum the loss
+            evaluations["n"] += 1
+            if evaluations["n"] == per_pass + 1:  # the first batch of the last epoch's evaluation
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(logits, target, *args, **kwargs)
+
+    monkeypatch.setattr(F, "cross_entropy", interrupting)
+    roots = ["--runs-root", str(tmp_path / "runs"), "--results-root", str(tmp_path / "res"),
+             "--no-progress"]  # fmt: skip
+    assert main(["experiment", str(path), *roots]) == 130
+    res = tmp_path / "res" / "late"
+    assert len(read_metrics(res / first.key)) == 2  # finished and recorded
+    assert not (tmp_path / "runs" / "late" / second.key).exists()
 
 
 def test_an_interrupted_data_parallel_cell_stops_the_sweep(tmp_path, monkeypatch):
@@ -613,7 +653,9 @@ def test_probe_fields_are_tabulated_and_plotted_from_the_records(tmp_path):
     )
     roots = ["--runs-root", str(tmp_path / "runs"), "--results-root", str(tmp_path / "res")]
     assert main(["experiment", str(path), *roots, "--no-progress"]) == 0
-    out = write_report([path], results_root=tmp_path / "res", out=tmp_path / "docs" / "R.md")
+    out = write_report(
+        [path], results_root=tmp_path / "res", benchmarks=tmp_path, out=tmp_path / "docs" / "R.md"
+    )
     text = out.read_text()
     exp = load_experiment(path)
     histories = [
@@ -665,7 +707,7 @@ def test_ctrl_c_stops_the_sweep_and_the_same_command_resumes_it(tmp_path, monkey
 
     monkeypatch.setattr(F, "cross_entropy", interrupting)
     assert main(["experiment", str(path), *roots("split")]) == 130
-    assert "interrupted" in capsys.readouterr().out
+    assert "stopped; the same command resumes" in capsys.readouterr().out
     monkeypatch.setattr(F, "cross_entropy", real)
     runs, res = tmp_path / "split" / "runs" / "stop", tmp_path / "split" / "res" / "stop"
     assert (runs / first.key / "checkpoint.pt").exists()
@@ -696,6 +738,13 @@ def test_a_finished_cell_counts_when_only_a_neutral_field_changes(tmp_path):
         ran: list[str] = []
         run_experiment(load_experiment(path), **quiet, log=ran.append)
         assert any("cell" in line for line in ran) == reruns, change
+    # with compressed activations the layout decides which ops are fused: it is not neutral
+    from dfatorch.experiment import _comparable
+    from dfatorch.train import TrainConfig
+
+    for bits, same in ((32, True), (8, False)):
+        a, b = (TrainConfig(activation_bits=bits, channels_last=c).to_dict() for c in (0, 1))
+        assert (_comparable(a) == _comparable(b)) == same, bits
 
 
 def test_private_runs_clipping_is_tabulated_from_the_records(tmp_path):
@@ -713,11 +762,13 @@ def test_private_runs_clipping_is_tabulated_from_the_records(tmp_path):
     )
     roots = ["--runs-root", str(tmp_path / "runs"), "--results-root", str(tmp_path / "res")]
     assert main(["experiment", str(path), *roots, "--no-progress"]) == 0
-    text = write_report([path], results_root=tmp_path / "res", out=tmp_path / "R.md").read_text()
+    text = write_report(
+        [path], results_root=tmp_path / "res", benchmarks=tmp_path, out=tmp_path / "R.md"
+    ).read_text()
     exp = load_experiment(path)
     table = text[text.index("Clipping (per-example") :].split("\n\n")[1].splitlines()
     assert table[0] == (
-        "| method | target_epsilon | runs | clipped, first epoch (%) | clipped, last epoch (%) "
+        "| method | target_epsilon | clipped, first epoch (%) | clipped, last epoch (%) "
         "| mean update norm, last epoch |"
     )
     for eps, line in zip((2.0, 8.0), table[2:]):
@@ -727,8 +778,8 @@ def test_private_runs_clipping_is_tabulated_from_the_records(tmp_path):
         last = sum(h[-1]["clipped_fraction"] for h in runs) / 2
         norm = sum(h[-1]["update_norm_mean"] for h in runs) / 2
         assert 0 < last < first < 1 and norm > 0  # the clip splits the examples
-        assert line == (f"| dp-dfa | {eps:g} | 2 | {100 * first:.1f} | {100 * last:.1f} | "
-                        f"{norm:.3g} |")  # fmt: skip
+        assert line == (f"| dp-dfa | {eps:g} | {100 * first:.1f} (2) | {100 * last:.1f} (2) | "
+                        f"{norm:.3g} (2) |")  # fmt: skip
 
 
 def test_each_search_stage_is_followed_by_its_measured_cells(tmp_path):

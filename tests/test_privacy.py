@@ -4,8 +4,10 @@ published anchor, exact resume and the refusals."""
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import shutil
 import signal
 
 import pytest
@@ -129,7 +131,7 @@ def test_the_epoch_record_counts_clipped_examples_and_their_mean_norm():
     batches = [(torch.randn(n, 3, 12, 12, generator=gen, dtype=torch.float64),
                 torch.randint(0, 5, (n,), generator=gen)) for n in (7, 4)]  # fmt: skip
     norms = [v for x, y in batches for v in _explicit_clipped_sum(model, x, y, math.inf)[1]]
-    clip = sorted(norms)[3]  # 7 of the 11 are above it
+    clip = sum(sorted(norms)[3:5]) / 2  # 7 of the 11 are above it, none near it
     dp = DifferentialPrivacy(clip=clip, delta=1e-5, batch_size=6, noise_multiplier=1.0)
     dp.accountant = PrivacyAccountant(1.0, 0.01)
     dp.generator = torch.Generator().manual_seed(0)
@@ -253,6 +255,8 @@ def test_private_run_logs_epsilon_within_target_and_resumes_bit_identically(tmp_
     assert whole[-1]["epsilon"] > 1.9  # the noise was found for this budget, not far above it
     assert whole[0]["epsilon"] < whole[1]["epsilon"]
 
+    # the clipping counts: one value per epoch, in (0, 1] at this clip, exact across the resume
+    assert all(0 < h["clipped_fraction"] <= 1 and h["update_norm_mean"] > 0 for h in whole)
     calls = {"n": 0}
     real = F.cross_entropy
 
@@ -268,9 +272,21 @@ def test_private_run_logs_epsilon_within_target_and_resumes_bit_identically(tmp_
     monkeypatch.setattr(F, "cross_entropy", real)
     ckpt = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
     assert (ckpt["epoch"], ckpt["batch"]) == (1, 8)
+    saved = (tmp_path / "split" / "checkpoint.pt").read_bytes()
     resumed = train(None, tmp_path / "split", resume=True, progress=False)
     # the same noise, batches and accountant: bit-identical to the uninterrupted run
     assert _strip(resumed.history) == _strip(whole)
+    # a checkpoint from before the counts were saved: that epoch's counts are unknown, not partial
+    old = torch.load(io.BytesIO(saved), weights_only=True)
+    dp = next(c for c in old["callbacks"] if c["name"] == "DifferentialPrivacy")
+    del dp["state"]["clip_stats"]
+    shutil.rmtree(tmp_path / "split")
+    (tmp_path / "split").mkdir()
+    shutil.copy(tmp_path / "whole" / "config.json", tmp_path / "split" / "config.json")
+    torch.save(old, tmp_path / "split" / "checkpoint.pt")
+    again = train(None, tmp_path / "split", resume=True, progress=False).history
+    assert again[1]["clipped_fraction"] is None and again[1]["update_norm_mean"] is None
+    assert again[1]["test_acc"] == whole[1]["test_acc"]
     with pytest.raises(ValueError, match=r"would spend epsilon .* > the target 2"):
         train(None, tmp_path / "whole", resume=True, progress=False, epochs=4)
 
@@ -294,6 +310,10 @@ def test_dp_sgd_and_dp_dfa_train_on_digits(tmp_path):
         (dict(target_epsilon=1.0, batch_norm=True), "batch norm mixes the examples"),
         (dict(target_epsilon=1.0, method="dkp"), "dkp learns its feedback"),
         (dict(target_epsilon=1.0, delta=1.0), "delta must be in"),
+        (
+            dict(target_epsilon=1.0, private_engine="opacus", channels_last=True),
+            "opacus computes wrong per-example conv gradients on channels-last",
+        ),
     ],
 )
 def test_bad_private_options_are_refused_when_the_config_is_built(options, message):

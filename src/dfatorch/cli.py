@@ -125,13 +125,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         callbacks=[_resume_line()],
     )
     if _rank() != 0:
-        return INTERRUPTED_EXIT if result.interrupted else 0
+        return INTERRUPTED_EXIT if result.stop_requested else 0
     _print_summary([(str(run_dir), result.history)])
     print(f"run folder: {run_dir}")
     if result.interrupted:
         print(f"interrupted: checkpoint saved; continue with: dfatorch train --resume {run_dir}")
-        return INTERRUPTED_EXIT
-    return 0
+    return INTERRUPTED_EXIT if result.stop_requested else 0
 
 
 def _epoch_line(record: dict[str, Any]) -> None:
@@ -260,8 +259,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                 nproc=args.nproc or exp.nproc,
             )
         except KeyboardInterrupt:
-            print(f"{exp.name}: interrupted, the running cell's checkpoint saved; the same "
-                  "command resumes the sweep")  # fmt: skip
+            print(f"{exp.name}: stopped; the same command resumes the sweep from the last "
+                  "checkpoint")  # fmt: skip
             return INTERRUPTED_EXIT
         checks = summary["checks_missing"]
         print(f"{exp.name}: {len(summary['rows'])} rows, {summary['cells_missing']} cells missing"

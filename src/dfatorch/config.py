@@ -370,6 +370,12 @@ class TrainConfig:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
         if not self.clip > 0:
             raise ValueError(f"clip must be > 0, got {self.clip}")
+        if self.private_engine == "opacus" and self.channels_last:
+            raise ValueError(
+                "private: opacus computes wrong per-example conv gradients on channels-last "
+                "tensors (it unfolds them as NCHW); use --private-engine native or drop "
+                "--channels-last"
+            )
         if self.batch_norm:
             raise ValueError(
                 "private: batch norm mixes the examples of a batch, which is not differentially "

@@ -317,7 +317,7 @@ def launch(
                 break  # a rank died: the others would wait for it forever
             time.sleep(0.1)
         if first is None:
-            return 0
+            return 130 if interrupts else 0  # a Ctrl-C the ranks took after their last step
         rank, code = first
         _stop_all(procs, grace_s)
         if interrupts:

@@ -65,8 +65,9 @@ from .train import TrainConfig, summarize, train
 __all__ = ["Cell", "Experiment", "aggregate", "load_experiment", "run_experiment"]
 
 #: Config fields that do not change what a cell computes (a cell run elsewhere still counts): where
-#: the data is read from, and the device and memory layout, which change the float rounding only
-#: (the trajectories then drift apart, as between two machines: a test bounds two steps).
+#: the data is read from; the memory layout, which changes float rounding only (a test bounds two
+#: steps; over a run the trajectories drift apart, as on two machines); the device, which also
+#: changes the random streams of on-device draws (dropout, privacy noise).
 NEUTRAL = {"data_dir", "device", "download", "channels_last"}
 
 
@@ -316,7 +317,10 @@ def _all_groups(exp: Experiment) -> list[str]:
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     # fields added to TrainConfig after a cell ran take their defaults: old results stay valid
     full = {**TrainConfig().to_dict(), **config}
-    return {k: v for k, v in full.items() if k not in NEUTRAL}
+    neutral = NEUTRAL
+    if full["activation_bits"] < 32:  # compressed activations fuse ops on contiguous maps only
+        neutral = NEUTRAL - {"channels_last"}
+    return {k: v for k, v in full.items() if k not in neutral}
 
 
 def cell_results(results_dir: Path, cell: Cell) -> list[dict[str, Any]] | None:
@@ -393,14 +397,16 @@ def _run_cell(
         shutil.rmtree(run_dir)  # a stale run of an older version of this cell
         resume = False
     diverged: str | None = None
+    stop = False  # Ctrl-C in the last epoch's evaluation: the cell finished, the sweep stops
     try:
         if nproc > 1:
-            _train_in_processes(cell, run, resume, progress, nproc)
+            stop = _train_in_processes(cell, run, resume, progress, nproc)
         else:
             result = train(None if resume else cell.config, run_dir, resume=resume,
                            progress=progress)  # fmt: skip
             if result.interrupted:  # Ctrl-C: the run keeps its checkpoint; the sweep stops
                 raise KeyboardInterrupt
+            stop = result.stop_requested
     except TrainingDiverged as exc:  # a result (too high a learning rate), not a failure
         diverged = str(exc)
     target = results_dir / cell.key
@@ -417,11 +423,15 @@ def _run_cell(
         write_json(staging / DIVERGED, {"message": diverged, "epochs_completed": epochs})
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
+    if stop:
+        raise KeyboardInterrupt
 
 
-def _train_in_processes(cell: Cell, run: RunDir, resume: bool, progress: bool, nproc: int) -> None:
+def _train_in_processes(cell: Cell, run: RunDir, resume: bool, progress: bool, nproc: int) -> bool:
     """Train a cell data-parallel: its config goes in the run folder, and ``nproc`` processes
-    continue that run (``train --resume`` of a folder without a checkpoint starts it)."""
+    continue that run (``train --resume`` of a folder without a checkpoint starts it). Returns
+    whether a Ctrl-C arrived that let the run finish; raises ``KeyboardInterrupt`` for one that
+    stopped it."""
     from .distributed import launch
 
     if not resume:
@@ -434,9 +444,12 @@ def _train_in_processes(cell: Cell, run: RunDir, resume: bool, progress: bool, n
             f"cell {cell.key}: training diverged (the ranks' messages are above)"
         )
     if code == INTERRUPTED_EXIT:
-        raise KeyboardInterrupt
+        if not run.is_finished():
+            raise KeyboardInterrupt
+        return True
     if code != 0:
         raise RuntimeError(f"cell {cell.key}: the {nproc} training processes failed (code {code})")
+    return False
 
 
 def select(exp: Experiment, results_dir: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
@@ -496,6 +509,10 @@ def run_experiment(
     A worker whose own share is done while another worker still runs a search waits for that
     search (checking every ``poll_seconds``) and then shares its group's measured cells, instead
     of leaving them all to the other worker.
+
+    Ctrl-C stops the sweep: ``KeyboardInterrupt`` is raised after the running cell saved its
+    checkpoint (or, if the Ctrl-C came during its last evaluation, its results); calling again
+    resumes.
     """
     runs_dir = Path(runs_root) / exp.name
     results_dir = Path(results_root) / exp.name

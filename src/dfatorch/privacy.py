@@ -41,6 +41,9 @@ from torch import nn
 
 from .callbacks import Callback, TrainState
 
+#: added to each norm in the clip factor ``min(1, clip / (norm + eps))``, as opacus does
+_CLIP_EPS = 1e-6
+
 __all__ = [
     "DifferentialPrivacy",
     "PrivacyAccountant",
@@ -156,7 +159,7 @@ class _NativeUpdates:
     layer's per-example update is summed over positions and is computed explicitly from the
     unfolded input. Then, as opacus's ``DPOptimizer`` does (same formulas, same noise calls, so the
     same generator gives the same update; a test checks it): clip factors
-    ``min(1, clip / (norm_i + 1e-6))``, the clipped sum, ``N(0, (sigma clip)^2)`` noise per
+    ``min(1, clip / (norm_i + eps))``, the clipped sum, ``N(0, (sigma clip)^2)`` noise per
     coordinate, division by the expected batch size.
     """
 
@@ -225,7 +228,7 @@ class _NativeUpdates:
         n = next(iter(self._grads.values())).shape[0]
         parts = {m: self._per_example(m, n) for m in self.layers}
         norms = torch.stack([sq for _, sq in parts.values()], 1).sum(1).sqrt()
-        factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+        factors = (clip / (norms + _CLIP_EPS)).clamp(max=1.0)
         sums: dict[torch.nn.Parameter, torch.Tensor] = {}
         for module, ((kind, a, b), _) in parts.items():
             if kind == "linear":
@@ -261,11 +264,13 @@ class DifferentialPrivacy(Callback):
             wide layers). Both clip, noise and scale alike.
 
     Each epoch's record gains ``epsilon`` and ``noise_multiplier``, and two clipping diagnostics
-    over the epoch's examples: ``clipped_fraction`` (the share whose update norm exceeded
-    ``clip``) and ``update_norm_mean`` (the mean norm before clipping). Where nearly every update
-    is clipped, the step is ``lr * clip`` times a sum of unit vectors, so the learning rate and the
-    clip act as one knob. Like the training loss, the diagnostics read the data without noise: the
-    epsilon does not cover them; do not publish them from a private deployment.
+    over the epoch's examples: ``clipped_fraction`` (the share whose update the clip scaled down)
+    and ``update_norm_mean`` (the mean norm before clipping); both ``None`` for an epoch resumed
+    from a checkpoint that did not count them. Where nearly every update is clipped, the private
+    sum is ``clip`` times (a sum of unit vectors + noise of standard deviation
+    ``noise_multiplier``), so under SGD the learning rate and the clip act as one knob, their
+    product. Like the training loss, the diagnostics read the data without noise: the epsilon
+    does not cover them; do not publish them from a private deployment.
     """
 
     def __init__(
@@ -300,8 +305,11 @@ class DifferentialPrivacy(Callback):
         self._samples: Any = None  # per-example updates: _NativeUpdates or GradSampleModule
         self._dp: Any = None  # opacus DPOptimizer: clip, noise and scale (engine="opacus")
         self._params: list[nn.Parameter] = []
-        # this epoch's examples, how many of them were clipped, the sum of their update norms
-        self._clip_stats = [0, 0, 0.0]
+        # this epoch's examples, how many were clipped, the sum of their update norms: summed on
+        # the model's device (no host sync per step); unknown for an epoch resumed from a
+        # checkpoint that did not count them
+        self._clip_stats = torch.zeros(3, dtype=torch.float64)
+        self._clip_unknown = False
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -335,6 +343,8 @@ class DifferentialPrivacy(Callback):
                     f"{self.delta:g}); stop earlier or start a new run with the longer plan"
                 )
         device = next(state.model.parameters()).device
+        self._clip_stats = self._clip_stats.to(device)
+        self._clip_unknown = self._clip_unknown and state.start_batch > 0
         self.generator = torch.Generator(device=device).manual_seed(self.seed)
         if self._saved_generator is not None:
             self.generator.set_state(self._saved_generator)
@@ -409,15 +419,19 @@ class DifferentialPrivacy(Callback):
 
     def _opacus_norms(self) -> torch.Tensor:
         """Each example's update norm, all parameters together, from opacus's per-example
-        gradients (as its ``DPOptimizer`` computes them to clip)."""
-        samples = [p.grad_sample for p in self._params if p.grad_sample is not None]
+        gradients, as its ``DPOptimizer`` computes them to clip (none for an empty batch)."""
+        samples = self._dp.grad_samples
+        if not samples or len(samples[0]) == 0:
+            return torch.zeros(0, device=self._clip_stats.device)
         per_parameter = [g.reshape(len(g), -1).norm(2, dim=1) for g in samples]
         return torch.stack(per_parameter, 1).norm(2, dim=1)
 
     def _count_clipped(self, norms: torch.Tensor) -> None:
+        """Add a step's examples to the epoch's counts: clipped where the clip factor
+        ``min(1, clip / (norm + eps))`` is below 1."""
         self._clip_stats[0] += len(norms)
-        self._clip_stats[1] += int((norms > self.clip).sum())
-        self._clip_stats[2] += float(norms.sum())
+        self._clip_stats[1] += (norms + _CLIP_EPS > self.clip).sum()
+        self._clip_stats[2] += norms.sum()
 
     def after_step(self, state: TrainState) -> None:
         assert self.accountant is not None
@@ -427,10 +441,12 @@ class DifferentialPrivacy(Callback):
         assert self.accountant is not None
         record["epsilon"] = self.accountant.epsilon(self.delta)
         record["noise_multiplier"] = self.accountant.noise_multiplier
-        seen, clipped, norm_sum = self._clip_stats
-        record["clipped_fraction"] = clipped / seen if seen else None
-        record["update_norm_mean"] = norm_sum / seen if seen else None
-        self._clip_stats = [0, 0, 0.0]
+        seen, clipped, norm_sum = self._clip_stats.tolist()
+        known = seen > 0 and not self._clip_unknown
+        record["clipped_fraction"] = clipped / seen if known else None
+        record["update_norm_mean"] = norm_sum / seen if known else None
+        self._clip_stats.zero_()
+        self._clip_unknown = False
 
     # -- state -----------------------------------------------------------------------------
 
@@ -438,7 +454,7 @@ class DifferentialPrivacy(Callback):
         return {
             "accountant": None if self.accountant is None else self.accountant.state_dict(),
             "generator": None if self.generator is None else self.generator.get_state(),
-            "clip_stats": list(self._clip_stats),
+            "clip_stats": None if self._clip_unknown else self._clip_stats.tolist(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -446,6 +462,8 @@ class DifferentialPrivacy(Callback):
             self.accountant = PrivacyAccountant(1.0, 1.0)
             self.accountant.load_state_dict(state["accountant"])
         self._saved_generator = state["generator"]
-        self._clip_stats = list(state.get("clip_stats", [0, 0, 0.0]))
+        stats = state.get("clip_stats")  # absent in checkpoints from before they were counted
+        self._clip_unknown = stats is None  # only if resumed mid-epoch: see on_train_start
+        self._clip_stats = torch.tensor(stats or [0, 0, 0], dtype=torch.float64)
         if self.generator is not None and self._saved_generator is not None:
             self.generator.set_state(self._saved_generator)

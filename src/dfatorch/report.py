@@ -576,36 +576,41 @@ def _probe_tables(exp: Experiment, results_dir: Path, axes: list[str]) -> list[s
 
 
 def _clipping_table(exp: Experiment, results_dir: Path, axes: list[str]) -> list[str]:
-    """For private runs: the share of examples whose update was clipped, in the first and the last
-    epoch, and the mean update norm before clipping in the last (means over seeds); empty if no
-    run logged them (non-private runs, or private runs from before they were logged)."""
+    """For private runs: the share of examples whose update was clipped in the first and the last
+    epoch, and the mean update norm before clipping in the last (means over the seeds that logged
+    them: runs from before they were logged, or resumed across that change, lack some); empty if
+    no run logged any."""
     chosen, _ = select(exp, results_dir)
-    rows: dict[tuple[Any, ...], list[tuple[float, float, float]]] = defaultdict(list)
+    fields = (("clipped_fraction", 0), ("clipped_fraction", -1), ("update_norm_mean", -1))
+    rows: dict[tuple[Any, ...], list[list[float]]] = defaultdict(lambda: [[], [], []])
     for cell in exp.cells(chosen or None):
         history = cell_results(results_dir, cell) or []
-        logged = [h for h in history if h.get("clipped_fraction") is not None]
-        if logged:
-            row = (cell.labels["method"], *(cell.labels.get(a) for a in axes))
-            first, last = logged[0], logged[-1]
-            rows[row].append(
-                (first["clipped_fraction"], last["clipped_fraction"], last["update_norm_mean"])
-            )
+        values = [history[at].get(key) if history else None for key, at in fields]
+        if any(v is not None for v in values):
+            row = rows[(cell.labels["method"], *(cell.labels.get(a) for a in axes))]
+            for column, value in zip(row, values):
+                if value is not None:
+                    column.append(value)
     if not rows:
         return []
-    header = ["method", *axes, "runs", "clipped, first epoch (%)", "clipped, last epoch (%)",
+    header = ["method", *axes, "clipped, first epoch (%)", "clipped, last epoch (%)",
               "mean update norm, last epoch"]  # fmt: skip
     lines = [
         "Clipping (per-example update norms before clipping, against the clip; logged by the "
-        "runs, not covered by their epsilon):",
+        "runs, not covered by their epsilon; means over seeds, their number in brackets):",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
-    for row, values in rows.items():
-        first, last, norm = (sum(v) / len(v) for v in zip(*values))
-        lines.append("| " + " | ".join([*map(format_value, row), str(len(values)),
-                                        f"{100 * first:.1f}", f"{100 * last:.1f}", f"{norm:.3g}"])
-                     + " |")  # fmt: skip
+
+    def mean(values: list[float], scale: float, fmt: str) -> str:
+        if not values:
+            return "-"
+        return f"{format(scale * sum(values) / len(values), fmt)} ({len(values)})"
+
+    for key, (first, last, norm) in rows.items():
+        cells = [mean(first, 100, ".1f"), mean(last, 100, ".1f"), mean(norm, 1, ".3g")]
+        lines.append("| " + " | ".join([*map(format_value, key), *cells]) + " |")
     return [*lines, ""]
 
 
@@ -1036,8 +1041,9 @@ def _memory_format_section(path: Path) -> list[str]:
         f"{cfg['batch_size']}) and an evaluation pass ({cfg['eval_images']} images in batches "
         f"of {cfg['eval_batch_size']}) in the contiguous layout and in channels-last "
         "(`channels_last = true`), and the median of the per-round ratios channels-last / "
-        "contiguous: below 1, channels-last is faster. The layout changes float rounding only, "
-        "so the experiment runner counts a cell run in either.",
+        "contiguous: below 1, channels-last is faster. Without compressed activations the "
+        "layout changes float rounding only, so the experiment runner counts a cell run in "
+        "either.",
         "",
         "| model | rule | step ms (contiguous) | step ratio | eval ms (contiguous) | eval ratio |",
         "|---|---|---|---|---|---|",

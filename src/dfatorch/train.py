@@ -94,7 +94,10 @@ class RunResult:
     run_dir: Path
     config: TrainConfig
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: stopped by Ctrl-C before its last epoch (its checkpoint resumes it)
     interrupted: bool = False
+    #: a Ctrl-C arrived, also one during the last epoch's evaluation that let the run finish
+    stop_requested: bool = False
 
     @property
     def final(self) -> dict[str, Any]:
@@ -659,7 +662,8 @@ def _train(
             if _agreed_stop(stop, built):
                 interrupted = epoch + 1 < config.epochs
                 break
-    return RunResult(run.path, config, state.history, interrupted=interrupted)
+    return RunResult(run.path, config, state.history, interrupted=interrupted,
+                     stop_requested=interrupted or stop.requested)  # fmt: skip
 
 
 def _train_epoch(
