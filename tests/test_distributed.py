@@ -268,6 +268,29 @@ def test_a_killed_rank_stops_the_job_and_the_checkpoint_resumes(tmp_path):
     assert json.loads((run / "config.json").read_text())["distributed"]["world_size"] == 2
 
 
+def test_a_ctrl_c_the_ranks_outlive_still_ends_the_launch_with_130(monkeypatch):
+    """Ranks that finish after the launcher forwarded a Ctrl-C (say, during their last
+    evaluation) exit 0; the launch reports the interrupt, so a sweep stops after that cell."""
+    import threading
+
+    import dfatorch.distributed as dist
+
+    real = subprocess.Popen
+    quiet = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(1.5)"
+
+    def ranks_that_ignore_ctrl_c(args, **kwargs):
+        return real([sys.executable, "-c", quiet], **kwargs)
+
+    monkeypatch.setattr(dist.subprocess, "Popen", ranks_that_ignore_ctrl_c)
+    timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        assert dist.launch(["train"], 2) == 130
+    finally:
+        timer.cancel()
+    assert dist.launch(["train"], 2) == 0  # no Ctrl-C: they exit 0, and so does the launch
+
+
 @pytest.mark.slow
 def test_experiment_cells_train_data_parallel(tmp_path):
     toml = tmp_path / "dp.toml"
