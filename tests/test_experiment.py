@@ -861,9 +861,11 @@ def test_a_95_interval_of_the_mean_and_axes_set_by_another_axis(tmp_path):
 
     from dfatorch.report import _tied, mean_interval
 
-    runs = [{"final_acc": 0.5}] * 5 + [{"final_acc": None}]  # a run without a final accuracy
-    assert mean_interval({"seeds": 6, "final_acc_std": 0.02, "runs": runs}) == pytest.approx(
-        stats.t.ppf(0.975, 4) * 0.02 / 5**0.5
+    finals = [0.50, 0.52, 0.47, 0.55, 0.51]
+    runs = [{"final_acc": a} for a in finals] + [{"final_acc": None}]  # one without a final
+    std = statistics.stdev(finals)
+    assert mean_interval({"seeds": 6, "final_acc_std": std, "runs": runs}) == pytest.approx(
+        stats.t.ppf(0.975, 4) * std / 5**0.5
     )
     assert mean_interval({"seeds": 1, "final_acc_std": None, "runs": runs[:1]}) == 0.0
     path = tmp_path / "t.toml"

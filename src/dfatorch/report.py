@@ -388,16 +388,22 @@ def _probe_plots(
     return paths
 
 
-def mean_interval(row: dict[str, Any], level: float = 0.95) -> float:
-    """Half-width of the t interval for a table row's mean final accuracy over its seeds
-    (``t_{(1+level)/2, n-1} · s / sqrt(n)``; 0 with a single seed, where none exists)."""
+def half_width(values: Sequence[float], level: float = 0.95) -> float:
+    """Half-width of the t interval for the mean of ``values`` (``t_{(1+level)/2, n-1} · s /
+    sqrt(n)``; 0 for fewer than two values, where none exists)."""
     from scipy import stats  # the report only: slow to load
 
-    n = sum(run["final_acc"] is not None for run in row.get("runs", ()))
-    std = row["final_acc_std"]
+    n = len(values)
+    _, std = mean_std(values)
     if n < 2 or std is None:
         return 0.0
     return float(stats.t.ppf((1 + level) / 2, n - 1)) * std / n**0.5
+
+
+def mean_interval(row: dict[str, Any], level: float = 0.95) -> float:
+    """:func:`half_width` of a table row's final accuracies over its seeds."""
+    finals = [run["final_acc"] for run in row.get("runs", ()) if run["final_acc"] is not None]
+    return half_width(finals, level)
 
 
 def _fraction_plot(summary: dict[str, Any], path: Path) -> Path | None:
@@ -508,12 +514,13 @@ def _axis_plot(exp: Experiment, results_dir: Path, axis: str, path: Path) -> Pat
     spread = max(values) / max(min(values), 1e-12) > 20
     for i, (method, per) in enumerate(acc.items()):
         xs = sorted(per)
-        axes[0].plot(xs, [100 * sum(per[x]) / len(per[x]) for x in xs], "o-", color=f"C{i}",
-                     label=method)  # fmt: skip
+        axes[0].errorbar(xs, [100 * sum(per[x]) / len(per[x]) for x in xs],
+                         yerr=[100 * half_width(per[x]) for x in xs], fmt="o-", capsize=3,
+                         color=f"C{i}", label=method)  # fmt: skip
     for j, (method, finals) in enumerate(level.items(), start=len(acc)):
         axes[0].axhline(100 * sum(finals) / len(finals), color=f"C{j}", linestyle="--",
                         label=f"{method} (no {axis})")  # fmt: skip
-    axes[0].set_ylabel("final test accuracy (%)")
+    axes[0].set_ylabel("final test accuracy (%); bars: 95% t interval over seeds")
     for ax, (method, layers) in zip(axes[1:], ((m, v) for m, v in align.items() if v)):
         for j, (layer, per) in enumerate(sorted(layers.items())):
             xs = sorted(per)
