@@ -110,16 +110,26 @@ def test_sweep_search_resume_and_aggregate(swept):
 def test_parallel_workers_skip_a_cell_another_worker_holds(swept):
     """A cell locked by another worker is left to it, never trained twice at once; once the lock
     is released (as when that worker dies), the next run takes the cell."""
+    import dataclasses
     import fcntl
+    from functools import partial
+
+    from dfatorch.experiment import cell_status
 
     exp_file, runs, results = swept
     exp = load_experiment(exp_file)
     cell = exp.cells(select(exp, results / "tiny")[0])[2]
+    status = partial(cell_status, runs / "tiny", results / "tiny")
+    assert status(cell) == "done"
     shutil.rmtree(results / "tiny" / cell.key)  # as if unfinished
+    assert status(cell) == "started"  # its checkpoint is there
+    other = dataclasses.replace(cell, config=dataclasses.replace(cell.config, lr=0.5))
+    assert status(other) == "to do"  # neither a result nor a checkpoint of this configuration
     lines: list[str] = []
     quiet = dict(runs_root=runs, results_root=results, progress=False, log=lines.append)
     with open(runs / "tiny" / f"{cell.key}.lock", "a") as other_worker:
         fcntl.flock(other_worker, fcntl.LOCK_EX)
+        assert status(cell) == "running"
         summary = run_experiment(exp, **quiet)
         assert summary["cells_missing"] == 1
         assert not (results / "tiny" / cell.key).exists()
@@ -133,8 +143,10 @@ def test_cli_experiment_report_and_align(swept, tmp_path, capsys):
     exp_file, runs, results = swept
     roots = ["--runs-root", str(runs), "--results-root", str(results)]
     assert main(["experiment", str(exp_file), "--list", *roots]) == 0
-    listed = capsys.readouterr().out.splitlines()
-    assert "bdfa/fraction=0.5/seed=1" in listed and "tune/bp/fraction=0.5/lr=0.003" in listed
+    *lines, total = capsys.readouterr().out.splitlines()
+    listed = dict(line.split() for line in lines)  # each cell with where it stands
+    assert listed["bdfa/fraction=0.5/seed=1"] == listed["tune/bp/fraction=0.5/lr=0.003"] == "done"
+    assert total == f"tiny: {len(listed)} cells: {len(listed)} done"
     # a tracker comparison written by track-eval is included with its backbone record
     tracking = results / "tracking"
     (tracking / "backbone").mkdir(parents=True, exist_ok=True)

@@ -242,12 +242,25 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     for file in args.files:
         exp = load_experiment(file)
         if args.list:
-            from .experiment import select
+            from collections import Counter
 
-            chosen, _ = select(exp, Path(args.results_root) / exp.name)
+            from .experiment import cell_status, select
+
+            results = Path(args.results_root) / exp.name
+            chosen, _ = select(exp, results)
             cells = exp.tuning_cells() + exp.cells(chosen if exp.tune else None)
-            for cell in cells + exp.convergence_cells(chosen):
-                print(cell.key)
+            cells += exp.convergence_cells(chosen)
+            width = max((len(c.key) for c in cells), default=0)
+            counts: Counter[str] = Counter()
+            for cell in cells:
+                status = cell_status(Path(args.runs_root) / exp.name, results, cell)
+                counts[status] += 1
+                print(f"{cell.key:<{width}}  {status}")
+            open_searches = {exp.search_group(c.labels) for c in exp.tuning_cells()} - set(chosen)
+            waiting = (f"; {len(open_searches)} searches unfinished, their measured cells not "
+                       "listed yet" if open_searches else "")  # fmt: skip
+            print(f"{exp.name}: {len(cells)} cells: "
+                  + ", ".join(f"{n} {s}" for s, n in counts.most_common()) + waiting)  # fmt: skip
             continue
         try:
             summary = run_experiment(
@@ -502,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="only every N-th cell from I (I/N), to split cells between machines; workers "
         "on one machine need no shards: they skip cells another worker holds",
     )
-    p.add_argument("--list", action="store_true", help="list the cells and exit")
+    p.add_argument("--list", action="store_true",
+                   help="list the cells and where each stands (done, running, to do...), and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--nproc", type=_positive_int, default=None, metavar="N",
                    help="train each cell in N data-parallel processes (default: the file's "

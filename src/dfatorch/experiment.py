@@ -361,6 +361,25 @@ def _cell_done(results_dir: Path, cell: Cell) -> bool:
     )
 
 
+def cell_status(runs_dir: Path, results_dir: Path, cell: Cell) -> str:
+    """Where ``cell`` stands: ``done``, ``diverged``, ``running`` (a worker holds it),
+    ``started`` (a checkpoint of its configuration waits to be resumed) or ``to do``."""
+    if cell_diverged(results_dir, cell) is not None:
+        return "diverged"
+    if cell_results(results_dir, cell) is not None:
+        return "done"
+    lock = runs_dir / f"{cell.key}.lock"
+    if lock.exists():  # only look: listing must not create lock files
+        with _cell_lock(lock) as held:
+            if not held:
+                return "running"
+    run = RunDir(runs_dir / cell.key)
+    resumable = run.checkpoint.exists() and run.config.exists()
+    if resumable and _comparable(run.read_config()) == _comparable(cell.config.to_dict()):
+        return "started"
+    return "to do"
+
+
 @contextmanager
 def _cell_lock(path: Path) -> Iterator[bool]:
     """Try to hold an exclusive lock on ``path``; yields whether this process got it.
