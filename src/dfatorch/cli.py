@@ -515,8 +515,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="only every N-th cell from I (I/N), to split cells between machines; workers "
         "on one machine need no shards: they skip cells another worker holds",
     )
-    p.add_argument("--list", action="store_true",
-                   help="list the cells and where each stands (done, running, to do...), and exit")
+    p.add_argument(
+        "--list",
+        action="store_true",
+        help="list the cells and where each stands (done, running, to do...), and exit",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--nproc", type=_positive_int, default=None, metavar="N",
                    help="train each cell in N data-parallel processes (default: the file's "
