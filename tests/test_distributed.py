@@ -268,6 +268,19 @@ def test_a_killed_rank_stops_the_job_and_the_checkpoint_resumes(tmp_path):
     assert json.loads((run / "config.json").read_text())["distributed"]["world_size"] == 2
 
 
+@pytest.mark.parametrize("world_size, finalised", [("1", True), ("2", False)])
+def test_a_rank_leaves_without_interpreter_finalisation(world_size, finalised):
+    """``python -m dfatorch`` in a data-parallel rank exits with its code but skips Python's
+    finalisation, where gloo's threads can abort a rank whose run already finished."""
+    script = ("import atexit, runpy, sys; atexit.register(print, 'FINALISED'); "
+              "sys.argv = ['dfatorch', 'train', '--epochs', '0']; "
+              "runpy.run_module('dfatorch', run_name='__main__')")  # fmt: skip
+    env = {**os.environ, "WORLD_SIZE": world_size, "RANK": "0"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert done.returncode == 2, done.stderr  # the command's own code: a refused option
+    assert ("FINALISED" in done.stdout) == finalised
+
+
 def test_a_ctrl_c_the_ranks_outlive_still_ends_the_launch_with_130(monkeypatch):
     """Ranks that finish after the launcher forwarded a Ctrl-C (say, during their last
     evaluation) exit 0; the launch reports the interrupt, so a sweep stops after that cell."""
