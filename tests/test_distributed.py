@@ -269,15 +269,25 @@ def test_a_killed_rank_stops_the_job_and_the_checkpoint_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("world_size, finalised", [("1", True), ("2", False)])
-def test_a_rank_leaves_without_interpreter_finalisation(world_size, finalised):
-    """``python -m dfatorch`` in a data-parallel rank exits with its code but skips Python's
-    finalisation, where gloo's threads can abort a rank whose run already finished."""
+@pytest.mark.parametrize(
+    "entry, code, says",
+    [
+        ("runpy.run_module('dfatorch', run_name='__main__')", 0, "dfatorch"),  # python -m
+        ("from dfatorch import cli; cli.run()", 0, "dfatorch"),  # the console script
+        ("from dfatorch import cli; cli.main = lambda: 1 / 0; cli.run()", 1, "ZeroDivisionError"),
+    ],
+)
+def test_a_rank_leaves_without_interpreter_finalisation(world_size, finalised, entry, code, says):
+    """The command in a data-parallel rank exits with its code (1 and the traceback for an
+    uncaught error) and what it printed, but skips Python's finalisation, where gloo's threads
+    can abort a rank whose run already finished."""
     script = ("import atexit, runpy, sys; atexit.register(print, 'FINALISED'); "
-              "sys.argv = ['dfatorch', 'train', '--epochs', '0']; "
-              "runpy.run_module('dfatorch', run_name='__main__')")  # fmt: skip
-    env = {**os.environ, "WORLD_SIZE": world_size, "RANK": "0"}
+              f"sys.argv = ['dfatorch', '--version']; {entry}")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered
+    env.update(WORLD_SIZE=world_size, RANK="0")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
-    assert done.returncode == 2, done.stderr  # the command's own code: a refused option
+    assert done.returncode == code, done.stderr
+    assert says in done.stdout + done.stderr  # flushed before leaving
     assert ("FINALISED" in done.stdout) == finalised
 
 
@@ -289,13 +299,13 @@ def test_a_ctrl_c_the_ranks_outlive_still_ends_the_launch_with_130(monkeypatch):
     import dfatorch.distributed as dist
 
     real = subprocess.Popen
-    quiet = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(1.5)"
+    quiet = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(4)"
 
     def ranks_that_ignore_ctrl_c(args, **kwargs):
         return real([sys.executable, "-c", quiet], **kwargs)
 
     monkeypatch.setattr(dist.subprocess, "Popen", ranks_that_ignore_ctrl_c)
-    timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer = threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGINT))
     timer.start()
     try:
         assert dist.launch(["train"], 2) == 130

@@ -124,7 +124,7 @@ def test_parallel_workers_skip_a_cell_another_worker_holds(swept):
     shutil.rmtree(results / "tiny" / cell.key)  # as if unfinished
     assert status(cell) == "started"  # its checkpoint is there
     other = dataclasses.replace(cell, config=dataclasses.replace(cell.config, lr=0.5))
-    assert status(other) == "to do"  # neither a result nor a checkpoint of this configuration
+    assert status(other) == "pending"  # neither a result nor a checkpoint of this configuration
     lines: list[str] = []
     quiet = dict(runs_root=runs, results_root=results, progress=False, log=lines.append)
     with open(runs / "tiny" / f"{cell.key}.lock", "a") as other_worker:
@@ -497,7 +497,7 @@ def test_a_diverged_cell_is_a_result_not_a_crash(tmp_path):
     assert not [line for line in ran if "cell" in line]
 
 
-def test_a_search_whose_every_value_diverged_is_reported_not_missing(tmp_path):
+def test_a_search_whose_every_value_diverged_is_reported_not_missing(tmp_path, capsys):
     from dfatorch.claims import Claim, Evidence, evaluate
     from dfatorch.report import write_report
 
@@ -515,6 +515,9 @@ def test_a_search_whose_every_value_diverged_is_reported_not_missing(tmp_path):
     )
     text = out.read_text()
     assert "every searched value diverged, so its cells did not run" in text
+    roots = ["--runs-root", str(tmp_path / "runs"), "--results-root", str(tmp_path / "res")]
+    assert main(["experiment", str(path), "--list", *roots]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "cold: 4 cells: 4 diverged"  # finished
     assert "cells have not run yet" not in text
     claim = Claim("(x)", "s", "t", "above", 0.0, (Evidence("cold", "bdfa", "bp"),), "")
     assert evaluate(claim, {"cold": summary})[0].verdict == "every searched value diverged"
@@ -588,6 +591,20 @@ def test_an_interrupted_data_parallel_cell_stops_the_sweep(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         run_experiment(load_experiment(path), **quiet, log=lambda _: None, nproc=2)
     assert len(launched) == 1 and not (tmp_path / "res" / "dq").exists()
+
+    def finishes_then_reports_the_ctrl_c(argv, nproc):  # the run ends, a Ctrl-C came meanwhile
+        from dfatorch.train import train
+
+        train(None, argv[argv.index("--resume") + 1], resume=True, progress=False)
+        launched.append(argv)
+        return 130
+
+    monkeypatch.setattr(dfatorch.distributed, "launch", finishes_then_reports_the_ctrl_c)
+    exp = load_experiment(path)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(exp, **quiet, log=lambda _: None, nproc=2)
+    assert len(launched) == 2  # the sweep stopped after that cell, whose results are kept
+    assert len(read_metrics(tmp_path / "res" / "dq" / exp.cells()[0].key)) == 2
 
 
 def test_memory_format_section_tabulates_the_benchmark(tmp_path):
@@ -685,6 +702,18 @@ def test_probe_fields_are_tabulated_and_plotted_from_the_records(tmp_path):
         assert table[2].startswith(f"| dfa | {want} |"), (key, table[2], want)
     assert "![probed-probes-1](figures/probed-probes-1.png)" in text
     assert (out.parent / "figures" / "probed-probes-1.png").stat().st_size > 5_000
+
+
+def test_list_before_anything_ran_says_which_searches_are_open(tmp_path, capsys):
+    path = tmp_path / "tiny.toml"
+    path.write_text(SPEC)
+    roots = ["--runs-root", str(tmp_path / "runs"), "--results-root", str(tmp_path / "res")]
+    assert main(["experiment", str(path), "--list", *roots]) == 0
+    *lines, total = capsys.readouterr().out.splitlines()
+    assert all(line.split()[1] == "pending" for line in lines) and len(lines) == 4
+    assert total == ("tiny: 4 cells: 4 pending; 2 searches unfinished, their measured cells (and "
+                     "checks) not listed yet")  # fmt: skip
+    assert not (tmp_path / "runs").exists()  # listing creates nothing
 
 
 def test_ctrl_c_stops_the_sweep_and_the_same_command_resumes_it(tmp_path, monkeypatch, capsys):

@@ -148,6 +148,10 @@ def test_the_epoch_record_counts_clipped_examples_and_their_mean_norm():
     assert record["update_norm_mean"] == pytest.approx(sum(norms) / 11, rel=1e-9)
     dp.on_epoch_end(None, record)  # a new epoch starts from zero: no examples seen yet
     assert record["clipped_fraction"] is None
+    # clipped means the clip factor min(1, clip / (norm + 1e-6)) is below 1, as in the mechanism
+    dp._count_clipped(torch.tensor([clip - 5e-7, clip - 2e-6, clip + 1.0], dtype=torch.float64))
+    dp.on_epoch_end(None, record)  # type: ignore[arg-type]
+    assert record["clipped_fraction"] == 2 / 3
 
 
 def test_the_sensitivity_bound_holds_on_real_tensors():

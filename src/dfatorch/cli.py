@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import sys
+import traceback
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -244,10 +246,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         if args.list:
             from collections import Counter
 
-            from .experiment import cell_status, select
+            from .experiment import cell_status, search_diverged, select
 
             results = Path(args.results_root) / exp.name
-            chosen, _ = select(exp, results)
+            chosen, searched = select(exp, results)
             cells = exp.tuning_cells() + exp.cells(chosen if exp.tune else None)
             cells += exp.convergence_cells(chosen)
             width = max((len(c.key) for c in cells), default=0)
@@ -256,9 +258,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                 status = cell_status(Path(args.runs_root) / exp.name, results, cell)
                 counts[status] += 1
                 print(f"{cell.key:<{width}}  {status}")
-            open_searches = {exp.search_group(c.labels) for c in exp.tuning_cells()} - set(chosen)
-            waiting = (f"; {len(open_searches)} searches unfinished, their measured cells not "
-                       "listed yet" if open_searches else "")  # fmt: skip
+            open_searches = {exp.search_group(c.labels) for c in exp.tuning_cells()}
+            open_searches -= {*chosen, *search_diverged(searched)}
+            waiting = (f"; {len(open_searches)} searches unfinished, their measured cells (and "
+                       "checks) not listed yet" if open_searches else "")  # fmt: skip
             print(f"{exp.name}: {len(cells)} cells: "
                   + ", ".join(f"{n} {s}" for s, n in counts.most_common()) + waiting)  # fmt: skip
             continue
@@ -518,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--list",
         action="store_true",
-        help="list the cells and where each stands (done, running, to do...), and exit",
+        help="list the cells and where each stands (done, running, pending...), and exit",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--nproc", type=_positive_int, default=None, metavar="N",
@@ -576,5 +579,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 4
 
 
+def run() -> None:
+    """The ``dfatorch`` command (console script and ``python -m dfatorch``): :func:`main`, then
+    the exit. A rank of a data-parallel job (``WORLD_SIZE > 1``: :func:`launch`, torchrun) leaves
+    without interpreter finalisation: gloo's worker threads may still hold tensors then, and
+    destroying them during finalisation can abort a rank whose run has finished ("terminate
+    called without an active exception", SIGABRT), failing the job. Its files are written and
+    closed by then (atomically, by the trainer); what the rank printed is flushed first."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        raise SystemExit(main())
+    try:
+        code = main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:  # the traceback a normal exit would print, then the same exit code
+        traceback.print_exc()
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

@@ -363,21 +363,43 @@ def _cell_done(results_dir: Path, cell: Cell) -> bool:
 
 def cell_status(runs_dir: Path, results_dir: Path, cell: Cell) -> str:
     """Where ``cell`` stands: ``done``, ``diverged``, ``running`` (a worker holds it),
-    ``started`` (a checkpoint of its configuration waits to be resumed) or ``to do``."""
+    ``started`` (a checkpoint of its configuration waits to be resumed) or ``pending``."""
     if cell_diverged(results_dir, cell) is not None:
         return "diverged"
     if cell_results(results_dir, cell) is not None:
         return "done"
-    lock = runs_dir / f"{cell.key}.lock"
-    if lock.exists():  # only look: listing must not create lock files
-        with _cell_lock(lock) as held:
-            if not held:
-                return "running"
+    if _held_elsewhere(runs_dir / f"{cell.key}.lock"):
+        return "running"
     run = RunDir(runs_dir / cell.key)
     resumable = run.checkpoint.exists() and run.config.exists()
     if resumable and _comparable(run.read_config()) == _comparable(cell.config.to_dict()):
         return "started"
-    return "to do"
+    return "pending"
+
+
+def _held_elsewhere(path: Path) -> bool:
+    """Whether a worker holds the lock file ``path``: a shared lock probe on the file opened read
+    only; it neither creates the file nor needs write access. (A worker that tries the file at
+    that very moment retries: see :func:`_cell_lock`.)"""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 (closed below, after the probe)
+    except FileNotFoundError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+#: how many times a worker tries a cell's lock (50 ms apart) before leaving the cell to its holder
+_LOCK_TRIES = 4
 
 
 @contextmanager
@@ -395,11 +417,16 @@ def _cell_lock(path: Path) -> Iterator[bool]:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
+        # a few tries: a probe (``--list``) holds the file for microseconds, a worker for minutes
+        for attempt in range(_LOCK_TRIES):
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == _LOCK_TRIES - 1:
+                    yield False
+                    return
+                time.sleep(0.05)
         try:
             yield True
         finally:

@@ -343,7 +343,9 @@ class DifferentialPrivacy(Callback):
                     f"{self.delta:g}); stop earlier or start a new run with the longer plan"
                 )
         device = next(state.model.parameters()).device
-        self._clip_stats = self._clip_stats.to(device)
+        # float64 counts, where the device has them (MPS has not: float32, exact to 16M examples)
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        self._clip_stats = self._clip_stats.to(device, dtype)
         self._clip_unknown = self._clip_unknown and state.start_batch > 0
         self.generator = torch.Generator(device=device).manual_seed(self.seed)
         if self._saved_generator is not None:

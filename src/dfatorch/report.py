@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from collections import defaultdict
@@ -515,7 +516,8 @@ def _axis_plot(exp: Experiment, results_dir: Path, axis: str, path: Path) -> Pat
     for i, (method, per) in enumerate(acc.items()):
         xs = sorted(per)
         axes[0].errorbar(xs, [100 * sum(per[x]) / len(per[x]) for x in xs],
-                         yerr=[100 * half_width(per[x]) for x in xs], fmt="o-", capsize=3,
+                         yerr=[100 * half_width(per[x]) if len(per[x]) > 1 else math.nan
+                               for x in xs], fmt="o-", capsize=3,
                          color=f"C{i}", label=method)  # fmt: skip
     for j, (method, finals) in enumerate(level.items(), start=len(acc)):
         axes[0].axhline(100 * sum(finals) / len(finals), color=f"C{j}", linestyle="--",
