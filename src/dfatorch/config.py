@@ -138,7 +138,7 @@ class TrainConfig:
     scope: Scope = _field(
         "fc",
         "all (every hidden layer), fc (Han & Yoo's hybrid: conv layers by BP) or module "
-        "(module-wise DFA: cuts at module outputs only, which receive e @ B_M; dfa/bdfa)",
+        "(module-wise DFA: cuts at module outputs only, which receive e @ B_M; dfa/bdfa/dkp)",
         choices=Scope,
     )
     modules: str | None = _field(

@@ -1421,9 +1421,9 @@ def attach(
         scope: ``"all"``: every hidden layer; ``"fc"``: the paper's hybrid, hidden ``nn.Linear``
             layers by ``method`` and the convolutional part by back-propagation (for a layer-wise
             rule: the conv stack receives ``W^T delta`` of the first linear layer, exactly);
-            ``"module"``: module-wise DFA (``dfa``/``bdfa``; our reading of the abstract of Han
-            et al. 2020, see :mod:`dfatorch.modulewise`): the graph is cut at the outputs of
-            ``modules`` only, each receiving ``e @ B_M`` from the one projection.
+            ``"module"``: module-wise DFA (``dfa``/``bdfa``/``dkp``; our reading of the abstract
+            of Han et al. 2020, see :mod:`dfatorch.modulewise`): the graph is cut at the outputs
+            of ``modules`` only, each receiving ``e @ B_M`` from the one projection.
         conv_error: in the hybrid, how the conv stack gets its error: ``"backprop"`` (from the first
             linear layer's delta, ``W^T delta``) or ``"project"`` (by the method too: a projection
             of its own onto its output for a direct rule, ``B^T delta`` for a layer-wise one).
@@ -1480,9 +1480,10 @@ def attach(
         raise ValueError(f"modules= and inner= apply to scope='module', not {scope.value!r}")
     module_wise = scope is Scope.MODULE and method is not Rule.BP
     if module_wise:
-        if method not in (Rule.DFA, Rule.BDFA):
+        if not method.is_direct:
             raise ValueError(
-                f"scope='module' takes method 'dfa' or 'bdfa' (or 'bp'), not {method.value!r}"
+                f"scope='module' takes method 'dfa', 'bdfa' or 'dkp' (or 'bp'), not "
+                f"{method.value!r}"
             )
         if rules:
             raise ValueError(

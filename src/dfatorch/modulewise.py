@@ -18,6 +18,9 @@ dilated convolution in the CNN case" and "group convolution". What we implement:
   Skip connections inside a module are fine: nothing inside is cut, except as below.
 - ``inner="bp"`` (the hybrid at module scale): the module is trained inside by exact
   back-propagation of ``g_M``.
+- ``method="dkp"`` (our extension of Direct Kolen-Pollack to modules): ``B_M`` is learned by
+  ``dB_M = e^T h_M``, the gradient of a direct connection ``h_M -> y``, as ``dkp`` learns ``B_l``
+  per layer; the inner operators below stay fixed.
 - ``inner="dfa"`` (DFA within the module): each layer of the module whose output feeds the next
   layer of the same module (its *inner point*, that next layer's input, after activation,
   normalisation, pooling) receives ``A_l(g_M)`` instead of the back-propagated ``W^T delta``, where
