@@ -149,6 +149,8 @@ def test_module_wise_dkp_learns_b_m_by_e_transpose_h_m(inner):
     )
     assert engine.feedback.learned == [True, True]
     assert [p.shape for p in engine.parameters()] == [(5, 8), (5, 8)]
+    # the float32 pattern it started from (5 x 16) and the two float64 learned blocks
+    assert engine.feedback.storage_bytes()["pattern"] == 4 * 5 * 16 + 2 * 8 * 5 * 8
     lr, wd = 0.5, 0.01
     opt = torch.optim.SGD([*model.parameters(), *engine.parameters()], lr=lr, weight_decay=wd)
     ops = [operator_matrix(op) for op in engine.operators]
@@ -170,6 +172,25 @@ def test_module_wise_dkp_learns_b_m_by_e_transpose_h_m(inner):
         opt.step()
         for p, b0, u in zip(engine.parameters(), blocks, updates):
             torch.testing.assert_close(p.detach(), b0 - lr * (u + wd * b0))
+
+
+def test_module_wise_dkp_refuses_a_module_output_changed_in_place():
+    """e^T h_M reads the module's output at the end of the pass: an in-place op after the cut
+    (outside every module, where parameter-free modules may sit) would change it silently."""
+
+    def model(inplace: bool) -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Sequential(nn.Linear(6, 8), nn.Tanh()), nn.ReLU(inplace=inplace),
+            nn.Sequential(nn.Linear(8, 8), nn.Tanh()), nn.Linear(8, 5),
+        )  # fmt: skip
+
+    x, t = batch(n=4, shape=(6,))
+    with pytest.raises(RuntimeError, match=r"'0' was changed in place.*ReLU\(inplace=True\)"):
+        dfatorch.attach(model(True), "dkp", scope="module", modules=["0", "2"], example_input=x)
+    net = model(False)
+    dfatorch.attach(net, "dkp", scope="module", modules=["0", "2"], example_input=x)
+    F.cross_entropy(net(x), t).backward()  # out of place: trains
 
 
 def test_inner_bp_equals_autograd_of_the_projected_error():
@@ -517,7 +538,8 @@ def test_state_dict_round_trip_and_exact_resume(case):
         {"model": model.state_dict(), "opt": opt.state_dict(), "engine": engine.state_dict()}
     )
     train(model, opt, 3)
-    other, resumed, other_opt = make_case(case, seed=5)  # loaded before its first pass
+    other, resumed, other_opt = make_case(case, seed=5)  # loaded before its first pass (dkp:
+    # after the probe pass of attach(), which built its feedback)
     other.load_state_dict(saved["model"])
     other_opt.load_state_dict(saved["opt"])
     resumed.load_state_dict(saved["engine"])
@@ -528,6 +550,8 @@ def test_state_dict_round_trip_and_exact_resume(case):
     train(other, other_opt, 3)
     # after the same steps: a learned B_M (dkp) trained on alike, a fixed one is unchanged
     assert torch.equal(resumed.feedback.matrix(), engine.feedback.matrix())
+    for a, b in zip(resumed.parameters(), engine.parameters(), strict=True):
+        assert torch.equal(a, b)  # learned blocks in their own (float64) precision
     for (name, a), b in zip(model.named_parameters(), other.parameters(), strict=True):
         assert torch.equal(a, b), name
 

@@ -316,12 +316,15 @@ class _PassState:
     """What the hooks track during one forward pass (and the switches they read)."""
 
     __slots__ = (
-        "capture", "checked", "enabled", "held", "inner", "next", "owner", "recording", "stash"
+        "capture", "checked", "enabled", "held", "inner", "next", "owner", "recording", "stash",
+        "versions",
     )  # fmt: skip
 
     def __init__(self) -> None:
         self.next = 0  # index of the layer expected to run next
         self.stash: list[Tensor] = []  # feedback points of the pass in progress
+        # per stashed point, its version counter when stashed: dkp's update reads the point
+        self.versions: list[int] = []
         self.owner: list[int] = []  # per stashed point, its block of B (its slot)
         self.inner: list[Tensor] = []  # inner points of module-wise DFA
         self.held: dict[int, Tensor] = {}  # un-detached inputs of layers with a layer-wise B
@@ -334,6 +337,7 @@ class _PassState:
         """A new forward pass starts: nothing stashed, the first layer expected."""
         self.next = 0
         self.stash = []
+        self.versions = []
         self.owner = []
         self.inner = []
         self.held = {}
@@ -406,6 +410,7 @@ class _PreHook:
             return None
         if self.cut:
             state.stash.append(point)
+            state.versions.append(point._version)
             state.owner.append(self.slot)
         elif self.inner:
             state.inner.append(point)
@@ -465,6 +470,7 @@ class _ExitHook:
                 "tensor output"
             )
         state.stash.append(output)
+        state.versions.append(output._version)
         return output.detach()
 
 
@@ -493,6 +499,7 @@ class _StepHook:
                 "DFA needs batched (batch, hidden) states"
             )
         state.stash.append(h)
+        state.versions.append(h._version)
         state.owner.append(self.slot)
         if isinstance(output, tuple):
             return tuple(o.detach() if isinstance(o, Tensor) else o for o in output)
@@ -721,6 +728,7 @@ class DFAEngine(nn.Module):
         for hooks, key in list(self._own_hooks()):
             del hooks[key]
         self._pass.stash = []
+        self._pass.versions = []
         self._pass.owner = []
 
     @contextlib.contextmanager
@@ -919,6 +927,7 @@ class DFAEngine(nn.Module):
         if not (state.enabled and torch.is_grad_enabled()):
             return None
         points, state.stash = state.stash, []
+        versions, state.versions = state.versions, []
         owners, state.owner = state.owner, []
         inner, state.inner = state.inner, []
         sequence = self._recurrent and isinstance(y, Tensor) and y.dim() == 3
@@ -948,6 +957,13 @@ class DFAEngine(nn.Module):
                 self._check_modules(points, inner)
             state.checked = True
         assert self.feedback is not None
+        for i in self.feedback.learned_index:  # a detached copy shares the version counter
+            if points[i]._version != versions[i]:
+                raise RuntimeError(
+                    f"the output of {self.feedback.names[i]!r} was changed in place after it "
+                    "was cut (an in-place op such as ReLU(inplace=True) after it?): dkp's "
+                    "update e^T h needs it unchanged; make that op out-of-place"
+                )
         return _DeliverFeedback.apply(
             self, len(points), len(inner), routing, y, *points, *self.feedback.learned_blocks,
             *inner,

@@ -894,9 +894,11 @@ class FeedbackMatrix(nn.Module):
         return self.store.macs(self)
 
     def storage_bytes(self) -> dict[str, int]:
-        """Bytes held: ``{"pattern": ..., "scales": ...}`` (``seeded`` holds no pattern)."""
+        """Bytes held: ``{"pattern": ..., "scales": ...}`` (``seeded`` holds no pattern); a
+        learned point's matrix counts in ``pattern`` beside the pattern it started from."""
+        learned = sum(p.numel() * p.element_size() for p in self.learned_blocks)
         return {
-            "pattern": self.store.nbytes(self),
+            "pattern": self.store.nbytes(self) + learned,
             "scales": self.scales.numel() * self.scales.element_size(),
         }
 
