@@ -238,3 +238,27 @@ def test_claims_pair_seeded_runs():
     assert c.verdict == "holds" and c.difference.test == "paired t"
     _, detail = verdict_tables([_claim("above")], summary)
     assert "paired t, 4 vs 4 seeds" in detail[2]
+
+
+def test_a_reference_from_another_experiment_pairs_by_seed():
+    """A follow-up experiment (same budget and seeds, another learning rate) compared with the
+    reference of the original one: paired by seed across the two summaries."""
+    a, b = [0.50, 0.56, 0.47, 0.535], [0.485, 0.53, 0.46, 0.52]
+    follow = _summary(a=a)
+    original = _summary(b=b, a=[0.1, 0.1, 0.1, 0.1])  # the original's own `a` is not used
+    for summary in (follow, original):
+        for row in summary["exp"]["rows"]:
+            for seed, run in enumerate(row["runs"]):
+                run["seed"] = seed
+    summaries = {"follow": {**follow["exp"], "name": "follow"}, "orig": original["exp"]}
+    ev = Evidence("follow", "a", "b", at={"fraction": 0.1}, reference_experiment="orig")
+    claim = Claim(id="(x)", source="S", text="t", kind="above", evidence=(ev,))
+    (c,) = evaluate(claim, summaries)
+    ref = stats.ttest_rel([100 * v for v in a], [100 * v for v in b])
+    assert c.verdict == "holds" and c.difference.test == "paired t"
+    assert c.difference.p == pytest.approx(ref.pvalue, rel=1e-9)
+    head, detail = verdict_tables([claim], summaries)
+    assert "a − b of orig" in detail[2] and "[follow](#follow), [orig](#orig)" in head[2]
+    lost = Evidence("follow", "a", "b", at={"fraction": 0.1}, reference_experiment="nope")
+    with pytest.raises(ValueError, match="no experiment named 'nope'"):
+        evaluate(Claim(id="(x)", source="S", text="t", evidence=(lost,)), summaries)

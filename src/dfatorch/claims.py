@@ -13,13 +13,16 @@ A claims file (``experiments/claims.toml``) lists each claim with the comparison
     reference = "bp"
     at = { fraction = 0.02 }
     baseline_at = { ... }   # optional: compare the difference at `at` with the one here
+    reference_experiment = "..."  # optional: the reference's runs come from this experiment
 
 or, for a claim no run tests, ``not_tested = "why"``. Each comparison is the difference of final
 test accuracy (points) between the two methods' seeds at one grid point, with a 95% t interval
 (:func:`dfatorch._stats.seed_contrast`): paired over seeds where both methods ran the same seeds
 (a seed fixes the training subset, batch order and initial weights), Welch's otherwise; with
 ``baseline_at``, the difference at ``at`` minus the difference at ``baseline_at`` (a difference of
-differences), as in "DFA's gap to BP at a narrow layer, against its gap at full width". A
+differences), as in "DFA's gap to BP at a narrow layer, against its gap at full width". With
+``reference_experiment``, the reference's runs come from another experiment: for a follow-up run
+to the same budget and seeds (a rerun at another learning rate), paired by seed as within one. A
 comparison's verdict follows from its interval only:
 
 - ``below`` (the claim says A < B): *holds* if the interval lies below 0, *contradicted* if above;
@@ -61,6 +64,8 @@ class Evidence:
     at: dict[str, Any] = field(default_factory=dict)
     baseline_at: dict[str, Any] | None = None
     label: str = ""
+    #: the experiment that holds ``reference``'s runs, if not ``experiment``
+    reference_experiment: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,10 +110,11 @@ def load_claims(path: str | Path) -> list[Claim]:
         evidence = []
         for ev in raw.get("evidence", []):
             known = {"experiment", "method", "reference", "at", "baseline_at", "label"}
+            known.add("reference_experiment")
             if set(ev) - known or not {"experiment", "method", "reference"} <= set(ev):
                 raise ValueError(
                     f"{where}: evidence takes experiment, method, reference (required), at, "
-                    "baseline_at and label"
+                    "baseline_at, label and reference_experiment"
                 )
             evidence.append(Evidence(**{**ev, "at": dict(ev.get("at", {}))}))
         if not evidence and not raw.get("not_tested"):
@@ -168,11 +174,13 @@ def evaluate(claim: Claim, summaries: Mapping[str, Mapping[str, Any]]) -> list[C
     """Measure every comparison of ``claim`` in the experiment summaries (by experiment name)."""
     out = []
     for ev in claim.evidence:
-        if ev.experiment not in summaries:
-            raise ValueError(f"claim {claim.id}: no experiment named {ev.experiment!r}")
-        summary = summaries[ev.experiment]
+        home = ev.reference_experiment or ev.experiment
+        for name in (ev.experiment, home):
+            if name not in summaries:
+                raise ValueError(f"claim {claim.id}: no experiment named {name!r}")
+        sides = ((summaries[ev.experiment], ev.method), (summaries[home], ev.reference))
         points = [ev.at] if ev.baseline_at is None else [ev.at, ev.baseline_at]
-        found = [_finals(summary, m, at) for at in points for m in (ev.method, ev.reference)]
+        found = [_finals(summary, m, at) for at in points for summary, m in sides]
         groups = [finals for finals, _ in found]
         diverged = [n for _, n in found]
         if any(g is None for g in groups):
@@ -221,6 +229,8 @@ def _setting(ev: Evidence) -> str:
 
 
 def _compared(ev: Evidence) -> str:
+    if ev.reference_experiment:
+        return f"{ev.method} − {ev.reference} of {ev.reference_experiment}"
     if ev.baseline_at is None:
         return f"{ev.method} − {ev.reference}"
     return f"({ev.method} − {ev.reference}) − the same at {_point(ev.baseline_at)}"
@@ -277,7 +287,14 @@ def verdict_tables(
         first = comparisons[0]
         diff, interval, test = _interval(first)
         compared = _compared(first.evidence)
-        sections = sorted({c.evidence.experiment for c in comparisons})
+        sections = sorted(
+            {
+                e
+                for c in comparisons
+                for e in (c.evidence.experiment, c.evidence.reference_experiment)
+            }
+            - {None}
+        )
         links = ", ".join(f"[{s}](#{s})" for s in sections)
         head.append(
             f"| {_claim_text(claim)} | **{overall(comparisons)}** | {compared}, "
