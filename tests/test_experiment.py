@@ -664,6 +664,15 @@ def test_peer_accuracy_table_gives_welchs_interval_of_the_difference(tmp_path):
         f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}] |"
     ) in text
     assert _peer_accuracy_section(tmp_path / "missing.json") == []
+    assert "Out of date" not in text
+    # the experiment's search has since moved fa's rate: the rows are flagged, not silently kept
+    same = {"fa-family": {"file": "experiments/fa_family.toml", "chosen": {"fa": {"lr": 0.03}}}}
+    assert "Out of date" not in "\n".join(_peer_accuracy_section(path, same))
+    moved = {"fa-family": {"file": "experiments/fa_family.toml", "chosen": {"fa": {"lr": 0.1}}}}
+    lines = _peer_accuracy_section(path, moved)
+    flag = next(i for i, line in enumerate(lines) if line.startswith("**Out of date**"))
+    assert "(fa 0.1)" in lines[flag] and lines[flag - 1] == lines[flag + 1] == ""
+    assert lines[flag + 2].startswith("| rule |")
 
 
 def test_probe_fields_are_tabulated_and_plotted_from_the_records(tmp_path):

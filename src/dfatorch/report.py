@@ -7,7 +7,7 @@ import math
 import re
 import statistics
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -751,7 +751,7 @@ def write_report(
     lines += _tracking_versions_section(
         Path(results_root) / "tracking-split", Path(results_root) / "tracking-split-v1"
     )
-    lines += _speed_section(Path(benchmarks))
+    lines += _speed_section(Path(benchmarks), summaries)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     return out
@@ -781,7 +781,9 @@ def _verdict_section(path: Path, summaries: dict[str, dict[str, Any]]) -> list[s
     ]
 
 
-def _speed_section(folder: Path) -> list[str]:
+def _speed_section(
+    folder: Path, summaries: Mapping[str, Mapping[str, Any]] | None = None
+) -> list[str]:
     """Tables of the benchmark JSON files (``step_time.json``, ``tracking_speed.json``)."""
     lines: list[str] = []
     step = folder / "step_time.json"
@@ -826,7 +828,7 @@ def _speed_section(folder: Path) -> list[str]:
     lines += _kfac_overhead_section(folder / "kfac_overhead.json")
     lines += _recurrent_memory_section(folder / "recurrent_memory.json")
     lines += _peer_section(folder / "biotorch_peer.json")
-    lines += _peer_accuracy_section(folder / "biotorch_peer_train.json")
+    lines += _peer_accuracy_section(folder / "biotorch_peer_train.json", summaries or {})
     track = folder / "tracking_speed.json"
     if track.exists():
         data = json.loads(track.read_text())
@@ -1150,14 +1152,26 @@ def _peer_section(path: Path) -> list[str]:
     return [*lines, ""]
 
 
-def _peer_accuracy_section(path: Path) -> list[str]:
+def _peer_accuracy_section(
+    path: Path, summaries: Mapping[str, Mapping[str, Any]] | None = None
+) -> list[str]:
     """The table of ``benchmarks/biotorch_peer.py --train``'s JSON: each rule's final test
     accuracy in biotorch's layers and in dfatorch's, same model, loop, budget and learning rate,
-    with Welch's interval of the difference."""
+    with Welch's interval of the difference. Rules whose learning rate the experiment's search
+    (in ``summaries``) has since moved are flagged: the JSON then predates that search."""
     if not path.exists():
         return []
     data = json.loads(path.read_text())
     acc = data["accuracy"]
+    chosen: Mapping[str, Any] = {}
+    for summary in (summaries or {}).values():
+        if Path(str(summary.get("file", ""))).name == Path(str(acc["budget_from"])).name:
+            chosen = summary.get("chosen") or {}
+    moved = {
+        rule: chosen[rule]["lr"]
+        for rule, r in acc["by_rule"].items()
+        if rule in chosen and "lr" in chosen[rule] and chosen[rule]["lr"] != r["lr"]
+    }
     overridden = acc.get("budget_overridden") or {}
     lines = [
         f"## Peer: biotorch {data['biotorch']['version']} trained on the same budget",
@@ -1178,6 +1192,14 @@ def _peer_accuracy_section(path: Path) -> list[str]:
         "| rule | lr | biotorch | dfatorch | biotorch − dfatorch | 95% interval |",
         "|---|---|---|---|---|---|",
     ]
+    if moved:
+        now = ", ".join(f"{rule} {lr:g}" for rule, lr in moved.items())
+        lines[-2:-2] = [
+            f"**Out of date**: the search of `{acc['budget_from']}` has since chosen another "
+            f"learning rate for some rules ({now}); their rows below are at the old one, on "
+            "both sides. Rerun the command above to update them.",
+            "",
+        ]
     for rule, r in acc["by_rule"].items():
         theirs, ours = r.get("biotorch_final_acc_runs", []), r.get("dfatorch_final_acc_runs", [])
         d = welch(theirs, ours) if theirs and ours else None  # one run each: no interval
