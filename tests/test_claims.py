@@ -259,6 +259,10 @@ def test_a_reference_from_another_experiment_pairs_by_seed():
     assert c.difference.p == pytest.approx(ref.pvalue, rel=1e-9)
     head, detail = verdict_tables([claim], summaries)
     assert "a − b of orig" in detail[2] and "[follow](#follow), [orig](#orig)" in head[2]
+    both = Evidence("follow", "a", "b", at={"fraction": 0.1}, baseline_at={"fraction": 0.1},
+                    reference_experiment="orig")  # fmt: skip
+    _, detail = verdict_tables([Claim("(x)", "S", "t", evidence=(both,))], summaries)
+    assert "(a − b of orig) − the same at fraction 0.1" in detail[2]
     lost = Evidence("follow", "a", "b", at={"fraction": 0.1}, reference_experiment="nope")
     with pytest.raises(ValueError, match="no experiment named 'nope'"):
         evaluate(Claim(id="(x)", source="S", text="t", evidence=(lost,)), summaries)

@@ -668,7 +668,10 @@ def test_peer_accuracy_table_gives_welchs_interval_of_the_difference(tmp_path):
     # the experiment's search has since moved fa's rate: the rows are flagged, not silently kept
     same = {"fa-family": {"file": "experiments/fa_family.toml", "chosen": {"fa": {"lr": 0.03}}}}
     assert "Out of date" not in "\n".join(_peer_accuracy_section(path, same))
+    other = {"file": "experiments/kfac.toml", "chosen": {"fa": {"lr": 0.3}}}  # not the budget
+    assert "Out of date" not in "\n".join(_peer_accuracy_section(path, {**same, "kfac": other}))
     moved = {"fa-family": {"file": "experiments/fa_family.toml", "chosen": {"fa": {"lr": 0.1}}}}
+    moved["kfac"] = other
     lines = _peer_accuracy_section(path, moved)
     flag = next(i for i, line in enumerate(lines) if line.startswith("**Out of date**"))
     assert "(fa 0.1)" in lines[flag] and lines[flag - 1] == lines[flag + 1] == ""

@@ -229,11 +229,12 @@ def _setting(ev: Evidence) -> str:
 
 
 def _compared(ev: Evidence) -> str:
+    reference = ev.reference
     if ev.reference_experiment:
-        return f"{ev.method} − {ev.reference} of {ev.reference_experiment}"
+        reference += f" of {ev.reference_experiment}"
     if ev.baseline_at is None:
-        return f"{ev.method} − {ev.reference}"
-    return f"({ev.method} − {ev.reference}) − the same at {_point(ev.baseline_at)}"
+        return f"{ev.method} − {reference}"
+    return f"({ev.method} − {reference}) − the same at {_point(ev.baseline_at)}"
 
 
 def _interval(c: Comparison) -> tuple[str, str, str]:
