@@ -39,7 +39,10 @@ def test_metrics_identical_to_before_the_refactor(tmp_path, one_thread, monkeypa
     (both now callbacks), BP with SGD and a cosine schedule. That code evaluated in batches of
     500: the test loss's float sums depend on the grouping, in the last digits."""
     monkeypatch.setattr("dfatorch.train.EVAL_BATCH_SIZE", 500)
-    reference = json.loads(REFERENCE.read_text())["cases"]
+    recorded = json.loads(REFERENCE.read_text())
+    reference = recorded["cases"]
+    # the pre-refactor code on other CPUs: kernels round differently, so any recorded one counts
+    elsewhere = [h for h in recorded["other_machines"]["histories"]]
     for name, case in reference.items():
         config = TrainConfig(
             dataset="digits", model="small_cnn", activation="relu", epochs=3, seed=0,
@@ -52,7 +55,8 @@ def test_metrics_identical_to_before_the_refactor(tmp_path, one_thread, monkeypa
                 for layer in probe["layers"].values():
                     for key in PROBE_FIELDS_ADDED:
                         del layer[key]
-        assert json.loads(json.dumps(got)) == case["history"], name
+        expected = [case["history"], *(h[name] for h in elsewhere)]
+        assert json.loads(json.dumps(got)) in expected, name
 
 
 class Recorder(Callback):
