@@ -42,7 +42,7 @@ def test_metrics_identical_to_before_the_refactor(tmp_path, one_thread, monkeypa
     recorded = json.loads(REFERENCE.read_text())
     reference = recorded["cases"]
     # the pre-refactor code on other CPUs: kernels round differently, so any recorded one counts
-    elsewhere = [h for h in recorded["other_machines"]["histories"]]
+    elsewhere = recorded["other_machines"]["histories"]
     for name, case in reference.items():
         config = TrainConfig(
             dataset="digits", model="small_cnn", activation="relu", epochs=3, seed=0,

@@ -109,8 +109,10 @@ def load_claims(path: str | Path) -> list[Claim]:
             raise ValueError(f"{where}: kind 'within' needs a positive margin (points)")
         evidence = []
         for ev in raw.get("evidence", []):
-            known = {"experiment", "method", "reference", "at", "baseline_at", "label"}
-            known.add("reference_experiment")
+            known = {
+                "experiment", "method", "reference", "at", "baseline_at", "label",
+                "reference_experiment",
+            }  # fmt: skip
             if set(ev) - known or not {"experiment", "method", "reference"} <= set(ev):
                 raise ValueError(
                     f"{where}: evidence takes experiment, method, reference (required), at, "

@@ -763,7 +763,8 @@ class DFAEngine(nn.Module):
         (build the feedback first: :meth:`materialize`):
 
         - ``points``, ``units``: the direct feedback points and their units ``D``;
-        - ``pattern_bytes``, ``scale_bytes``: the direct ``B`` as its storage keeps it;
+        - ``pattern_bytes``, ``scale_bytes``: the direct ``B`` as its storage keeps it (with the
+          learned blocks of ``dkp`` beside the pattern they started from);
         - ``inner_points``, ``inner_bytes``: module-wise DFA's inner operators;
         - ``layerwise_bytes``: the layer-wise rules' ``B`` (patterns or learned matrices);
         - ``projection_macs``: multiply-adds per sample of ``e @ B`` (``C * D``, or the non-zeros

@@ -828,7 +828,7 @@ def _speed_section(
     lines += _kfac_overhead_section(folder / "kfac_overhead.json")
     lines += _recurrent_memory_section(folder / "recurrent_memory.json")
     lines += _peer_section(folder / "biotorch_peer.json")
-    lines += _peer_accuracy_section(folder / "biotorch_peer_train.json", summaries or {})
+    lines += _peer_accuracy_section(folder / "biotorch_peer_train.json", summaries)
     track = folder / "tracking_speed.json"
     if track.exists():
         data = json.loads(track.read_text())
