@@ -78,6 +78,7 @@ from dfatorch._io import portable_path
 from dfatorch.callbacks import Callback, TrainState
 from dfatorch.experiment import load_experiment
 from dfatorch.models import build_model
+from dfatorch.rundir import RunDir
 from dfatorch.train import environment, is_finished, read_metrics, summarize, train
 
 RULES = ["bp", "fa", "usf", "brsf", "frsf", "dfa"]
@@ -488,6 +489,15 @@ def train_peers(bt: ModuleType, args: argparse.Namespace) -> dict[str, Any]:
         peer_file = run_dir / "peer.json"
         if peer_file.exists() and json.loads(peer_file.read_text()) != marker:
             raise SystemExit(f"biotorch_peer: {run_dir} holds another run ({peer_file})")
+        saved = RunDir(run_dir)
+        # a finished run at an old learning rate (the search moved it) must not pass for a new one
+        if saved.config.exists() and saved.read_config() != json.loads(
+            json.dumps(config.to_dict())
+        ):
+            raise SystemExit(
+                f"biotorch_peer: {run_dir} was trained with another configuration than "
+                f"{portable_path(str(args.experiment))} now gives; move it away to retrain"
+            )
         if is_finished(run_dir):
             history = read_metrics(run_dir)
         else:
@@ -584,6 +594,9 @@ def main(argv: list[str] | None = None) -> int:
         "model": "small_cnn (tanh), scope=all",
     }
     if args.train:
+        base = load_experiment(args.experiment).base
+        activation = base.get("activation", "its own activation")
+        report["model"] = f"{base['model']} ({activation}), scope=all"
         report["accuracy"] = train_peers(bt, args)
     else:
         if not args.no_check:

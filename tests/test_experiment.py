@@ -637,6 +637,7 @@ def test_peer_accuracy_table_gives_welchs_interval_of_the_difference(tmp_path):
     data = {
         "command": "python benchmarks/biotorch_peer.py --train",
         "biotorch": {"version": "0.0.16"},
+        "model": "resnet20 (its own activation), scope=all",
         "accuracy": {
             "budget_from": "experiments/fa_family.toml",
             "budget_overridden": {},
@@ -659,6 +660,8 @@ def test_peer_accuracy_table_gives_welchs_interval_of_the_difference(tmp_path):
     path.write_text(json.dumps(data))
     text = "\n".join(_peer_accuracy_section(path))
     d = welch(theirs, ours)
+    assert text.startswith("## Peer: biotorch 0.0.16 trained on the same budget: `resnet20`")
+    assert "swapped into `resnet20` (its own activation, every weight layer" in text
     assert (
         f"| fa | 0.03 | 43.00 ± 3.61 (3) | 45.00 ± 1.00 (3) | {100 * d.diff:+.2f} | "
         f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}] |"

@@ -828,7 +828,8 @@ def _speed_section(
     lines += _kfac_overhead_section(folder / "kfac_overhead.json")
     lines += _recurrent_memory_section(folder / "recurrent_memory.json")
     lines += _peer_section(folder / "biotorch_peer.json")
-    lines += _peer_accuracy_section(folder / "biotorch_peer_train.json", summaries)
+    for path in sorted(folder.glob("biotorch_peer_train*.json")):  # one per model
+        lines += _peer_accuracy_section(path, summaries)
     track = folder / "tracking_speed.json"
     if track.exists():
         data = json.loads(track.read_text())
@@ -1173,11 +1174,14 @@ def _peer_accuracy_section(
         if rule in chosen and "lr" in chosen[rule] and chosen[rule]["lr"] != r["lr"]
     }
     overridden = acc.get("budget_overridden") or {}
+    # "small_cnn (tanh), scope=all"
+    model, _, rest = str(data["model"]).partition(" (")
+    activation = rest.partition(")")[0] or "its own activation"
     lines = [
-        f"## Peer: biotorch {data['biotorch']['version']} trained on the same budget",
+        f"## Peer: biotorch {data['biotorch']['version']} trained on the same budget: `{model}`",
         "",
-        f"`{data['command']}`. biotorch's layers swapped into `small_cnn` (tanh, every hidden "
-        "layer under the rule) and trained by dfatorch's own loop with the cells of "
+        f"`{data['command']}`. biotorch's layers swapped into `{model}` ({activation}, every "
+        "weight layer under the rule) and trained by dfatorch's own loop with the cells of "
         f"`{acc['budget_from']}` (the learning rate its search chose for dfatorch's rule, "
         "reused, not searched again for biotorch)"
         + (f", overridden: {overridden}" if overridden else "")
