@@ -1,14 +1,19 @@
 """The peer column of issue 21: the rules biotorch 0.0.16 shares with dfatorch, on the same model.
 
     pip install --no-deps biotorch==0.0.16
-    python benchmarks/biotorch_peer.py [--rules bp fa usf brsf frsf dfa] [--rounds 7]
-                                       [--batch-size 128] [--threads 1] [--no-check] [--no-time]
-                                       [--biotorch-path DIR] [--out FILE]
+    python benchmarks/biotorch_peer.py [--rules bp fa usf brsf frsf dfa] [--model small_cnn]
+                                       [--rounds 7] [--batch-size 128] [--threads 1]
+                                       [--no-check] [--no-time] [--biotorch-path DIR] [--out FILE]
     python benchmarks/biotorch_peer.py --train [--rules ...] [--seeds 0 1 2] [--runs DIR]
                                        [--epochs N] [--fraction F] [--out FILE]
 
 The model is ``small_cnn`` (tanh; conv32-conv64-conv64 with 2x2 max-pools, fc256-fc256-fc10),
-every hidden layer under the rule (``scope="all"``). biotorch's side is ``BioModule(model, mode)``
+every hidden layer under the rule (``scope="all"``); ``--model resnet20`` (ReLU, batch norm, skip
+connections: no ``dfa``, which dfatorch refuses across a skip) or ``nokland_cnn`` instead, and
+with ``--train`` the model of ``--experiment`` (``fa_family_resnet20.toml`` with its
+``--summary``). On ``resnet20`` the ``usf`` check runs with biotorch's ``init="kaiming"`` only:
+with Xavier's scale the gradients differ by a product over the paths above a layer, not one
+factor. biotorch's side is ``BioModule(model, mode)``
 with ``copy_weights=True``: the same weights, its layers swapped in. Only
 ``biotorch.module.biomodule`` (and the layer and autograd modules it imports) is loaded: nothing
 of biotorch's that imports torchvision, which the package lists as a dependency but these code
@@ -85,6 +90,9 @@ RULES = ["bp", "fa", "usf", "brsf", "frsf", "dfa"]
 INPUT_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10
 LAYERS = (nn.Linear, nn.Conv2d)
+#: models without skip connections: each layer's error comes from the next layer only
+CHAINS = ("small_cnn", "nokland_cnn")
+PARAMS = ("weight", "bias")
 ROOT = Path(__file__).resolve().parents[1]
 #: float64 agreement is to rounding (~1e-15), except where dfatorch's feedback scale ``s`` enters
 #: (usf): it is a float32 buffer, rounded by up to 2^-24 per layer (~5e-8 over small_cnn)
@@ -176,9 +184,17 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LAYERS)]
 
 
-def base_model(seed: int = 0) -> nn.Module:
+def base_model(model: str = "small_cnn", seed: int = 0) -> nn.Module:
+    """``model`` for CIFAR-10: ``small_cnn`` with tanh (fa-family's), any other with its own
+    activation (``resnet20``: ReLU, as in fa-family-resnet20)."""
     torch.manual_seed(seed)
-    return build_model("small_cnn", INPUT_SHAPE, NUM_CLASSES, activation="tanh")
+    activation = "tanh" if model == "small_cnn" else None
+    return build_model(model, INPUT_SHAPE, NUM_CLASSES, activation=activation)
+
+
+def describe(model: str) -> str:
+    """The ``model`` line of the JSON, e.g. ``small_cnn (tanh), scope=all``."""
+    return f"{model} ({'tanh' if model == 'small_cnn' else 'its own activation'}), scope=all"
 
 
 def fans(weight: Tensor) -> tuple[int, int]:
@@ -237,10 +253,16 @@ def gradients(model: nn.Module) -> dict[str, Tensor]:
 
 
 def gradient_check(
-    bt: ModuleType, rule: str, *, init: str = "xavier", batch: int = 16, seed: int = 0
+    bt: ModuleType,
+    rule: str,
+    *,
+    model: str = "small_cnn",
+    init: str = "xavier",
+    batch: int = 16,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """One float64 batch through dfatorch's ``rule`` and biotorch's, same weights and feedback."""
-    base = base_model(seed).double()
+    base = base_model(model, seed).double()
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(batch, *INPUT_SHAPE, generator=g, dtype=torch.float64)
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
@@ -339,10 +361,11 @@ def gradient_check(
         theirs_g = got_theirs[key]
         scale = float(mine.abs().max())
         layers.setdefault(layer, {})[kind] = float((theirs_g - mine).abs().max()) / scale
-        if factor[layer] != 1.0:
+        if factor.get(layer, 1.0) != 1.0:  # batch norm's parameters: 1 (only usf on a chain)
             layers[layer][f"{kind}_ratio_median"] = float((theirs_g / mine).median())
             rescaled = max(rescaled, float((theirs_g / factor[layer] - mine).abs().max()) / scale)
-    out["max_rel_diff"] = max(max(d["weight"], d["bias"]) for d in layers.values())
+    # resnet20's convolutions have no bias
+    out["max_rel_diff"] = max(v for d in layers.values() for k, v in d.items() if k in PARAMS)
     out["layers"] = layers
     out["agree"] = out["max_rel_diff"] <= TOLERANCE
     if rule == "usf" and init == "xavier":
@@ -378,15 +401,17 @@ WHY = {
 }
 
 
-def run_checks(bt: ModuleType, rules: list[str]) -> dict[str, Any]:
+def run_checks(bt: ModuleType, rules: list[str], model: str = "small_cnn") -> dict[str, Any]:
     checks: dict[str, Any] = {}
     for rule in rules:
         print(f"gradient check {rule} ...", file=sys.stderr, flush=True)
+        # usf with Xavier's scale differs by a product over the layers above: a chain's only
+        if rule == "usf" and model in CHAINS:
+            checks["usf"] = gradient_check(bt, "usf", model=model, init="xavier")
         if rule == "usf":
-            checks["usf"] = gradient_check(bt, "usf", init="xavier")
-            checks["usf_kaiming"] = gradient_check(bt, "usf", init="kaiming")
+            checks["usf_kaiming"] = gradient_check(bt, "usf", model=model, init="kaiming")
         else:
-            checks[rule] = gradient_check(bt, rule)
+            checks[rule] = gradient_check(bt, rule, model=model)
     return checks
 
 
@@ -394,7 +419,7 @@ def run_checks(bt: ModuleType, rules: list[str]) -> dict[str, Any]:
 
 
 def make_steps(
-    bt: ModuleType, rules: list[str], x: Tensor, y: Tensor
+    bt: ModuleType, rules: list[str], x: Tensor, y: Tensor, model_name: str = "small_cnn"
 ) -> dict[str, Callable[[], None]]:
     steps: dict[str, Callable[[], None]] = {}
 
@@ -411,24 +436,29 @@ def make_steps(
         return step
 
     for rule in ["bp", *[r for r in rules if r != "bp"]]:
-        model = base_model()
+        model = base_model(model_name)
         engine = dfatorch.attach(model, rule, scope="all", example_input=x[:2])
         steps[rule if rule == "bp" else f"dfatorch/{rule}"] = sgd_step(
             model, [*model.parameters(), *engine.parameters()]
         )
         if rule != "bp":
-            peer = to_biotorch(bt, base_model(), rule)
+            peer = to_biotorch(bt, base_model(model_name), rule)
             steps[f"biotorch/{rule}"] = sgd_step(peer, list(peer.parameters()))
     return steps
 
 
 def step_time(
-    bt: ModuleType, rules: list[str], rounds: int, warmup: int, batch: int
+    bt: ModuleType,
+    rules: list[str],
+    rounds: int,
+    warmup: int,
+    batch: int,
+    model: str = "small_cnn",
 ) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *INPUT_SHAPE, generator=g)
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
-    steps = make_steps(bt, rules, x, y)
+    steps = make_steps(bt, rules, x, y, model)
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -563,6 +593,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rules", nargs="+", default=RULES, choices=RULES)
     parser.add_argument("--biotorch-path", help="put this folder first on sys.path")
+    parser.add_argument(
+        "--model",
+        choices=["small_cnn", "nokland_cnn", "resnet20"],
+        help="checks and step time: the model (default small_cnn); --train: the experiment's",
+    )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -591,21 +626,23 @@ def main(argv: list[str] | None = None) -> int:
         "config": options(args),
         "machine": environment(),
         "biotorch": biotorch_info(bt),
-        "model": "small_cnn (tanh), scope=all",
+        "model": describe(args.model or "small_cnn"),
     }
     if args.train:
         base = load_experiment(args.experiment).base
+        if args.model not in (None, base["model"]):
+            parser.error(f"--model {args.model}: --train trains {args.experiment}'s model")
         activation = base.get("activation", "its own activation")
         report["model"] = f"{base['model']} ({activation}), scope=all"
         report["accuracy"] = train_peers(bt, args)
     else:
         if not args.no_check:
-            report["gradient_check"] = run_checks(bt, args.rules)
+            report["gradient_check"] = run_checks(bt, args.rules, args.model or "small_cnn")
         if not args.no_time:
             print("timing ...", file=sys.stderr, flush=True)
             before = os.getloadavg()  # a shared machine slows every rule; ratios stay comparable
             report["step_time"] = step_time(
-                bt, args.rules, args.rounds, args.warmup, args.batch_size
+                bt, args.rules, args.rounds, args.warmup, args.batch_size, args.model or "small_cnn"
             )
             report["step_time"]["load_average_1_5_15min"] = {
                 "before": before,

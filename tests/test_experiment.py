@@ -1068,3 +1068,30 @@ def test_the_convergence_check_reruns_each_chosen_point_on_a_fresh_seed_1x_and_f
         path.write_text(SPEC.replace('by = ["fraction"]', f'by = ["fraction"]\n{bad}'))
         with pytest.raises(ValueError, match=message):
             load_experiment(path)
+
+
+def test_peer_sections_come_per_model_checks_before_accuracy(tmp_path):
+    """One biotorch section per JSON file, grouped by model: ``biotorch_peer[_MODEL].json``
+    (gradients, step time) then ``biotorch_peer_train[_MODEL].json`` (accuracy), each headed by
+    its model."""
+    from dfatorch.report import _speed_section
+
+    machine = {"processor": "cpu", "threads": 1, "torch": "2"}
+    config = {"batch_size": 128, "rounds": 7, "warmup": 2, "threads": 1}
+    for suffix, model in (("", "small_cnn (tanh)"), ("_resnet20", "resnet20 (its own activation)")):
+        check = {"command": "c", "machine": machine, "config": config,
+                 "biotorch": {"version": "0.0.16"}, "model": f"{model}, scope=all",
+                 "gradient_check": {"fa": {"biotorch_init": "xavier", "agree": True,
+                                           "max_rel_diff": 0.0, "must_agree": True}}}  # fmt: skip
+        train = {"command": "t", "biotorch": {"version": "0.0.16"},
+                 "model": f"{model}, scope=all",
+                 "accuracy": {"budget_from": "x.toml", "by_rule": {}}}  # fmt: skip
+        (tmp_path / f"biotorch_peer{suffix}.json").write_text(json.dumps(check))
+        (tmp_path / f"biotorch_peer_train{suffix}.json").write_text(json.dumps(train))
+    heads = [line for line in _speed_section(tmp_path) if line.startswith("## Peer")]
+    assert heads == [
+        "## Peer: biotorch 0.0.16 on the same model: `small_cnn`",
+        "## Peer: biotorch 0.0.16 trained on the same budget: `small_cnn`",
+        "## Peer: biotorch 0.0.16 on the same model: `resnet20`",
+        "## Peer: biotorch 0.0.16 trained on the same budget: `resnet20`",
+    ]

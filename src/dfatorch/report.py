@@ -827,9 +827,15 @@ def _speed_section(
     lines += _memory_format_section(folder / "memory_format.json")
     lines += _kfac_overhead_section(folder / "kfac_overhead.json")
     lines += _recurrent_memory_section(folder / "recurrent_memory.json")
-    lines += _peer_section(folder / "biotorch_peer.json")
-    for path in sorted(folder.glob("biotorch_peer_train*.json")):  # one per model
-        lines += _peer_accuracy_section(path, summaries)
+    # per model: biotorch_peer[_MODEL].json (gradients, step time), biotorch_peer_train[_MODEL].json
+    peers = sorted(
+        folder.glob("biotorch_peer*.json"), key=lambda p: (p.name.replace("_train", ""), p.name)
+    )
+    for path in peers:
+        if "_train" in path.name:
+            lines += _peer_accuracy_section(path, summaries)
+        else:
+            lines += _peer_section(path)
     track = folder / "tracking_speed.json"
     if track.exists():
         data = json.loads(track.read_text())
@@ -1108,11 +1114,12 @@ def _peer_section(path: Path) -> list[str]:
         return []
     data = json.loads(path.read_text())
     cfg, bt = data["config"], data["biotorch"]
+    model = str(data["model"]).partition(" (")[0]
     lines = [
-        f"## Peer: biotorch {bt['version']} on the same model",
+        f"## Peer: biotorch {bt['version']} on the same model: `{model}`",
         "",
         _timed_rounds(data) + f"; {data['model']}). The rules biotorch shares with dfatorch, "
-        "its layers swapped into the same `small_cnn` with the same weights. Gradients: one "
+        f"its layers swapped into the same `{model}` with the same weights. Gradients: one "
         "float64 batch, the feedback made equal where the rule draws it (what was copied, and why "
         "a pair must or need not agree, is in the JSON); largest relative difference of any "
         "layer's weight or bias gradient. Step time: forward, backward and SGD step, each "
