@@ -44,12 +44,14 @@ paths never use, so the ``--no-deps`` install works with this torch. ``--biotorc
    step, float32, batch 128) of every rule in dfatorch and in biotorch, interleaved round by round
    with a BP baseline as in ``step_time.py`` (warm-up excluded; ratio = median over rounds of the
    per-round ratio to ``bp``; ``biotorch_over_dfatorch`` likewise per rule).
-3. **Accuracy** (``--train``): biotorch's converted ``small_cnn`` trained by dfatorch's own loop
+3. **Accuracy** (``--train``): biotorch's converted model trained by dfatorch's own loop
    (:func:`dfatorch.train.train` with ``model_transform``, method ``bp`` so that dfatorch attaches
-   nothing) with ``experiments/fa_family.toml``'s cells: 10% of CIFAR-10 class-stratified,
-   augmentation, SGD momentum 0.9, weight decay 1e-4, batch 64, 20 epochs, the learning rate the
-   fa-family search chose per rule (``experiments/results/fa-family/summary.json``), seeds 0, 1,
-   2. Finished runs in ``--runs`` are read, unfinished ones resumed. Each run folder gets a
+   nothing) with the cells of ``--experiment`` (default ``experiments/fa_family.toml``: 10% of
+   CIFAR-10 class-stratified, augmentation, SGD momentum 0.9, weight decay 1e-4, batch 64, 20
+   epochs), the learning rate its search chose per rule (``--summary``, default
+   ``experiments/results/fa-family/summary.json``), seeds 0, 1, 2. Finished runs in ``--runs``
+   are read (refused if trained with another configuration than the experiment now gives, for
+   example before its search moved a rate), unfinished ones resumed. Each run folder gets a
    ``peer.json`` (its ``config.json`` says ``method: bp``: the rule is in the converted layers).
    The JSON lists every run's final test accuracy and, per rule, the mean beside dfatorch's from
    the summary.
@@ -81,7 +83,7 @@ from torch import Tensor, nn
 import dfatorch
 from dfatorch._io import portable_path
 from dfatorch.callbacks import Callback, TrainState
-from dfatorch.experiment import load_experiment
+from dfatorch.experiment import NEUTRAL, load_experiment
 from dfatorch.models import build_model
 from dfatorch.rundir import RunDir
 from dfatorch.train import environment, is_finished, read_metrics, summarize, train
@@ -184,17 +186,19 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LAYERS)]
 
 
+#: each model's own hidden activation, as the experiments use them
+ACTIVATION = {"small_cnn": "tanh", "nokland_cnn": "tanh", "resnet20": "relu"}
+
+
 def base_model(model: str = "small_cnn", seed: int = 0) -> nn.Module:
-    """``model`` for CIFAR-10: ``small_cnn`` with tanh (fa-family's), any other with its own
-    activation (``resnet20``: ReLU, as in fa-family-resnet20)."""
+    """``model`` for CIFAR-10 with its own activation (:data:`ACTIVATION`)."""
     torch.manual_seed(seed)
-    activation = "tanh" if model == "small_cnn" else None
-    return build_model(model, INPUT_SHAPE, NUM_CLASSES, activation=activation)
+    return build_model(model, INPUT_SHAPE, NUM_CLASSES, activation=ACTIVATION[model])
 
 
 def describe(model: str) -> str:
     """The ``model`` line of the JSON, e.g. ``small_cnn (tanh), scope=all``."""
-    return f"{model} ({'tanh' if model == 'small_cnn' else 'its own activation'}), scope=all"
+    return f"{model} ({ACTIVATION[model]}), scope=all"
 
 
 def fans(weight: Tensor) -> tuple[int, int]:
@@ -492,7 +496,7 @@ def step_time(
 
 
 def train_peers(bt: ModuleType, args: argparse.Namespace) -> dict[str, Any]:
-    """biotorch's converted small_cnn through dfatorch's loop, fa-family's cells."""
+    """biotorch's converted model through dfatorch's loop, the cells of ``--experiment``."""
     exp = load_experiment(args.experiment)
     summary = json.loads(Path(args.summary).read_text())
     chosen = summary["chosen"]
@@ -521,13 +525,19 @@ def train_peers(bt: ModuleType, args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"biotorch_peer: {run_dir} holds another run ({peer_file})")
         saved = RunDir(run_dir)
         # a finished run at an old learning rate (the search moved it) must not pass for a new one
-        if saved.config.exists() and saved.read_config() != json.loads(
-            json.dumps(config.to_dict())
-        ):
-            raise SystemExit(
-                f"biotorch_peer: {run_dir} was trained with another configuration than "
-                f"{portable_path(str(args.experiment))} now gives; move it away to retrain"
-            )
+        if saved.config.exists():
+            before = type(config).from_dict(saved.read_config()).to_dict()
+            diff = {
+                k: (v, before[k])
+                for k, v in config.to_dict().items()
+                if k not in NEUTRAL and before[k] != v
+            }
+            if diff:
+                raise SystemExit(
+                    f"biotorch_peer: {run_dir} was trained with another configuration than "
+                    f"{portable_path(str(args.experiment))} now gives (now, then): {diff}; move "
+                    "it away to retrain"
+                )
         if is_finished(run_dir):
             history = read_metrics(run_dir)
         else:
@@ -636,6 +646,8 @@ def main(argv: list[str] | None = None) -> int:
         report["model"] = f"{base['model']} ({activation}), scope=all"
         report["accuracy"] = train_peers(bt, args)
     else:
+        if args.model not in (None, *CHAINS) and "dfa" in args.rules:
+            parser.error(f"--model {args.model} has skip connections: dfa refuses it, leave it out")
         if not args.no_check:
             report["gradient_check"] = run_checks(bt, args.rules, args.model or "small_cnn")
         if not args.no_time:

@@ -661,7 +661,7 @@ def test_peer_accuracy_table_gives_welchs_interval_of_the_difference(tmp_path):
     text = "\n".join(_peer_accuracy_section(path))
     d = welch(theirs, ours)
     assert text.startswith("## Peer: biotorch 0.0.16 trained on the same budget: `resnet20`")
-    assert "swapped into `resnet20` (its own activation, every weight layer" in text
+    assert "swapped into `resnet20` (its own activation, every hidden layer" in text
     assert (
         f"| fa | 0.03 | 43.00 ± 3.61 (3) | 45.00 ± 1.00 (3) | {100 * d.diff:+.2f} | "
         f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}] |"

@@ -1122,9 +1122,10 @@ def _peer_section(path: Path) -> list[str]:
         f"its layers swapped into the same `{model}` with the same weights. Gradients: one "
         "float64 batch, the feedback made equal where the rule draws it (what was copied, and why "
         "a pair must or need not agree, is in the JSON); largest relative difference of any "
-        "layer's weight or bias gradient. Step time: forward, backward and SGD step, each "
-        "library's rule interleaved with one BP baseline; milliseconds are medians over rounds, "
-        "ratios the median of the per-round ratios (on a busy machine the two can disagree).",
+        "layer's weight or bias gradient (batch norm's scale and shift included). Step time: "
+        "forward, backward and SGD step, each library's rule interleaved with one BP baseline; "
+        "milliseconds are medians over rounds, ratios the median of the per-round ratios (on a "
+        "busy machine the two can disagree).",
         "",
         "| rule | biotorch init | gradients agree | max relative difference | must agree |",
         "|---|---|---|---|---|",
@@ -1188,17 +1189,17 @@ def _peer_accuracy_section(
         f"## Peer: biotorch {data['biotorch']['version']} trained on the same budget: `{model}`",
         "",
         f"`{data['command']}`. biotorch's layers swapped into `{model}` ({activation}, every "
-        "weight layer under the rule) and trained by dfatorch's own loop with the cells of "
+        "hidden layer under the rule) and trained by dfatorch's own loop with the cells of "
         f"`{acc['budget_from']}` (the learning rate its search chose for dfatorch's rule, "
         "reused, not searched again for biotorch)"
         + (f", overridden: {overridden}" if overridden else "")
         + ". Each library draws its own feedback as it does by default (biotorch: "
-        '`init="xavier"`); with the feedback made equal, the gradients agree (the table '
-        "above), so a gap here comes from the feedback each draws (its scale) under a learning "
-        "rate chosen for dfatorch's, not from the arithmetic. BP's row trains the same network "
-        "through both paths: a check that they match. Final test accuracy (%), mean ± std over "
-        "seeds; difference biotorch − dfatorch with Welch's 95% interval. Run records in the "
-        "JSON.",
+        '`init="xavier"`); with the feedback made equal, the gradients agree (the gradient '
+        f"check of `{model}` above, where it ran), so a gap here comes from the feedback each "
+        "draws (its scale) under a learning rate chosen for dfatorch's, not from the "
+        "arithmetic. BP's row trains the same network through both paths: a check that they "
+        "match. Final test accuracy (%), mean ± std over seeds; difference biotorch − dfatorch "
+        "with Welch's 95% interval. Run records in the JSON.",
         "",
         "| rule | lr | biotorch | dfatorch | biotorch − dfatorch | 95% interval |",
         "|---|---|---|---|---|---|",
