@@ -82,8 +82,8 @@ from torch import Tensor, nn
 
 import dfatorch
 from dfatorch._io import portable_path
-from dfatorch.callbacks import Callback, TrainState
-from dfatorch.experiment import NEUTRAL, load_experiment
+from dfatorch.callbacks import Callback, TrainingDiverged, TrainState
+from dfatorch.experiment import DIVERGED, NEUTRAL, load_experiment
 from dfatorch.models import build_model
 from dfatorch.rundir import RunDir
 from dfatorch.train import environment, is_finished, read_metrics, summarize, train
@@ -538,41 +538,50 @@ def train_peers(bt: ModuleType, args: argparse.Namespace) -> dict[str, Any]:
                     f"{portable_path(str(args.experiment))} now gives (now, then): {diff}; move "
                     "it away to retrain"
                 )
-        if is_finished(run_dir):
+        diverged_file = run_dir / DIVERGED
+        diverged = (
+            json.loads(diverged_file.read_text())["message"] if diverged_file.exists() else None
+        )
+        if diverged is not None or is_finished(run_dir):
             history = read_metrics(run_dir)
         else:
             print(f"training biotorch/{cell.key} ...", file=sys.stderr, flush=True)
             run_dir.mkdir(parents=True, exist_ok=True)
             peer_file.write_text(json.dumps(marker, indent=2) + "\n")
-            history = train(
-                config,
-                run_dir,
-                resume=True,
-                progress=not args.no_progress,
-                model_transform=partial(_convert, bt, rule),
-                callbacks=[FeedTargets()] if rule == "dfa" else [],
-            ).history
+            try:
+                history = train(
+                    config,
+                    run_dir,
+                    resume=True,
+                    progress=not args.no_progress,
+                    model_transform=partial(_convert, bt, rule),
+                    callbacks=[FeedTargets()] if rule == "dfa" else [],
+                ).history
+            except TrainingDiverged as exc:  # a result at this learning rate, as in experiments
+                diverged = str(exc)
+                diverged_file.write_text(json.dumps({"message": diverged}, indent=2) + "\n")
+                history = read_metrics(run_dir)
+        summary_of_run = {k: v for k, v in summarize(history).items() if k != "final_bpc"}
+        if diverged is not None:  # its last evaluation is not a final accuracy
+            summary_of_run.update(final_acc=None, best_acc=None, diverged=diverged)
         runs.append(
-            {
-                "rule": rule,
-                "seed": seed,
-                "lr": config.lr,
-                "run": cell.key,
-                **{k: v for k, v in summarize(history).items() if k != "final_bpc"},
-            }
+            {"rule": rule, "seed": seed, "lr": config.lr, "run": cell.key, **summary_of_run}
         )
     theirs = {row["method"]: row for row in summary.get("rows", [])}
     table: dict[str, Any] = {}
     for rule in args.rules:
-        accs = [r["final_acc"] for r in runs if r["rule"] == rule and r["final_acc"] is not None]
-        if not accs:
+        mine = [r for r in runs if r["rule"] == rule]
+        accs = [r["final_acc"] for r in mine if r.get("final_acc") is not None]
+        failed = sum(1 for r in mine if r.get("diverged"))
+        if not accs and not failed:
             continue
         ref = theirs.get(rule, {})
         table[rule] = {
             "lr": chosen.get(rule, {}).get("lr"),
-            "biotorch_final_acc_mean": statistics.mean(accs),
+            "biotorch_final_acc_mean": statistics.mean(accs) if accs else None,
             "biotorch_final_acc_std": statistics.stdev(accs) if len(accs) > 1 else None,
             "biotorch_seeds": len(accs),
+            "biotorch_diverged": failed,
             "dfatorch_final_acc_mean": ref.get("final_acc_mean"),
             "dfatorch_final_acc_std": ref.get("final_acc_std"),
             "dfatorch_seeds": ref.get("seeds"),

@@ -668,6 +668,16 @@ def test_peer_accuracy_table_gives_welchs_interval_of_the_difference(tmp_path):
     ) in text
     assert _peer_accuracy_section(tmp_path / "missing.json") == []
     assert "Out of date" not in text
+    # biotorch's runs of a rule that diverged at this rate: said, not dropped
+    data["accuracy"]["by_rule"]["usf"] = {
+        **dict.fromkeys(("biotorch_final_acc_mean", "biotorch_final_acc_std"), None),
+        "lr": 0.1, "biotorch_seeds": 0, "biotorch_diverged": 3,
+        "dfatorch_final_acc_mean": 0.5, "dfatorch_final_acc_std": 0.01, "dfatorch_seeds": 3,
+        "biotorch_final_acc_runs": [], "dfatorch_final_acc_runs": [0.49, 0.5, 0.51],
+    }  # fmt: skip
+    path.write_text(json.dumps(data))
+    usf = [line for line in _peer_accuracy_section(path) if line.startswith("| usf |")]
+    assert usf == ["| usf | 0.1 | - (0; 3 diverged) | 50.00 ± 1.00 (3) | - | - |"]
     # the experiment's search has since moved fa's rate: the rows are flagged, not silently kept
     same = {"fa-family": {"file": "experiments/fa_family.toml", "chosen": {"fa": {"lr": 0.03}}}}
     assert "Out of date" not in "\n".join(_peer_accuracy_section(path, same))

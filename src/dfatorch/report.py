@@ -1198,7 +1198,8 @@ def _peer_accuracy_section(
         f"check of `{model}` above, where it ran), so a gap here comes from the feedback each "
         "draws (its scale) under a learning rate chosen for dfatorch's, not from the "
         "arithmetic. BP's row trains the same network through both paths: a check that they "
-        "match. Final test accuracy (%), mean ± std over seeds; difference biotorch − dfatorch "
+        "match. Final test accuracy (%), mean ± std over the seeds that did not diverge (their "
+        "number in brackets, with the diverged ones); difference biotorch − dfatorch "
         "with Welch's 95% interval. Run records in the JSON.",
         "",
         "| rule | lr | biotorch | dfatorch | biotorch − dfatorch | 95% interval |",
@@ -1219,10 +1220,11 @@ def _peer_accuracy_section(
         interval = (
             "-" if d is None or d.low is None else f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}]"
         )
+        failed = r.get("biotorch_diverged", 0)
+        seeds = f"({r['biotorch_seeds']}" + (f"; {failed} diverged" if failed else "") + ")"
         lines.append(
             f"| {rule} | {r['lr']} | "
-            f"{_pm(r['biotorch_final_acc_mean'], r['biotorch_final_acc_std'])} "
-            f"({r['biotorch_seeds']}) | "
+            f"{_pm(r['biotorch_final_acc_mean'], r['biotorch_final_acc_std'])} {seeds} | "
             f"{_pm(r['dfatorch_final_acc_mean'], r['dfatorch_final_acc_std'])} "
             f"({r['dfatorch_seeds']}) | {diff} | {interval} |"
         )
