@@ -196,9 +196,13 @@ def base_model(model: str = "small_cnn", seed: int = 0) -> nn.Module:
     return build_model(model, INPUT_SHAPE, NUM_CLASSES, activation=ACTIVATION[model])
 
 
-def describe(model: str) -> str:
-    """The ``model`` line of the JSON, e.g. ``small_cnn (tanh), scope=all``."""
-    return f"{model} ({ACTIVATION[model]}), scope=all"
+def describe(model: str, activation: str | None = None) -> str:
+    """The ``model`` line of the JSON, e.g. ``small_cnn (tanh), scope=all``.
+
+    ``activation`` unset: the model's own (:data:`ACTIVATION`), as an experiment file that names
+    none builds it.
+    """
+    return f"{model} ({activation or ACTIVATION[model]}), scope=all"
 
 
 def fans(weight: Tensor) -> tuple[int, int]:
@@ -637,6 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
     bt = load_biotorch(args.biotorch_path)
+    model = args.model or "small_cnn"
     if args.threads:
         torch.set_num_threads(args.threads)
     report: dict[str, Any] = {
@@ -645,25 +650,24 @@ def main(argv: list[str] | None = None) -> int:
         "config": options(args),
         "machine": environment(),
         "biotorch": biotorch_info(bt),
-        "model": describe(args.model or "small_cnn"),
+        "model": describe(model),
     }
     if args.train:
         base = load_experiment(args.experiment).base
         if args.model not in (None, base["model"]):
             parser.error(f"--model {args.model}: --train trains {args.experiment}'s model")
-        activation = base.get("activation", "its own activation")
-        report["model"] = f"{base['model']} ({activation}), scope=all"
+        report["model"] = describe(base["model"], base.get("activation"))
         report["accuracy"] = train_peers(bt, args)
     else:
         if args.model not in (None, *CHAINS) and "dfa" in args.rules:
             parser.error(f"--model {args.model} has skip connections: dfa refuses it, leave it out")
         if not args.no_check:
-            report["gradient_check"] = run_checks(bt, args.rules, args.model or "small_cnn")
+            report["gradient_check"] = run_checks(bt, args.rules, model)
         if not args.no_time:
             print("timing ...", file=sys.stderr, flush=True)
             before = os.getloadavg()  # a shared machine slows every rule; ratios stay comparable
             report["step_time"] = step_time(
-                bt, args.rules, args.rounds, args.warmup, args.batch_size, args.model or "small_cnn"
+                bt, args.rules, args.rounds, args.warmup, args.batch_size, model
             )
             report["step_time"]["load_average_1_5_15min"] = {
                 "before": before,
