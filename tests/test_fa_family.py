@@ -6,6 +6,7 @@ random state of brsf, exact resume and the refused combinations."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -361,6 +362,7 @@ def test_sign_feedback_follows_w_after_every_step(method):
     engine = attach(model, method, x)
     opt = torch.optim.SGD(model.parameters(), lr=2.0)
     signs = torch.sign(model[2].weight.detach()).clone()
+    drawn = {n: fb.pattern.clone() for n, fb in engine.layer_feedback.items() if method == "frsf"}
     for _ in range(3):
         feedback = expected_feedback(engine, model, rng_states(engine))
         got = step(model, x, t)
@@ -369,6 +371,9 @@ def test_sign_feedback_follows_w_after_every_step(method):
             torch.testing.assert_close(got[name], want[name], msg=lambda m, n=name: f"{n}: {m}")
         opt.step()
     assert not torch.equal(torch.sign(model[2].weight.detach()), signs)  # W's signs did change
+    if method == "frsf":  # M is drawn once: the formula above reads it, so check it stayed put
+        for name, fb in engine.layer_feedback.items():
+            assert torch.equal(fb.pattern, drawn[name]), name
 
 
 def engine_rules(engine):
@@ -591,6 +596,19 @@ def test_trainer_resume_is_exact(tmp_path, method, float32):
         assert not torch.equal(value, fresh.state_dict()[key]), key
 
 
+@pytest.mark.parametrize("method", ["kp", "dkp", "fa"])
+def test_learned_feedback_without_weight_decay_is_warned_about(tmp_path, capsys, method, float32):
+    config = TrainConfig(
+        dataset="digits", model="mlp", batch_size=64, epochs=1, fraction=0.1, method=method,
+        optimizer="sgd", weight_decay=0.0,
+    )  # fmt: skip
+    train(config, tmp_path / "none", progress=False)
+    warned = "trains without weight decay" in capsys.readouterr().err
+    assert warned == (method != "fa")  # fa learns nothing: no warning
+    train(dataclasses.replace(config, weight_decay=1e-4), tmp_path / "some", progress=False)
+    assert "trains without weight decay" not in capsys.readouterr().err
+
+
 def test_state_dict_refuses_another_rule_or_shape():
     x, _ = batch()
     fa = attach(make_mlp(), "fa", x)
@@ -686,6 +704,29 @@ def test_fa_with_b_equal_to_w_aligns_exactly_and_probes_leave_brsf_untouched():
         assert torch.equal(engine.layer_feedback[name].rng_state, state), name
 
 
+@pytest.mark.parametrize("method", ["kp", "usf", "frsf", "brsf"])
+def test_weight_alignment_is_the_angle_between_w_and_the_rules_own_b(method):
+    """Each layer-wise rule's angle, from the explicit B of its definition; kp's is its learned B,
+    set here to 2W (angle 0) so that a B read from anywhere else shows."""
+    x, _ = batch()
+    model = make_mlp()
+    engine = attach(model, method, x)
+    if method == "kp":
+        for name, fb in engine.layer_feedback.items():
+            fb.weight.data.copy_(2 * weight_above(model, name).detach())
+    feedback = expected_feedback(engine, model, rng_states(engine))
+    got = weight_alignment(engine)
+    for name in engine.layer_feedback:
+        w = weight_above(model, name).detach().double().flatten()
+        b = feedback[name].flatten()
+        want = math.degrees(math.acos(min(1.0, (w @ b / (w.norm() * b.norm())).item())))
+        assert got[name] == pytest.approx(want, abs=1e-3), name
+        if method == "kp":
+            assert want == pytest.approx(0.0, abs=1e-3)
+        else:  # signs agree with W, magnitudes do not: strictly between 0 and 90 degrees
+            assert 1 < want < 89
+
+
 # -- refused combinations ------------------------------------------------------------------
 
 
@@ -741,6 +782,7 @@ def test_cli_trains_every_new_method(tmp_path, capsys, float32):
                      "--out", str(out), "--no-progress"])  # fmt: skip
         assert code == 0, capsys.readouterr().err
         assert read_metrics(out)[0]["train_loss"] > 0
+    capsys.readouterr()  # kp and dkp warned of their missing weight decay
     assert main(["train", "--method", "kp", "--storage", "packed", "--dataset", "digits",
                  "--out", str(tmp_path / "bad"), "--no-progress"]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip()

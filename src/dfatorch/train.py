@@ -256,7 +256,7 @@ def _build(
         forward = (ddp or DDPOptions()).wrap(model, device)
         torch.manual_seed(derive_seed(config.seed, group.rank))  # dropout masks differ by rank
     optimizer = (optimizer_factory or make_optimizer)(model, config)
-    _add_learned_feedback(optimizer, engine)
+    _add_learned_feedback(optimizer, engine, tell=group.is_main)
     sizes = {k: len(v) for k, v in eval_sets.items()}
     return _Run(splits, train_loader, eval_loaders, model, engine, optimizer, device, sizes,
                 group, forward)  # fmt: skip
@@ -275,14 +275,24 @@ def _example_input(
     return x.contiguous(memory_format=torch.channels_last) if config.channels_last else x
 
 
-def _add_learned_feedback(optimizer: torch.optim.Optimizer, engine: DFAEngine) -> None:
+def _add_learned_feedback(
+    optimizer: torch.optim.Optimizer, engine: DFAEngine, *, tell: bool = True
+) -> None:
     """Learned feedback (``kp``, ``dkp``) joins the optimiser as one more parameter group with its
     defaults (learning rate, weight decay, momentum: the Kolen-Pollack rule needs ``B`` to receive
-    the same update as ``W``), unless the optimiser already holds it."""
+    the same update as ``W``), unless the optimiser already holds it. ``tell``: warn when that
+    group has no weight decay."""
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     learned = [p for p in engine.parameters() if p.requires_grad and id(p) not in held]
     if learned:
         optimizer.add_param_group({"params": learned})
+        if tell and not optimizer.param_groups[-1].get("weight_decay"):
+            # kp: B gets W's own gradient, so without decay W - B never shrinks
+            warn(
+                "the learned feedback (kp, dkp) trains without weight decay, so it does not "
+                "converge toward the forward weights as the Kolen-Pollack rule intends; set "
+                "weight_decay (--weight-decay), e.g. 1e-4 as the experiment files do"
+            )
 
 
 def _learning_rate(config: TrainConfig, progress: float) -> float:
