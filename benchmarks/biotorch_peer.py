@@ -202,7 +202,7 @@ def describe(model: str, activation: str | None = None) -> str:
     ``activation`` unset: the model's own (:data:`ACTIVATION`), as an experiment file that names
     none builds it.
     """
-    return f"{model} ({activation or ACTIVATION[model]}), scope=all"
+    return f"{model} ({activation or ACTIVATION.get(model, 'its own activation')}), scope=all"
 
 
 def fans(weight: Tensor) -> tuple[int, int]:

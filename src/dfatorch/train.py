@@ -169,7 +169,10 @@ def _build(
     group: ProcessGroup | None = None,
     ddp: DDPOptions | None = None,
     model_transform: ModelTransform | None = None,
+    *,
+    training: bool = False,
 ) -> _Run:
+    """Everything a run needs; ``training``: for ``train()`` (says what only training should)."""
     group = group or ProcessGroup()
     device = resolve_device(config.device)
     if group.enabled and device.type == "cuda":
@@ -256,7 +259,7 @@ def _build(
         forward = (ddp or DDPOptions()).wrap(model, device)
         torch.manual_seed(derive_seed(config.seed, group.rank))  # dropout masks differ by rank
     optimizer = (optimizer_factory or make_optimizer)(model, config)
-    _add_learned_feedback(optimizer, engine, tell=group.is_main)
+    _add_learned_feedback(optimizer, engine, tell=training and group.is_main)
     sizes = {k: len(v) for k, v in eval_sets.items()}
     return _Run(splits, train_loader, eval_loaders, model, engine, optimizer, device, sizes,
                 group, forward)  # fmt: skip
@@ -276,22 +279,22 @@ def _example_input(
 
 
 def _add_learned_feedback(
-    optimizer: torch.optim.Optimizer, engine: DFAEngine, *, tell: bool = True
+    optimizer: torch.optim.Optimizer, engine: DFAEngine, *, tell: bool
 ) -> None:
     """Learned feedback (``kp``, ``dkp``) joins the optimiser as one more parameter group with its
     defaults (learning rate, weight decay, momentum: the Kolen-Pollack rule needs ``B`` to receive
-    the same update as ``W``), unless the optimiser already holds it. ``tell``: warn when that
-    group has no weight decay."""
+    the same update as ``W``), unless the optimiser already holds it. ``tell``: warn when the group
+    added here has no weight decay (a group an optimiser factory made itself is not checked)."""
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     learned = [p for p in engine.parameters() if p.requires_grad and id(p) not in held]
     if learned:
         optimizer.add_param_group({"params": learned})
         if tell and not optimizer.param_groups[-1].get("weight_decay"):
-            # kp: B gets W's own gradient, so without decay W - B never shrinks
             warn(
-                "the learned feedback (kp, dkp) trains without weight decay, so it does not "
-                "converge toward the forward weights as the Kolen-Pollack rule intends; set "
-                "weight_decay (--weight-decay), e.g. 1e-4 as the experiment files do"
+                "the learned feedback (kp, dkp) trains without weight decay, so it never forgets "
+                "its random start (for kp, W - B never shrinks), which the Kolen-Pollack rule "
+                "relies on; give it weight decay (--weight-decay), e.g. 1e-4 as the experiment "
+                "files do"
             )
 
 
@@ -598,7 +601,7 @@ def train(
             return _train(
                 config, run, checkpoint, group,
                 _build(config, optimizer_factory, (error_transforms, signal_transforms), group,
-                       ddp, model_transform),
+                       ddp, model_transform, training=True),
                 progress=progress and group.is_main,
                 on_epoch=on_epoch if group.is_main else None,
                 loss_fn=loss_fn,
