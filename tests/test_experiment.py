@@ -1105,3 +1105,60 @@ def test_peer_sections_come_per_model_checks_before_accuracy(tmp_path):
         "## Peer: biotorch 0.0.16 on the same model: `resnet20`",
         "## Peer: biotorch 0.0.16 trained on the same budget: `resnet20`",
     ]
+
+
+def test_the_fraction_plot_borrows_the_named_points_of_another_experiment(tmp_path):
+    """``extra_fraction_points`` adds another experiment's rows at ``at`` (methods matched by
+    label, at that experiment's fraction), marked as borrowed; a loose ``at`` is refused."""
+    from dfatorch.report import _borrowed_caption, fraction_series, mean_interval
+
+    def row(method, acc, **labels):
+        runs = [{"final_acc": acc - 0.01}, {"final_acc": acc + 0.01}]
+        return {"method": method, **labels, "final_acc_mean": acc, "runs": runs}
+
+    (tmp_path / "small.toml").write_text(
+        'name = "small"\nextra_fraction_points = [\n'
+        '  { experiment = "full", at = { dataset = "cifar10", epochs = 30 } },\n]\n'
+        '[[methods]]\nlabel = "bp"\nmethod = "bp"\n[[methods]]\nlabel = "bdfa"\nmethod = "bdfa"\n'
+        "[[grid]]\nfraction = [0.01, 0.1]\nseed = [0, 1]\n"
+    )
+    (tmp_path / "full.toml").write_text(
+        'name = "full"\n[base]\nfraction = 0.5\n[[methods]]\nlabel = "bp"\nmethod = "bp"\n'
+        '[[methods]]\nlabel = "dfa"\nmethod = "dfa"\n'
+        '[[grid]]\ndataset = ["cifar10", "cifar100"]\nseed = [0, 1]\n'
+        '[[grid]]\nmethods = ["bp"]\ndataset = ["cifar10"]\nepochs = [60]\nseed = [0, 1]\n'
+    )
+    small, full = load_experiment(tmp_path / "small.toml"), load_experiment(tmp_path / "full.toml")
+    summaries = {
+        "small": {"name": "small", "rows": [row("bp", 0.40, fraction=0.01),
+                                            row("bp", 0.60, fraction=0.1),
+                                            row("bdfa", 0.30, fraction=0.01)]},
+        "full": {"name": "full", "rows": [row("bp", 0.80, dataset="cifar10", epochs=30),
+                                          row("bp", 0.82, dataset="cifar10", epochs=60),
+                                          row("bp", 0.50, dataset="cifar100", epochs=30),
+                                          row("dfa", 0.70, dataset="cifar10", epochs=30)]},
+    }  # fmt: skip
+    experiments = {"small": small, "full": full}
+    series = fraction_series(small, summaries, experiments)
+    hw = 100 * mean_interval(row("bp", 0.5))
+    assert hw > 0
+    assert series == {
+        "bp": [(0.01, 40.0, hw, None), (0.1, 60.0, hw, None), (0.5, 80.0, hw, "full")],
+        "bdfa": [(0.01, 30.0, hw, None)],
+    }
+    caption = " ".join(_borrowed_caption(small, series))
+    assert "[full](#full) at dataset cifar10, epochs 30" in caption
+    assert _borrowed_caption(small, {"bp": series["bp"][:2]}) == []
+    small.extra_fraction_points = [{"experiment": "full", "at": {"dataset": "cifar10"}}]
+    with pytest.raises(ValueError, match=r"two points at fraction 0\.5"):
+        fraction_series(small, summaries, experiments)
+    small.extra_fraction_points = [{"experiment": "fulll"}]
+    with pytest.raises(ValueError, match="'fulll', which is not in this report"):
+        fraction_series(small, summaries, experiments)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        'name = "bad"\nextra_fraction_points = [{ experiment = "full", where = { epochs = 30 } }]\n'
+        '[[methods]]\nlabel = "bp"\nmethod = "bp"\n'
+    )
+    with pytest.raises(ValueError, match="each extra_fraction_points entry"):
+        load_experiment(bad)

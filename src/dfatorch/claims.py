@@ -46,7 +46,7 @@ from typing import Any
 
 from ._io import read_toml
 from ._stats import Difference, seed_contrast
-from .experiment import format_value
+from .experiment import format_point
 
 __all__ = ["Claim", "Comparison", "Evidence", "evaluate", "load_claims", "verdict_tables"]
 
@@ -218,14 +218,10 @@ def overall(comparisons: Sequence[Comparison]) -> str:
     return "mixed: " + "; ".join(f"{v} in {k} of {n}" for v, k in ranked)
 
 
-def _point(at: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k} {format_value(v)}" for k, v in at.items())
-
-
 def _setting(ev: Evidence) -> str:
-    where = _point(ev.at)
+    where = format_point(ev.at)
     if ev.baseline_at is not None:
-        where += f", against {_point(ev.baseline_at)}"
+        where += f", against {format_point(ev.baseline_at)}"
     label = f": {ev.label}" if ev.label else ""
     return ev.experiment + (f" ({where})" if where else "") + label
 
@@ -236,7 +232,7 @@ def _compared(ev: Evidence) -> str:
         reference += f" of {ev.reference_experiment}"
     if ev.baseline_at is None:
         return f"{ev.method} − {reference}"
-    return f"({ev.method} − {reference}) − the same at {_point(ev.baseline_at)}"
+    return f"({ev.method} − {reference}) − the same at {format_point(ev.baseline_at)}"
 
 
 def _interval(c: Comparison) -> tuple[str, str, str]:

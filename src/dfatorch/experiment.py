@@ -10,6 +10,9 @@ hyper-parameter search on a validation split::
     targets = [0.5, 0.55]       # optional: the report gives epochs and seconds to these accuracies
     nproc = 2                   # optional: train each cell data-parallel (as --nproc)
     diagnostics = true          # optional: the report plots every probe field over training
+    extra_fraction_points = [   # optional: the accuracy-against-fraction plot also shows these
+      { experiment = "cifar10-full", at = { epochs = 30 } },  # runs of another experiment
+    ]
 
     [base]                      # TrainConfig fields shared by every cell
     dataset = "cifar10"
@@ -97,6 +100,9 @@ class Experiment:
     nproc: int = 1  #: data-parallel processes per cell (``dfatorch experiment --nproc`` overrides)
     #: the report plots every alignment-probe field over training (lowest seed of each setting)
     diagnostics: bool = False
+    #: points the accuracy-against-fraction plot borrows from other experiments: each
+    #: ``{"experiment": name, "at": {axis: value}}`` (a fraction this file cannot run, as 100%)
+    extra_fraction_points: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def tune_axes(self) -> dict[str, list[Any]]:
@@ -256,7 +262,7 @@ def load_experiment(path: str | Path) -> Experiment:
     path = Path(path)
     data = read_toml(path, "experiment file")
     known = {"name", "description", "order", "reference", "targets", "nproc", "base", "methods"}
-    known |= {"grid", "tune", "diagnostics"}
+    known |= {"grid", "tune", "diagnostics", "extra_fraction_points"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown} (known: {sorted(known)})")
@@ -283,6 +289,17 @@ def load_experiment(path: str | Path) -> Experiment:
             f"{path}: [tune] sets epochs for the search runs only, so check_longer would test "
             "their schedule, not the measured runs': drop one of them"
         )
+    for extra in data.get("extra_fraction_points", []):
+        if not (
+            isinstance(extra, dict)
+            and isinstance(extra.get("experiment"), str)
+            and isinstance(extra.get("at", {}), dict)
+            and set(extra) <= {"experiment", "at"}
+        ):
+            raise ValueError(
+                f"{path}: each extra_fraction_points entry is {{ experiment = \"name\", "
+                f"at = {{ axis = value }} }}, got {extra!r}"
+            )  # fmt: skip
     if not all(0 < float(t) <= 1 for t in data.get("targets", ())):
         raise ValueError(f"{path}: targets are test accuracies in (0, 1], got {data['targets']}")
     exp = Experiment(
@@ -298,6 +315,7 @@ def load_experiment(path: str | Path) -> Experiment:
         targets=tuple(float(t) for t in data.get("targets", ())),
         nproc=int(data.get("nproc", 1)),
         diagnostics=data.get("diagnostics", False),
+        extra_fraction_points=list(data.get("extra_fraction_points", [])),
     )
     # build every cell once so that a typo fails now, not hours into the sweep
     for cell in exp.tuning_cells() + exp.cells({g: {} for g in _all_groups(exp)}):
@@ -735,3 +753,8 @@ def format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}" if not math.isnan(value) else "nan"
     return str(value)
+
+
+def format_point(at: dict[str, Any]) -> str:
+    """A grid point as text: ``fraction 0.1, epochs 40``."""
+    return ", ".join(f"{k} {format_value(v)}" for k, v in at.items())

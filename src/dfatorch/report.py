@@ -22,6 +22,7 @@ from .experiment import (
     aggregate,
     cell_diverged,
     cell_results,
+    format_point,
     format_value,
     load_experiment,
     select,
@@ -407,22 +408,72 @@ def mean_interval(row: dict[str, Any], level: float = 0.95) -> float:
     return half_width(finals, level)
 
 
-def _fraction_plot(summary: dict[str, Any], path: Path) -> Path | None:
-    rows = [r for r in summary["rows"] if r.get("fraction") is not None and r["final_acc_mean"]]
-    fractions = sorted({r["fraction"] for r in rows})
+#: one point of the accuracy-against-fraction plot: fraction, mean final test accuracy (%), 95%
+#: half-width (points), and the experiment it is borrowed from (``None``: this one's own)
+FractionPoint = tuple[float, float, float, str | None]
+
+
+def fraction_series(
+    exp: Experiment,
+    summaries: Mapping[str, Mapping[str, Any]],
+    experiments: Mapping[str, Experiment],
+) -> dict[str, list[FractionPoint]]:
+    """What the accuracy-against-fraction plot draws, per method in ``fraction`` order: the
+    experiment's own rows that have a fraction, and the rows of other experiments that its
+    ``extra_fraction_points`` name (their methods matched by label, their fraction that of their
+    runs)."""
+    series: dict[str, list[FractionPoint]] = defaultdict(list)
+
+    def point(row: Mapping[str, Any], fraction: float, source: str | None) -> FractionPoint:
+        return (fraction, 100 * row["final_acc_mean"], 100 * mean_interval(dict(row)), source)
+
+    for r in summaries[exp.name]["rows"]:
+        if r.get("fraction") is not None and r["final_acc_mean"] is not None:
+            series[r["method"]].append(point(r, r["fraction"], None))
+    labels = {m["label"] for m in exp.methods}
+    for extra in exp.extra_fraction_points:
+        name, at = extra["experiment"], extra.get("at", {})
+        if name not in summaries:
+            raise ValueError(
+                f"{exp.name}: extra_fraction_points names {name!r}, which is not in this report"
+            )
+        fraction = experiments[name]._config().fraction  # where the grid does not set it
+        for r in summaries[name]["rows"]:
+            if r["method"] not in labels or r["final_acc_mean"] is None:
+                continue
+            if not all(r.get(k) == v for k, v in at.items()):
+                continue
+            x = r.get("fraction") if r.get("fraction") is not None else fraction
+            if any(p[0] == x for p in series[r["method"]]):
+                raise ValueError(
+                    f"{exp.name}: {r['method']} has two points at fraction {x:g} (borrowing "
+                    f"from {name} at {at}): name the other axes in `at`"
+                )
+            series[r["method"]].append(point(r, x, name))
+    return {method: sorted(points, key=lambda p: p[0]) for method, points in series.items()}
+
+
+def _fraction_plot(
+    series: Mapping[str, Sequence[FractionPoint]], title: str, path: Path
+) -> Path | None:
+    """Final test accuracy against the training-set fraction (log axis), 95% intervals; points
+    borrowed from another experiment are hollow squares, not joined to the line."""
+    fractions = sorted({p[0] for points in series.values() for p in points})
     if len(fractions) < 2:
         return None
     fig = Figure(figsize=(6, 4.2))
     ax = fig.subplots()
-    by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        by_method[r["method"]].append(r)
-    for i, (method, rs) in enumerate(by_method.items()):
-        rs = sorted(rs, key=lambda r: r["fraction"])
-        xs = [r["fraction"] for r in rs]
-        ys = [100 * r["final_acc_mean"] for r in rs]
-        es = [100 * mean_interval(r) for r in rs]
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=f"C{i}", label=method)
+    for i, (method, points) in enumerate(series.items()):
+        own = [p for p in points if p[3] is None]
+        borrowed = [p for p in points if p[3] is not None]
+        if own:
+            ax.errorbar([p[0] for p in own], [p[1] for p in own], yerr=[p[2] for p in own],
+                        marker="o", capsize=3, color=f"C{i}", label=method)  # fmt: skip
+        if borrowed:
+            ax.errorbar([p[0] for p in borrowed], [p[1] for p in borrowed],
+                        yerr=[p[2] for p in borrowed], marker="s", fillstyle="none",
+                        linestyle="none", capsize=3, color=f"C{i}",
+                        label=None if own else method)  # fmt: skip
     ax.set_xscale("log")
     # Ticks at the measured fractions, as percentages: "2%" reads better than "2x10^-2".
     ax.set_xticks(fractions, [f"{100 * f:g}%" for f in fractions])
@@ -431,7 +482,7 @@ def _fraction_plot(summary: dict[str, Any], path: Path) -> Path | None:
     ax.set_ylabel("final test accuracy (%), 95% interval of the mean")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(summary["name"])
+    ax.set_title(title)
     return save_figure(fig, path)
 
 
@@ -655,6 +706,7 @@ def write_report(
         lines += [preamble, ""]
     experiments = sorted((load_experiment(f) for f in experiment_files), key=lambda e: e.order)
     summaries = {exp.name: aggregate(exp, Path(results_root) / exp.name) for exp in experiments}
+    by_name = {exp.name: exp for exp in experiments}
     if claims is not None:
         lines += _verdict_section(Path(claims), summaries)
     for exp in experiments:
@@ -729,10 +781,12 @@ def write_report(
                       "", "</details>", ""]  # fmt: skip
         elif search:
             lines += ["Search on the validation split (one seed):", "", *search, ""]
-        fraction_png = _fraction_plot(summary, figures / f"{exp.name}-fraction.png")
+        series = fraction_series(exp, summaries, by_name)
+        fraction_png = _fraction_plot(series, exp.name, figures / f"{exp.name}-fraction.png")
         if fraction_png is not None:
             link = fraction_png.relative_to(out.parent)
             lines += [f"![accuracy against training-set fraction]({link})", ""]
+            lines += _borrowed_caption(exp, series)
         lines += _probe_tables(exp, results_dir, axes)
         lines += _clipping_table(exp, results_dir, axes)
         for axis in axes:
@@ -755,6 +809,24 @@ def write_report(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     return out
+
+
+def _borrowed_caption(exp: Experiment, series: Mapping[str, Sequence[FractionPoint]]) -> list[str]:
+    """Under the fraction plot: which points (hollow squares) another experiment ran."""
+    shown = {p[3] for points in series.values() for p in points if p[3] is not None}
+    parts = [
+        f"[{extra['experiment']}](#{extra['experiment']})"
+        + (f" at {format_point(extra['at'])}" if extra.get("at") else "")
+        for extra in exp.extra_fraction_points
+        if extra["experiment"] in shown
+    ]
+    if not parts:
+        return []
+    return [
+        "Hollow squares: runs of " + "; ".join(parts) + ", with their own search and schedule "
+        "(see that section), so not joined to this experiment's line.",
+        "",
+    ]
 
 
 def _verdict_section(path: Path, summaries: dict[str, dict[str, Any]]) -> list[str]:
