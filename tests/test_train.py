@@ -273,3 +273,63 @@ def test_channels_last_trains_the_same_steps_up_to_rounding(tmp_path, method, sc
         weights.append(checkpoint["model"])
     for key in weights[0]:
         torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-4, atol=2e-6)
+
+
+def _denormal_product() -> float:
+    """1e-30 * 1e-10 in float32: 1e-40 is denormal, so 0.0 where denormals are flushed."""
+    return (torch.full((1,), 1e-30) * 1e-10).item()
+
+
+def test_training_flushes_denormals_and_then_restores_the_default(tmp_path):
+    """Dead channels' weights decay into denormal floats, where CPU arithmetic runs in microcode
+    (benchmarks/denormals.py): the trainer flushes them while it trains, also when a run stops
+    on an error, and restores PyTorch's default after."""
+    from dfatorch.callbacks import Callback
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals")
+    assert _denormal_product() > 0
+    seen: list[float] = []
+
+    class Probe(Callback):
+        def after_step(self, state):
+            seen.append(_denormal_product())
+
+    config = TrainConfig(**{**FAST, "epochs": 1})
+    train(config, tmp_path / "run", progress=False, callbacks=[Probe()])
+    assert seen and all(v == 0.0 for v in seen)
+    assert _denormal_product() > 0
+    diverging = TrainConfig(**{**FAST, "activation": "relu"}, optimizer="sgd", lr=1e8,
+                            divergence_factor=0)  # fmt: skip
+    with pytest.raises(NonFiniteLossError):
+        train(diverging, tmp_path / "diverged", progress=False)
+    assert _denormal_product() > 0
+
+
+def test_the_denormals_benchmark_keeps_denormals_only_without_flushing(tmp_path):
+    """benchmarks/denormals.py in one short round: the state it builds holds denormal weights
+    that survive training steps without flushing and none with it; the report tabulates it."""
+    import importlib.util
+
+    from dfatorch.report import _denormals_section
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "denormals.py"
+    spec = importlib.util.spec_from_file_location("denormals", path)
+    assert spec is not None and spec.loader is not None
+    sys.path.insert(0, str(path.parent))  # its `_common` import
+    try:
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        out = tmp_path / "denormals.json"
+        bench.main(["--rounds", "1", "--warmup", "0", "--steps", "2", "--out", str(out)])
+    finally:
+        sys.path.remove(str(path.parent))
+    result = json.loads(out.read_text())["result"]
+    assert result["denormal_weights_injected"] == 4 * (64 * 9 + 256 * 16)
+    assert result["denormal_weights_after_steps"]["flush_off"] > 0
+    assert result["denormal_weights_after_steps"]["flush_on"] == 0
+    assert _denormal_product() > 0  # the benchmark put the default back
+    text = "\n".join(_denormals_section(out))
+    assert "## Speed: denormal floats" in text and "18,688 of their weights" in text

@@ -137,6 +137,23 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+@contextlib.contextmanager
+def flush_denormals() -> Iterator[None]:
+    """Flush denormal floats to zero on the CPU while training, then restore PyTorch's default.
+
+    Weights and Adam moments that decay towards zero (a dead channel's weights under L2 weight
+    decay) end up below ``1.2e-38``, where every operation on them runs in microcode: a
+    30-epoch CIFAR-10 run of ``small_cnn`` slowed from 45 to 270 s per epoch. Flushing changes
+    nothing above that bound. The flag is per thread: this sets it for the calling thread, which
+    does all the work with one thread (``OMP_NUM_THREADS=1``), and its share with more.
+    """
+    torch.set_flush_denormal(True)  # False (no change) where the CPU lacks the flags
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 @dataclass
 class _Run:
     splits: DatasetSplits
@@ -596,7 +613,7 @@ def train(
     """
     run = RunDir(run_dir)
     config, checkpoint = _resolve_config(config, run, resume=resume, epochs=epochs)
-    with process_group(resolve_device(config.device)) as group:
+    with process_group(resolve_device(config.device)) as group, flush_denormals():
         try:
             return _train(
                 config, run, checkpoint, group,
