@@ -6,19 +6,21 @@ without flushing denormals to zero; print JSON.
 Under Adam with L2 weight decay, a channel that batch norm and ReLU have switched off gets no
 gradient but the decay's, and its weights and first moments shrink until they are denormal
 (below ``1.2e-38``), where each multiply runs in microcode. A 30-epoch CIFAR-10 run of
-``small_cnn`` (ReLU, batch norm, Adam, weight decay 5e-4) reached that state around epoch 12: its
-checkpoint at epoch 16 held about 4 such channels of the third conv layer (6% of that layer's
-weights and of the first fully connected layer's), and its epochs had slowed from 45 to 270 s.
-``dfatorch.train`` now flushes denormals while it trains (:func:`dfatorch.train.flush_denormals`).
+``small_cnn`` (ReLU, batch norm, Adam, weight decay 5e-4; ``cifar-converged``'s ``bp``, seed 0)
+reached that state from about epoch 12 on, its epochs slowing several-fold; its checkpoint after
+epoch 16 held 4 such channels of the third conv layer (6% of that layer's weights and of the
+first fully connected layer's). ``dfatorch.train`` and the command line now flush denormals
+(:func:`dfatorch.train.flush_denormals`).
 
 This builds that state on purpose, reproducibly: ``small_cnn`` as the experiments build it
 (channels-last), one Adam step to create the optimiser's state, then ``--dead`` channels of the
-third conv layer switched off (their batch-norm scale and shift set to 0) with their incoming
-conv weights, their outgoing fully connected weights and those weights' first moments set to
-denormal values. Per round, a fresh copy takes ``--steps`` training steps with the flag off and
-another with it on (order alternating round by round; one warm-up round excluded). Reported:
-milliseconds per step in each mode (medians), the median per-round ratio on / off, and how many
-denormal weights each mode leaves after its steps (the state persists without the flag).
+third conv layer switched off (their batch-norm scale and shift set to 0, with zero first
+moments, so that Adam leaves them there) and their incoming conv weights, their outgoing fully
+connected weights and those weights' first moments set to denormal values. Per round, a fresh
+copy takes ``--steps`` training steps with the flag off and another with it on (order alternating
+round by round; one warm-up round excluded). Reported: milliseconds per step in each mode
+(medians), the median per-round ratio on / off, and how many denormal weights each mode leaves
+after its steps (without the flag, all of them stay).
 """
 
 from __future__ import annotations
@@ -42,11 +44,11 @@ NUM_CLASSES = 10
 BATCH = 64
 CONV, NORM, FC = 8, 9, 13  # small_cnn's third conv layer, its batch norm, the first linear layer
 DENORMAL = 1e-39  # below torch.finfo(torch.float32).tiny = 1.18e-38
-#: from that checkpoint: such a weight's second moment (about 2.6e-12) and Adam's step count.
-#: The decay's gradient alone, normalised by it, shrinks the weight by about a third a step, so
-#: it stays denormal for tens of steps
+#: from that run: such a weight's second moment (about 2.6e-12 two epochs later) and Adam's step
+#: count after epoch 16 (782 steps an epoch). The decay's gradient alone, normalised by it,
+#: shrinks the weight by about a third a step, so it stays denormal for tens of steps
 SECOND_MOMENT = 2.6e-12
-STEP = 14076
+STEP = 16 * 782
 WEIGHT_DECAY = 5e-4
 
 
@@ -70,8 +72,10 @@ def decayed_model(dead: int, x: torch.Tensor, y: torch.Tensor):
     channels = torch.arange(dead)
     columns = (channels[:, None] * positions + torch.arange(positions)).flatten()
     with torch.no_grad():
-        norm.weight[channels] = 0.0
-        norm.bias[channels] = 0.0
+        for param in (norm.weight, norm.bias):
+            param[channels] = 0.0
+            opt.state[param]["exp_avg"][channels] = 0.0
+            opt.state[param]["exp_avg_sq"][channels] = SECOND_MOMENT
         for weight, index in ((conv.weight, (channels,)), (fc.weight, (slice(None), columns))):
             weight[index] = DENORMAL * torch.sign(weight[index])
             # the first moment tracks the decay's gradient, weight_decay * w (denormal too)

@@ -1109,12 +1109,19 @@ def test_peer_sections_come_per_model_checks_before_accuracy(tmp_path):
 
 def test_the_fraction_plot_borrows_the_named_points_of_another_experiment(tmp_path):
     """``extra_fraction_points`` adds another experiment's rows at ``at`` (methods matched by
-    label, at that experiment's fraction), marked as borrowed; a loose ``at`` is refused."""
-    from dfatorch.report import _borrowed_caption, fraction_series, mean_interval
+    label, at the fraction their runs trained on), marked as borrowed; a loose ``at``, one that
+    names no grid point and a clash with the plot's own point are refused."""
+    from dfatorch.report import (
+        FractionPoint,
+        _borrowed_caption,
+        _fraction_plot,
+        fraction_series,
+        mean_interval,
+    )
 
     def row(method, acc, **labels):
         runs = [{"final_acc": acc - 0.01}, {"final_acc": acc + 0.01}]
-        return {"method": method, **labels, "final_acc_mean": acc, "runs": runs}
+        return {"method": method, **labels, "final_acc_mean": acc, "seeds": 2, "runs": runs}
 
     (tmp_path / "small.toml").write_text(
         'name = "small"\nextra_fraction_points = [\n'
@@ -1123,7 +1130,9 @@ def test_the_fraction_plot_borrows_the_named_points_of_another_experiment(tmp_pa
         "[[grid]]\nfraction = [0.01, 0.1]\nseed = [0, 1]\n"
     )
     (tmp_path / "full.toml").write_text(
-        'name = "full"\n[base]\nfraction = 0.5\n[[methods]]\nlabel = "bp"\nmethod = "bp"\n'
+        'name = "full"\n[base]\nfraction = 0.5\nepochs = 30\n'
+        '[[methods]]\nlabel = "bp"\nmethod = "bp"\n'
+        '[[methods]]\nlabel = "bdfa"\nmethod = "bdfa"\nfraction = 0.4\n'  # its own fraction
         '[[methods]]\nlabel = "dfa"\nmethod = "dfa"\n'
         '[[grid]]\ndataset = ["cifar10", "cifar100"]\nseed = [0, 1]\n'
         '[[grid]]\nmethods = ["bp"]\ndataset = ["cifar10"]\nepochs = [60]\nseed = [0, 1]\n'
@@ -1132,10 +1141,13 @@ def test_the_fraction_plot_borrows_the_named_points_of_another_experiment(tmp_pa
     summaries = {
         "small": {"name": "small", "rows": [row("bp", 0.40, fraction=0.01),
                                             row("bp", 0.60, fraction=0.1),
+                                            {**row("bdfa", 0.0, fraction=0.1),
+                                             "final_acc_mean": None},  # every seed diverged
                                             row("bdfa", 0.30, fraction=0.01)]},
         "full": {"name": "full", "rows": [row("bp", 0.80, dataset="cifar10", epochs=30),
                                           row("bp", 0.82, dataset="cifar10", epochs=60),
                                           row("bp", 0.50, dataset="cifar100", epochs=30),
+                                          row("bdfa", 0.70, dataset="cifar10", epochs=30),
                                           row("dfa", 0.70, dataset="cifar10", epochs=30)]},
     }  # fmt: skip
     experiments = {"small": small, "full": full}
@@ -1143,18 +1155,30 @@ def test_the_fraction_plot_borrows_the_named_points_of_another_experiment(tmp_pa
     hw = 100 * mean_interval(row("bp", 0.5))
     assert hw > 0
     assert series == {
-        "bp": [(0.01, 40.0, hw, None), (0.1, 60.0, hw, None), (0.5, 80.0, hw, "full")],
-        "bdfa": [(0.01, 30.0, hw, None)],
+        "bp": [(0.01, 40.0, hw, 2, None), (0.1, 60.0, hw, 2, None), (0.5, 80.0, hw, 2, "full")],
+        "bdfa": [(0.01, 30.0, hw, 2, None), (0.4, 70.0, hw, 2, "full")],
     }
+    assert all(isinstance(p, FractionPoint) for points in series.values() for p in points)
     caption = " ".join(_borrowed_caption(small, series))
-    assert "[full](#full) at dataset cifar10, epochs 30" in caption
+    assert "[full](#full) at dataset cifar10, epochs 30 (2 seeds)" in caption
     assert _borrowed_caption(small, {"bp": series["bp"][:2]}) == []
+    png = _fraction_plot(series, "small", tmp_path / "fraction.png")
+    assert png is not None and png.stat().st_size > 0
+    # a report of some files only: the borrowed experiment lends nothing
+    assert (
+        fraction_series(small, {"small": summaries["small"]}, experiments)["bp"] == series["bp"][:2]
+    )
     small.extra_fraction_points = [{"experiment": "full", "at": {"dataset": "cifar10"}}]
-    with pytest.raises(ValueError, match=r"two points at fraction 0\.5"):
+    with pytest.raises(ValueError, match=r"gets two points at fraction 0\.5"):
         fraction_series(small, summaries, experiments)
-    small.extra_fraction_points = [{"experiment": "fulll"}]
-    with pytest.raises(ValueError, match="'fulll', which is not in this report"):
+    small.extra_fraction_points = [{"experiment": "full", "at": {"epoch": 30}}]
+    with pytest.raises(ValueError, match="full has no grid point at epoch 30"):
         fraction_series(small, summaries, experiments)
+    small.extra_fraction_points = [{"experiment": "full", "at": {"epochs": 30}}]
+    full.base["fraction"] = 0.1  # bp's borrowed point falls on its own at 10%
+    clash = {**summaries, "full": {"name": "full", "rows": summaries["full"]["rows"][:1]}}
+    with pytest.raises(ValueError, match="where this experiment has its own"):
+        fraction_series(small, clash, experiments)
     bad = tmp_path / "bad.toml"
     bad.write_text(
         'name = "bad"\nextra_fraction_points = [{ experiment = "full", where = { epochs = 30 } }]\n'

@@ -562,12 +562,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     from .callbacks import TrainingDiverged
     from .distributed import RankLost
+    from .train import flush_denormals
 
     # in a data-parallel job every rank may report the same error: say which one speaks
     data_parallel = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
     prefix = f"error (rank {_rank()}): " if data_parallel else "error: "
     try:
-        return int(args.func(args))
+        # the whole command, so that PyTorch's worker threads start with the flag and keep it
+        with flush_denormals():
+            return int(args.func(args))
     except TrainingDiverged as exc:
         print(f"{prefix}{exc}", file=sys.stderr)
         return 3

@@ -11,8 +11,8 @@ hyper-parameter search on a validation split::
     nproc = 2                   # optional: train each cell data-parallel (as --nproc)
     diagnostics = true          # optional: the report plots every probe field over training
     extra_fraction_points = [   # optional: the accuracy-against-fraction plot also shows these
-      { experiment = "cifar10-full", at = { epochs = 30 } },  # runs of another experiment
-    ]
+      { experiment = "cifar-converged", at = { dataset = "cifar10", epochs = 30 } },  # runs
+    ]                           # of another experiment (their grid point: `at`)
 
     [base]                      # TrainConfig fields shared by every cell
     dataset = "cifar10"
@@ -180,6 +180,11 @@ class Experiment:
                     cells.append(Cell(key, config, {"method": label, **fixed, **point}))
         return [cells for cells in stages.values() if cells]
 
+    def planned_cells(self) -> list[Cell]:
+        """Every measured cell the file declares, whether or not its search has chosen (searched
+        values are left as the base sets them)."""
+        return self.cells({g: {} for g in _all_groups(self)})
+
     def search_group(self, labels: dict[str, Any]) -> str:
         """The search group a cell's labels belong to: its method and its ``by`` values."""
         by = list((self.tune or {}).get("by", []))
@@ -318,7 +323,7 @@ def load_experiment(path: str | Path) -> Experiment:
         extra_fraction_points=list(data.get("extra_fraction_points", [])),
     )
     # build every cell once so that a typo fails now, not hours into the sweep
-    for cell in exp.tuning_cells() + exp.cells({g: {} for g in _all_groups(exp)}):
+    for cell in exp.tuning_cells() + exp.planned_cells():
         del cell
     return exp
 

@@ -9,7 +9,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
@@ -408,9 +408,14 @@ def mean_interval(row: dict[str, Any], level: float = 0.95) -> float:
     return half_width(finals, level)
 
 
-#: one point of the accuracy-against-fraction plot: fraction, mean final test accuracy (%), 95%
-#: half-width (points), and the experiment it is borrowed from (``None``: this one's own)
-FractionPoint = tuple[float, float, float, str | None]
+class FractionPoint(NamedTuple):
+    """One point of the accuracy-against-fraction plot."""
+
+    fraction: float
+    mean: float  #: mean final test accuracy (%)
+    half_width: float  #: of its 95% t interval (points; 0 with one seed)
+    seeds: int
+    source: str | None  #: the experiment it is borrowed from; ``None``: the plot's own
 
 
 def fraction_series(
@@ -419,38 +424,53 @@ def fraction_series(
     experiments: Mapping[str, Experiment],
 ) -> dict[str, list[FractionPoint]]:
     """What the accuracy-against-fraction plot draws, per method in ``fraction`` order: the
-    experiment's own rows that have a fraction, and the rows of other experiments that its
-    ``extra_fraction_points`` name (their methods matched by label, their fraction that of their
-    runs)."""
+    experiment's own rows that have a fraction, and the rows of other experiments at the grid
+    points its ``extra_fraction_points`` name (methods matched by label; the fraction their runs
+    trained on). A named experiment outside this report lends nothing; a point that names no
+    grid point of it is refused."""
     series: dict[str, list[FractionPoint]] = defaultdict(list)
 
     def point(row: Mapping[str, Any], fraction: float, source: str | None) -> FractionPoint:
-        return (fraction, 100 * row["final_acc_mean"], 100 * mean_interval(dict(row)), source)
+        half = 100 * mean_interval(dict(row))
+        return FractionPoint(fraction, 100 * row["final_acc_mean"], half, row["seeds"], source)
 
     for r in summaries[exp.name]["rows"]:
         if r.get("fraction") is not None and r["final_acc_mean"] is not None:
             series[r["method"]].append(point(r, r["fraction"], None))
+    own = {method: {p.fraction for p in points} for method, points in series.items()}
     labels = {m["label"] for m in exp.methods}
     for extra in exp.extra_fraction_points:
         name, at = extra["experiment"], extra.get("at", {})
-        if name not in summaries:
+        if name not in summaries:  # a report of some files only
+            continue
+        planned = [c for c in experiments[name].planned_cells()
+                   if all(c.labels.get(k) == v for k, v in at.items())]  # fmt: skip
+        if not planned:
             raise ValueError(
-                f"{exp.name}: extra_fraction_points names {name!r}, which is not in this report"
+                f"{exp.name}: extra_fraction_points: {name} has no grid point at {format_point(at)}"
             )
-        fraction = experiments[name]._config().fraction  # where the grid does not set it
+        keys = [k for k in planned[0].labels if k != "seed"]  # a row's labels: its cells' but seed
+        fraction_of = {
+            tuple(format_value(c.labels.get(k)) for k in keys): c.config.fraction for c in planned
+        }
         for r in summaries[name]["rows"]:
             if r["method"] not in labels or r["final_acc_mean"] is None:
                 continue
-            if not all(r.get(k) == v for k, v in at.items()):
+            x = fraction_of.get(tuple(format_value(r.get(k)) for k in keys))
+            if x is None:  # not at `at`
                 continue
-            x = r.get("fraction") if r.get("fraction") is not None else fraction
-            if any(p[0] == x for p in series[r["method"]]):
+            if x in own.get(r["method"], ()):
                 raise ValueError(
-                    f"{exp.name}: {r['method']} has two points at fraction {x:g} (borrowing "
-                    f"from {name} at {at}): name the other axes in `at`"
+                    f"{exp.name}: {name} lends {r['method']} a point at fraction {x:g}, where "
+                    "this experiment has its own"
+                )
+            if any(p.fraction == x for p in series[r["method"]]):
+                raise ValueError(
+                    f"{exp.name}: {r['method']} gets two points at fraction {x:g} from {name} "
+                    f"at {format_point(at)}: name the other axes in `at`"
                 )
             series[r["method"]].append(point(r, x, name))
-    return {method: sorted(points, key=lambda p: p[0]) for method, points in series.items()}
+    return {method: sorted(points, key=lambda p: p.fraction) for method, points in series.items()}
 
 
 def _fraction_plot(
@@ -458,20 +478,21 @@ def _fraction_plot(
 ) -> Path | None:
     """Final test accuracy against the training-set fraction (log axis), 95% intervals; points
     borrowed from another experiment are hollow squares, not joined to the line."""
-    fractions = sorted({p[0] for points in series.values() for p in points})
+    fractions = sorted({p.fraction for points in series.values() for p in points})
     if len(fractions) < 2:
         return None
     fig = Figure(figsize=(6, 4.2))
     ax = fig.subplots()
     for i, (method, points) in enumerate(series.items()):
-        own = [p for p in points if p[3] is None]
-        borrowed = [p for p in points if p[3] is not None]
+        own = [p for p in points if p.source is None]
+        borrowed = [p for p in points if p.source is not None]
         if own:
-            ax.errorbar([p[0] for p in own], [p[1] for p in own], yerr=[p[2] for p in own],
-                        marker="o", capsize=3, color=f"C{i}", label=method)  # fmt: skip
+            ax.errorbar([p.fraction for p in own], [p.mean for p in own],
+                        yerr=[p.half_width for p in own], marker="o", capsize=3, color=f"C{i}",
+                        label=method)  # fmt: skip
         if borrowed:
-            ax.errorbar([p[0] for p in borrowed], [p[1] for p in borrowed],
-                        yerr=[p[2] for p in borrowed], marker="s", fillstyle="none",
+            ax.errorbar([p.fraction for p in borrowed], [p.mean for p in borrowed],
+                        yerr=[p.half_width for p in borrowed], marker="s", fillstyle="none",
                         linestyle="none", capsize=3, color=f"C{i}",
                         label=None if own else method)  # fmt: skip
     ax.set_xscale("log")
@@ -812,14 +833,21 @@ def write_report(
 
 
 def _borrowed_caption(exp: Experiment, series: Mapping[str, Sequence[FractionPoint]]) -> list[str]:
-    """Under the fraction plot: which points (hollow squares) another experiment ran."""
-    shown = {p[3] for points in series.values() for p in points if p[3] is not None}
-    parts = [
-        f"[{extra['experiment']}](#{extra['experiment']})"
-        + (f" at {format_point(extra['at'])}" if extra.get("at") else "")
-        for extra in exp.extra_fraction_points
-        if extra["experiment"] in shown
-    ]
+    """Under the fraction plot: which points (hollow squares) another experiment ran, and on how
+    many seeds."""
+    seeds: dict[str, set[int]] = defaultdict(set)
+    for points in series.values():
+        for p in points:
+            if p.source is not None:
+                seeds[p.source].add(p.seeds)
+    parts = []
+    for extra in exp.extra_fraction_points:
+        name = extra["experiment"]
+        if name not in seeds:
+            continue
+        n = "/".join(str(k) for k in sorted(seeds[name]))
+        where = f" at {format_point(extra['at'])}" if extra.get("at") else ""
+        parts.append(f"[{name}](#{name}){where} ({n} seed{'s' if n != '1' else ''})")
     if not parts:
         return []
     return [
@@ -1128,7 +1156,8 @@ def _denormals_section(path: Path) -> list[str]:
         "## Speed: denormal floats",
         "",
         f"`{data['command']}` ({m['processor']}, {m['threads']} threads, torch {m['torch']}"
-        f"{_load(m)}; {cfg['rounds']} rounds after {cfg['warmup']} warm-up round, the modes' "
+        f"{_load(m)}; {cfg['rounds']} rounds after {cfg['warmup']} warm-up "
+        f"round{'s' if cfg['warmup'] != 1 else ''}, the modes' "
         f"order alternating, medians). `{cfg['model']}`, {cfg['optimizer']}, batch "
         f"{cfg['batch_size']}, with {cfg['dead']} channels of its third conv layer switched off "
         f"and {r['denormal_weights_injected']:,} of their weights decayed to denormal floats, "
@@ -1137,8 +1166,8 @@ def _denormals_section(path: Path) -> list[str]:
         f"{r['ms_per_step_flush_on']:.1f} ms with them flushed to zero (ratio "
         f"{r['ratio_on_off']:.2f}). Without flushing, {left['flush_off']:,} weights were still "
         f"denormal after {cfg['steps']} steps; with it, {left['flush_on']:,}. The trainer "
-        "flushes denormals while it trains (`dfatorch.train.flush_denormals`); nothing above "
-        "1.2e-38 changes.",
+        "flushes denormals while it trains (`dfatorch.train.flush_denormals`): only values "
+        "below 1.2e-38, and what is computed from them, change.",
         "",
     ]
 

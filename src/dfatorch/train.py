@@ -137,21 +137,29 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def flushing_denormals() -> bool:
+    """Whether this thread flushes denormal floats to zero (1e-30 * 1e-10 = 1e-40 is one)."""
+    return (torch.full((1,), 1e-30) * 1e-10).item() == 0.0
+
+
 @contextlib.contextmanager
 def flush_denormals() -> Iterator[None]:
-    """Flush denormal floats to zero on the CPU while training, then restore PyTorch's default.
+    """Flush denormal floats to zero on the CPU inside the block, then restore the state before.
 
     Weights and Adam moments that decay towards zero (a dead channel's weights under L2 weight
-    decay) end up below ``1.2e-38``, where every operation on them runs in microcode: a
-    30-epoch CIFAR-10 run of ``small_cnn`` slowed from 45 to 270 s per epoch. Flushing changes
-    nothing above that bound. The flag is per thread: this sets it for the calling thread, which
-    does all the work with one thread (``OMP_NUM_THREADS=1``), and its share with more.
+    decay) end up below ``1.2e-38``, where every operation on them runs in microcode and a
+    training step can take several times longer (``benchmarks/denormals.py``). Flushing changes
+    only those values and what is computed from them. The CPU flag is per thread: this sets it
+    for the calling thread, which does all the work with one thread (``OMP_NUM_THREADS=1``);
+    PyTorch's worker threads inherit it only when they start inside the block, as they do when
+    the command line (which wraps every command in this) starts them.
     """
+    before = flushing_denormals()
     torch.set_flush_denormal(True)  # False (no change) where the CPU lacks the flags
     try:
         yield
     finally:
-        torch.set_flush_denormal(False)
+        torch.set_flush_denormal(before)
 
 
 @dataclass
@@ -364,10 +372,11 @@ def _evaluation_sums(
 # -- files -------------------------------------------------------------------------------------
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
+    """``git ARGS`` in this package's folder: its output, or ``None`` outside a checkout."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+            ["git", *args],
             cwd=Path(__file__).resolve().parent,
             capture_output=True,
             text=True,
@@ -375,7 +384,17 @@ def _git_commit() -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _git_commit() -> str | None:
+    return _git("rev-parse", "HEAD") or None
+
+
+def _git_dirty() -> bool | None:
+    """Whether tracked files differ from the commit (the record's code is not that commit's)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
 
 
 def _cpu_name() -> str:
@@ -398,6 +417,7 @@ def environment() -> dict[str, Any]:
         "processor": _cpu_name(),
         "threads": torch.get_num_threads(),
         "git_commit": _git_commit(),
+        "git_dirty": _git_dirty(),
         "argv": [portable_path(a) for a in sys.argv],
     }
 
