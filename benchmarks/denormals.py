@@ -20,7 +20,9 @@ connected weights and those weights' first moments set to denormal values. Per r
 copy takes ``--steps`` training steps with the flag off and another with it on (order alternating
 round by round; one warm-up round excluded). Reported: milliseconds per step in each mode
 (medians), the median per-round ratio on / off, and how many denormal weights each mode leaves
-after its steps (without the flag, all of them stay).
+after its steps (without the flag, all of them stay). Run it with ``--threads 1``: the flag
+reaches only the calling thread (and threads started after it is set), so with more threads
+part of the work would still meet denormals.
 """
 
 from __future__ import annotations

@@ -325,13 +325,17 @@ def test_the_denormals_benchmark_keeps_denormals_only_without_flushing(tmp_path)
     spec = importlib.util.spec_from_file_location("denormals", path)
     assert spec is not None and spec.loader is not None
     sys.path.insert(0, str(path.parent))  # its `_common` import
+    threads = torch.get_num_threads()
     try:
         bench = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(bench)
         out = tmp_path / "denormals.json"
-        bench.main(["--rounds", "1", "--warmup", "0", "--steps", "2", "--out", str(out)])
+        # one thread: the flag is per thread, and this process's worker threads started without it
+        argv = ["--rounds", "1", "--warmup", "0", "--steps", "2", "--threads", "1"]
+        bench.main([*argv, "--out", str(out)])
     finally:
         sys.path.remove(str(path.parent))
+        torch.set_num_threads(threads)
     result = json.loads(out.read_text())["result"]
     assert result["denormal_weights_injected"] == 4 * (64 * 9 + 256 * 16)
     assert result["denormal_weights_after_steps"]["flush_off"] == 4 * (64 * 9 + 256 * 16)
