@@ -117,6 +117,11 @@ def test_tables_have_a_row_per_claim_and_per_comparison():
     assert "**not tested**: no data" in head[3] and "needs" not in head[3]
 
 
+def test_a_primary_setting_without_a_number_says_why():
+    head, _ = verdict_tables([_claim("above")], _summary(a=[], b=[0.60, 0.61]))
+    assert head[2].endswith("| - | not run | [exp](#exp) |")
+
+
 def test_claims_file_checks(tmp_path):
     path = tmp_path / "claims.toml"
     good = (

@@ -285,6 +285,8 @@ def verdict_tables(
         comparisons = evaluate(claim, summaries)
         first = comparisons[0]
         diff, interval, test = _interval(first)
+        if first.difference is None:  # say why the primary setting has no number
+            test = first.verdict
         compared = _compared(first.evidence)
         sections = sorted(
             {
