@@ -1186,3 +1186,49 @@ def test_the_fraction_plot_borrows_the_named_points_of_another_experiment(tmp_pa
     )
     with pytest.raises(ValueError, match="each extra_fraction_points entry"):
         load_experiment(bad)
+
+
+def test_the_measured_runs_convergence_check_pairs_each_longer_run_with_its_seed(tmp_path):
+    """``convergence_check``: a run at the longer schedule against the same seed, method and
+    grid point at the shorter one; converged when the gain is below ``gain_below`` points."""
+    from dfatorch.report import convergence_check_table
+
+    def row(method, dataset, epochs, accs, diverged=0):
+        runs = [{"seed": s, "final_acc": a} for s, a in accs.items()]
+        return {"method": method, "dataset": dataset, "epochs": epochs, "runs": runs,
+                "diverged": diverged}  # fmt: skip
+
+    rows = [
+        row("bp", "c10", 30, {0: 0.800, 1: 0.700}),
+        row("bp", "c100", 30, {0: 0.400}),  # another grid point: must not pair with c10
+        row("bp", "c10", 60, {1: 0.705, 0: 0.812}),  # seed order differs from the short row's
+        row("dfa", "c10", 30, {0: 0.600}),
+        row("dfa", "c10", 60, {0: 0.610}),
+        row("dfa", "c100", 60, {0: 0.500}),  # no shorter run to compare
+        row("fa", "c10", 60, {}, diverged=1),
+    ]
+    check = {"epochs": [30, 60], "gain_below": 1.0}
+    lines = convergence_check_table({"rows": rows}, ["dataset", "epochs"], check)
+    assert lines[0] == (
+        "| method | dataset | seed | 30 epochs (%) | 60 epochs (%) | gain (points) | converged |"
+    )
+    assert lines[2:] == [
+        "| bp | c10 | 1 | 70.00 | 70.50 | +0.50 | yes |",
+        "| bp | c10 | 0 | 80.00 | 81.20 | +1.20 | **no** |",
+        "| dfa | c10 | 0 | 60.00 | 61.00 | +1.00 | **no** |",
+        "| dfa | c100 | 0 | not run | 50.00 | - | not run |",
+        "| fa | c10 | - | - | - | - | undetermined (diverged) |",
+    ]
+    assert convergence_check_table({"rows": rows[:2]}, ["dataset", "epochs"], check) == []
+    at_the_bar = [row("bp", "c10", 30, {0: 0.5}), row("bp", "c10", 60, {0: 0.515625})]
+    exact = {"epochs": [30, 60], "gain_below": 1.5625}  # a gain of exactly 1.5625 in binary
+    assert convergence_check_table({"rows": at_the_bar}, ["dataset", "epochs"], exact)[2] == (
+        "| bp | c10 | 0 | 50.00 | 51.56 | +1.56 | **no** |"
+    )
+    for bad in ("{ epochs = [60, 30], gain_below = 1.0 }", "{ epochs = [30, 60] }",
+                "{ epochs = [30, 60], gain_below = 0 }"):  # fmt: skip
+        path = tmp_path / "bad.toml"
+        path.write_text(f'name = "bad"\nconvergence_check = {bad}\n'
+                        '[[methods]]\nlabel = "bp"\nmethod = "bp"\n')  # fmt: skip
+        with pytest.raises(ValueError, match="convergence_check is"):
+            load_experiment(path)

@@ -13,6 +13,10 @@ hyper-parameter search on a validation split::
     extra_fraction_points = [   # optional: the accuracy-against-fraction plot also shows these
       { experiment = "cifar-converged", at = { dataset = "cifar10", epochs = 30 } },  # runs
     ]                           # of another experiment (their grid point: `at`)
+    convergence_check = { epochs = [30, 60], gain_below = 1.0 }  # optional: the report pairs
+                                # each run at the longer schedule with the same seed's run at
+                                # the shorter one (same method and grid point); converged when
+                                # its final test accuracy gains less than gain_below points
 
     [base]                      # TrainConfig fields shared by every cell
     dataset = "cifar10"
@@ -103,6 +107,9 @@ class Experiment:
     #: points the accuracy-against-fraction plot borrows from other experiments: each
     #: ``{"experiment": name, "at": {axis: value}}`` (a fraction this file cannot run, as 100%)
     extra_fraction_points: list[dict[str, Any]] = field(default_factory=list)
+    #: ``{"epochs": [short, long], "gain_below": points}``: the report's check that the measured
+    #: runs have converged (the same seed trained for the longer schedule gains less)
+    convergence_check: dict[str, Any] | None = None
 
     @property
     def tune_axes(self) -> dict[str, list[Any]]:
@@ -262,12 +269,27 @@ def _group_key(label: str, fixed: dict[str, Any]) -> str:
     return "/".join([label, *(f"{k}={v}" for k, v in fixed.items())])
 
 
+def _valid_convergence_check(check: Any) -> bool:
+    if not (isinstance(check, dict) and set(check) == {"epochs", "gain_below"}):
+        return False
+    epochs, gain = check["epochs"], check["gain_below"]
+    return (
+        isinstance(epochs, list)
+        and len(epochs) == 2
+        and all(type(e) is int for e in epochs)
+        and 0 < epochs[0] < epochs[1]
+        and isinstance(gain, int | float)
+        and not isinstance(gain, bool)
+        and gain > 0
+    )
+
+
 def load_experiment(path: str | Path) -> Experiment:
     """Read and check an experiment file."""
     path = Path(path)
     data = read_toml(path, "experiment file")
     known = {"name", "description", "order", "reference", "targets", "nproc", "base", "methods"}
-    known |= {"grid", "tune", "diagnostics", "extra_fraction_points"}
+    known |= {"grid", "tune", "diagnostics", "extra_fraction_points", "convergence_check"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown} (known: {sorted(known)})")
@@ -305,6 +327,12 @@ def load_experiment(path: str | Path) -> Experiment:
                 f"{path}: each extra_fraction_points entry is {{ experiment = \"name\", "
                 f"at = {{ axis = value }} }}, got {extra!r}"
             )  # fmt: skip
+    check = data.get("convergence_check")
+    if check is not None and not _valid_convergence_check(check):
+        raise ValueError(
+            f"{path}: convergence_check is {{ epochs = [short, long], gain_below = points }} "
+            f"with 0 < short < long and points > 0, got {check!r}"
+        )
     if not all(0 < float(t) <= 1 for t in data.get("targets", ())):
         raise ValueError(f"{path}: targets are test accuracies in (0, 1], got {data['targets']}")
     exp = Experiment(
@@ -321,6 +349,7 @@ def load_experiment(path: str | Path) -> Experiment:
         nproc=int(data.get("nproc", 1)),
         diagnostics=data.get("diagnostics", False),
         extra_fraction_points=list(data.get("extra_fraction_points", [])),
+        convergence_check=check,
     )
     # build every cell once so that a typo fails now, not hours into the sweep
     for cell in exp.tuning_cells() + exp.planned_cells():

@@ -154,6 +154,43 @@ def _versus_table(summary: dict[str, Any], axes: list[str], reference: str = "bp
     return lines if len(lines) > 2 else []
 
 
+def convergence_check_table(
+    summary: dict[str, Any], axes: list[str], check: dict[str, Any]
+) -> list[str]:
+    """Per run at the longer schedule of ``check`` (an experiment's ``convergence_check``): the
+    same seed's final test accuracy at the shorter one (same method and grid point), the gain in
+    points and whether it is below ``gain_below`` (converged)."""
+    short, long = check["epochs"]
+    others = [a for a in axes if a != "epochs"]
+    before = {
+        (r["method"], *(r.get(a) for a in others)): {run.get("seed"): run for run in r["runs"]}
+        for r in summary["rows"]
+        if r.get("epochs") == short
+    }
+    header = ["method", *others, "seed", f"{short} epochs (%)", f"{long} epochs (%)"]
+    header += ["gain (points)", "converged"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in summary["rows"]:
+        if r.get("epochs") != long:
+            continue
+        values = [r["method"], *(format_value(r.get(a)) for a in others)]
+        shorter = before.get((r["method"], *(r.get(a) for a in others)), {})
+        if not r["runs"]:
+            verdict = "undetermined (diverged)" if r.get("diverged") else "not run"
+            lines.append("| " + " | ".join([*values, "-", "-", "-", "-", verdict]) + " |")
+        for run in r["runs"]:
+            a, b = (shorter.get(run.get("seed")) or {}).get("final_acc"), run["final_acc"]
+            if a is None or b is None:
+                cells = [f"{100 * a:.2f}" if a is not None else "not run",
+                         f"{100 * b:.2f}" if b is not None else "-", "-", "not run"]  # fmt: skip
+            else:
+                gain = 100 * (b - a)
+                converged = "yes" if gain < check["gain_below"] else "**no**"
+                cells = [f"{100 * a:.2f}", f"{100 * b:.2f}", f"{gain:+.2f}", converged]
+            lines.append("| " + " | ".join([*values, str(run.get("seed")), *cells]) + " |")
+    return lines if len(lines) > 2 else []
+
+
 def time_to_accuracy(history: Sequence[dict[str, Any]], target: float) -> tuple[int, float] | None:
     """The first epoch whose test accuracy reaches ``target`` and the training seconds up to and
     including it (the sum of ``epoch_seconds``; evaluation time excluded), or ``None``."""
@@ -765,6 +802,18 @@ def write_report(
                       "differences where both ran the same seeds, which share the training subset, "
                       "batch order and initial weights; Welch's t where marked):", ""]  # fmt: skip
             lines += [*versus, ""]
+        if exp.convergence_check:
+            check = exp.convergence_check
+            short, long = check["epochs"]
+            lines += [
+                f"Converged? The same seed trained for {long} epochs instead of {short} (same "
+                f"method and grid point): converged when its final test accuracy gains less than "
+                f"{check['gain_below']:g} point{'s' if check['gain_below'] != 1 else ''} "
+                "(`convergence_check` in the experiment file; the test set picks nothing here):",
+                "",
+                *(convergence_check_table(summary, axes, check) or ["No runs yet."]),
+                "",
+            ]
         timed = _time_to_target_table(exp, results_dir, axes)
         if timed:
             lines += [
