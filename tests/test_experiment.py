@@ -485,6 +485,7 @@ def test_a_diverged_cell_is_a_result_not_a_crash(tmp_path):
     summary2 = run_experiment(exp2, **quiet, log=lambda _: None)
     rows = {r["method"]: r for r in summary2["rows"]}
     assert rows["bp-hot"]["seeds"] == 0 and rows["bp-hot"]["diverged"] == 2
+    assert sorted(rows["bp-hot"]["diverged_seeds"]) == [0, 1] and rows["bp"]["diverged_seeds"] == []
     assert rows["bp-hot"]["final_acc_mean"] is None and rows["bp"]["seeds"] == 1
     assert summary2["cells_missing"] == 0
     assert "| bp-hot | 0 (+2 diverged) | - | - |" in "\n".join(_table(summary2, []))
@@ -1193,19 +1194,21 @@ def test_the_measured_runs_convergence_check_pairs_each_longer_run_with_its_seed
     grid point at the shorter one; converged when the gain is below ``gain_below`` points."""
     from dfatorch.report import convergence_check_table
 
-    def row(method, dataset, epochs, accs, diverged=0):
+    def row(method, dataset, epochs, accs, diverged=()):
         runs = [{"seed": s, "final_acc": a} for s, a in accs.items()]
         return {"method": method, "dataset": dataset, "epochs": epochs, "runs": runs,
-                "diverged": diverged}  # fmt: skip
+                "diverged": len(diverged), "diverged_seeds": list(diverged)}  # fmt: skip
 
     rows = [
         row("bp", "c10", 30, {0: 0.800, 1: 0.700}),
         row("bp", "c100", 30, {0: 0.400}),  # another grid point: must not pair with c10
         row("bp", "c10", 60, {1: 0.705, 0: 0.812}),  # seed order differs from the short row's
-        row("dfa", "c10", 30, {0: 0.600}),
-        row("dfa", "c10", 60, {0: 0.610}),
-        row("dfa", "c100", 60, {0: 0.500}),  # no shorter run to compare
-        row("fa", "c10", 60, {}, diverged=1),
+        row("dfa", "c10", 30, {0: 0.8997, 1: None}),
+        row("dfa", "c10", 60, {0: 0.9097, 1: 0.5}),  # +1 point, computed as 0.99999...
+        row("dfa", "c100", 60, {0: 0.500}),  # no shorter run yet
+        row("fa", "c10", 30, {0: 0.5}, diverged=[1]),
+        row("fa", "c10", 60, {1: 0.6}, diverged=[0]),
+        row("sf", "c10", 60, {}),
     ]
     check = {"epochs": [30, 60], "gain_below": 1.0}
     lines = convergence_check_table({"rows": rows}, ["dataset", "epochs"], check)
@@ -1215,20 +1218,34 @@ def test_the_measured_runs_convergence_check_pairs_each_longer_run_with_its_seed
     assert lines[2:] == [
         "| bp | c10 | 1 | 70.00 | 70.50 | +0.50 | yes |",
         "| bp | c10 | 0 | 80.00 | 81.20 | +1.20 | **no** |",
-        "| dfa | c10 | 0 | 60.00 | 61.00 | +1.00 | **no** |",
+        "| dfa | c10 | 0 | 89.97 | 90.97 | +1.00 | **no** |",
+        "| dfa | c10 | 1 | no evaluation | 50.00 | - | undetermined (no evaluation) |",
         "| dfa | c100 | 0 | not run | 50.00 | - | not run |",
-        "| fa | c10 | - | - | - | - | undetermined (diverged) |",
+        "| fa | c10 | 1 | diverged | 60.00 | - | undetermined (diverged) |",
+        "| fa | c10 | 0 | 50.00 | diverged | - | undetermined (diverged) |",
+        "| sf | c10 | - | - | - | - | not run |",
     ]
     assert convergence_check_table({"rows": rows[:2]}, ["dataset", "epochs"], check) == []
-    at_the_bar = [row("bp", "c10", 30, {0: 0.5}), row("bp", "c10", 60, {0: 0.515625})]
-    exact = {"epochs": [30, 60], "gain_below": 1.5625}  # a gain of exactly 1.5625 in binary
-    assert convergence_check_table({"rows": at_the_bar}, ["dataset", "epochs"], exact)[2] == (
-        "| bp | c10 | 0 | 50.00 | 51.56 | +1.56 | **no** |"
+
+    spec = (
+        'name = "chk"\nconvergence_check = {check}\n[base]\ndataset = "digits"\nmodel = "mlp"\n'
+        '[[methods]]\nlabel = "bp"\nmethod = "bp"\n'
+        "[[grid]]\nepochs = [2]\nseed = [0, 1]\n[[grid]]\nepochs = [4]\nseed = [{long_seed}]\n"
     )
-    for bad in ("{ epochs = [60, 30], gain_below = 1.0 }", "{ epochs = [30, 60] }",
-                "{ epochs = [30, 60], gain_below = 0 }"):  # fmt: skip
-        path = tmp_path / "bad.toml"
-        path.write_text(f'name = "bad"\nconvergence_check = {bad}\n'
-                        '[[methods]]\nlabel = "bp"\nmethod = "bp"\n')  # fmt: skip
+    path = tmp_path / "chk.toml"
+    good = "{ epochs = [2, 4], gain_below = 1 }"
+    path.write_text(spec.format(check=good, long_seed=1))
+    assert load_experiment(path).convergence_check == {"epochs": [2, 4], "gain_below": 1}
+    path.write_text(spec.format(check=good, long_seed=5))
+    with pytest.raises(ValueError, match="bp/epochs=4/seed=5 has no 2-epoch run"):
+        load_experiment(path)
+    path.write_text(spec.format(check="{ epochs = [2, 8], gain_below = 1 }", long_seed=1))
+    with pytest.raises(ValueError, match="no cell trains for 8 epochs"):
+        load_experiment(path)
+    for bad in ("{ epochs = [4, 2], gain_below = 1.0 }", "{ epochs = [2, 4] }",
+                "{ epochs = [2, 4], gain_below = 0 }", "{ epochs = [2, 4], gain_below = inf }",
+                "{ epochs = [2, 4], gain_below = true }", "{ epochs = [2.0, 4], gain_below = 1 }",
+                "{ epochs = [2, 4], gain_below = 1, seed = 0 }"):  # fmt: skip
+        path.write_text(spec.format(check=bad, long_seed=1))
         with pytest.raises(ValueError, match="convergence_check is"):
             load_experiment(path)

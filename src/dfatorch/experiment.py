@@ -280,7 +280,7 @@ def _valid_convergence_check(check: Any) -> bool:
         and 0 < epochs[0] < epochs[1]
         and isinstance(gain, int | float)
         and not isinstance(gain, bool)
-        and gain > 0
+        and 0 < gain < math.inf
     )
 
 
@@ -352,9 +352,29 @@ def load_experiment(path: str | Path) -> Experiment:
         convergence_check=check,
     )
     # build every cell once so that a typo fails now, not hours into the sweep
-    for cell in exp.tuning_cells() + exp.planned_cells():
-        del cell
+    exp.tuning_cells()
+    planned = exp.planned_cells()
+    if check is not None:
+        _check_pairs(exp, planned, *check["epochs"])
     return exp
+
+
+def _check_pairs(exp: Experiment, planned: list[Cell], short: int, long: int) -> None:
+    """Refuse a ``convergence_check`` with no pairs, or whose longer run lacks its shorter one."""
+
+    def others(cell: Cell) -> str:
+        return json.dumps({k: v for k, v in cell.labels.items() if k != "epochs"}, sort_keys=True)
+
+    shorter = {others(c) for c in planned if c.labels.get("epochs") == short}
+    longer = [c for c in planned if c.labels.get("epochs") == long]
+    if not longer:
+        raise ValueError(f"{exp.path}: convergence_check: no cell trains for {long} epochs")
+    for cell in longer:
+        if others(cell) not in shorter:
+            raise ValueError(
+                f"{exp.path}: convergence_check: {cell.key} has no {short}-epoch run of the same "
+                "method, grid point and seed to compare with"
+            )
 
 
 def _all_groups(exp: Experiment) -> list[str]:
@@ -711,10 +731,11 @@ def aggregate(exp: Experiment, results_dir: str | Path) -> dict[str, Any]:
         history = cell_results(results_dir, cell)
         group = {k: v for k, v in cell.labels.items() if k != "seed"}
         key = json.dumps(group, sort_keys=True)
-        row = rows.setdefault(key, {**group, "runs": [], "diverged": 0})
+        row = rows.setdefault(key, {**group, "runs": [], "diverged": 0, "diverged_seeds": []})
         if history is None:
             if cell_diverged(results_dir, cell) is not None:
                 row["diverged"] += 1
+                row["diverged_seeds"].append(cell.labels.get("seed"))
             else:
                 missing += 1
             continue

@@ -157,16 +157,23 @@ def _versus_table(summary: dict[str, Any], axes: list[str], reference: str = "bp
 def convergence_check_table(
     summary: dict[str, Any], axes: list[str], check: dict[str, Any]
 ) -> list[str]:
-    """Per run at the longer schedule of ``check`` (an experiment's ``convergence_check``): the
-    same seed's final test accuracy at the shorter one (same method and grid point), the gain in
-    points and whether it is below ``gain_below`` (converged)."""
+    """Per seed run at the longer schedule of ``check`` (an experiment's ``convergence_check``):
+    the same seed's final test accuracy at the shorter one (same method and grid point), the gain
+    in points and whether it is below ``gain_below`` (converged)."""
     short, long = check["epochs"]
     others = [a for a in axes if a != "epochs"]
-    before = {
-        (r["method"], *(r.get(a) for a in others)): {run.get("seed"): run for run in r["runs"]}
-        for r in summary["rows"]
-        if r.get("epochs") == short
-    }
+
+    def where(r: dict[str, Any]) -> tuple[Any, ...]:
+        return (r["method"], *(r.get(a) for a in others))
+
+    def outcome(r: dict[str, Any] | None, seed: Any) -> float | str:
+        """A seed's final accuracy in a row, or why there is none."""
+        run = next((x for x in (r or {}).get("runs", []) if x.get("seed") == seed), None)
+        if run is not None:
+            return "no evaluation" if run["final_acc"] is None else run["final_acc"]
+        return "diverged" if seed in (r or {}).get("diverged_seeds", []) else "not run"
+
+    before = {where(r): r for r in summary["rows"] if r.get("epochs") == short}
     header = ["method", *others, "seed", f"{short} epochs (%)", f"{long} epochs (%)"]
     header += ["gain (points)", "converged"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -174,20 +181,23 @@ def convergence_check_table(
         if r.get("epochs") != long:
             continue
         values = [r["method"], *(format_value(r.get(a)) for a in others)]
-        shorter = before.get((r["method"], *(r.get(a) for a in others)), {})
-        if not r["runs"]:
-            verdict = "undetermined (diverged)" if r.get("diverged") else "not run"
-            lines.append("| " + " | ".join([*values, "-", "-", "-", "-", verdict]) + " |")
-        for run in r["runs"]:
-            a, b = (shorter.get(run.get("seed")) or {}).get("final_acc"), run["final_acc"]
-            if a is None or b is None:
-                cells = [f"{100 * a:.2f}" if a is not None else "not run",
-                         f"{100 * b:.2f}" if b is not None else "-", "-", "not run"]  # fmt: skip
+        seeds = [x.get("seed") for x in r["runs"]] + list(r.get("diverged_seeds", []))
+        if not seeds:
+            lines.append("| " + " | ".join([*values, "-", "-", "-", "-", "not run"]) + " |")
+        for seed in seeds:
+            a, b = outcome(before.get(where(r)), seed), outcome(r, seed)
+            if isinstance(a, float) and isinstance(b, float):
+                gain = round(100 * (b - a), 9)  # a gain of exactly the bar is not below it
+                verdict = "yes" if gain < check["gain_below"] else "**no**"
+                shown = [f"{100 * a:.2f}", f"{100 * b:.2f}", f"{gain:+.2f}", verdict]
             else:
-                gain = 100 * (b - a)
-                converged = "yes" if gain < check["gain_below"] else "**no**"
-                cells = [f"{100 * a:.2f}", f"{100 * b:.2f}", f"{gain:+.2f}", converged]
-            lines.append("| " + " | ".join([*values, str(run.get("seed")), *cells]) + " |")
+                verdict = next(
+                    (f"undetermined ({w})" for w in ("diverged", "no evaluation") if w in (a, b)),
+                    "not run",
+                )
+                shown = [x if isinstance(x, str) else f"{100 * x:.2f}" for x in (a, b)]
+                shown += ["-", verdict]
+            lines.append("| " + " | ".join([*values, str(seed), *shown]) + " |")
     return lines if len(lines) > 2 else []
 
 
@@ -808,8 +818,9 @@ def write_report(
             lines += [
                 f"Converged? The same seed trained for {long} epochs instead of {short} (same "
                 f"method and grid point): converged when its final test accuracy gains less than "
-                f"{check['gain_below']:g} point{'s' if check['gain_below'] != 1 else ''} "
-                "(`convergence_check` in the experiment file; the test set picks nothing here):",
+                f"{check['gain_below']:g} point{'s' if check['gain_below'] != 1 else ''} over "
+                f"the {short}-epoch run (`convergence_check` in the experiment file; a check "
+                "only: nothing is selected on the test set):",
                 "",
                 *(convergence_check_table(summary, axes, check) or ["No runs yet."]),
                 "",
