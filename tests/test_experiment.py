@@ -1236,6 +1236,13 @@ def test_the_measured_runs_convergence_check_pairs_each_longer_run_with_its_seed
     good = "{ epochs = [2, 4], gain_below = 1 }"
     path.write_text(spec.format(check=good, long_seed=1))
     assert load_experiment(path).convergence_check == {"epochs": [2, 4], "gain_below": 1}
+    from dfatorch.report import write_report
+
+    text = write_report(
+        [path], results_root=tmp_path / "res", benchmarks=tmp_path, out=tmp_path / "R.md"
+    ).read_text()
+    assert "gains less than 1 point over the 2-epoch run" in text
+    assert "| bp | - | - | - | - | not run |" in text  # nothing has run yet
     path.write_text(spec.format(check=good, long_seed=5))
     with pytest.raises(ValueError, match="bp/epochs=4/seed=5 has no 2-epoch run"):
         load_experiment(path)

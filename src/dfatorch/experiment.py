@@ -331,7 +331,7 @@ def load_experiment(path: str | Path) -> Experiment:
     if check is not None and not _valid_convergence_check(check):
         raise ValueError(
             f"{path}: convergence_check is {{ epochs = [short, long], gain_below = points }} "
-            f"with 0 < short < long and points > 0, got {check!r}"
+            f"with 0 < short < long and finite points > 0, got {check!r}"
         )
     if not all(0 < float(t) <= 1 for t in data.get("targets", ())):
         raise ValueError(f"{path}: targets are test accuracies in (0, 1], got {data['targets']}")
