@@ -1256,3 +1256,107 @@ def test_the_measured_runs_convergence_check_pairs_each_longer_run_with_its_seed
         path.write_text(spec.format(check=bad, long_seed=1))
         with pytest.raises(ValueError, match="convergence_check is"):
             load_experiment(path)
+
+
+BEYOND = """
+name = "edges"
+[base]
+dataset = "digits"
+model = "mlp"
+epochs = 2
+[[methods]]
+label = "high"
+method = "bp"
+[[methods]]
+label = "low"
+method = "bp"
+[[methods]]
+label = "inside"
+method = "bp"
+[[grid]]
+seed = [0]
+[tune]
+lr = [0.01, 0.03, 0.1]
+dropout = [0.0, 0.5]
+beyond = { lr = [3.0, 0.003, 1.0, 0.3] }
+check_longer = 2
+"""
+
+#: where each method's (made-up) validation accuracy peaks, in learning rate
+PEAKS = {"high": 0.3, "low": 0.001, "inside": 0.03}
+
+
+def _scripted_run(cell, runs_dir, results_dir, progress, nproc=1):
+    """Stands in for training: writes a finished run whose accuracy is a made-up function of the
+    learning rate (peaked at the method's entry in PEAKS) and dropout (0.5 scores higher)."""
+    import math
+
+    lr, dropout = cell.config.lr, cell.config.dropout
+    acc = 0.9 - 0.1 * (math.log10(lr) - math.log10(PEAKS[cell.labels["method"]])) ** 2
+    acc += 0.01 * dropout
+    folder = results_dir / cell.key
+    folder.mkdir(parents=True)
+    meta = {"config": cell.config.to_dict(), "environment": {}}
+    (folder / "config.json").write_text(json.dumps(meta))
+    test = acc if cell.config.eval_test else None
+    row = {"train_acc": acc, "val_acc": acc, "val_loss": 1.0, "test_acc": test, "test_loss": 1.0}
+    rows = [{"epoch": e, **row, "epoch_seconds": 1.0} for e in range(1, cell.config.epochs + 1)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_a_choice_on_the_grids_end_is_searched_past_it_until_it_sits_inside(tmp_path, monkeypatch):
+    """`[tune] beyond`: a group whose finished search chooses an end of a searched axis tries the
+    nearest listed value past that end (across the other axes' grid values), again and again
+    while its choice stays on the new end; its measured cells and checks then use that choice."""
+    import dfatorch.experiment as experiment
+    from dfatorch.report import _chosen_table, _search_table, search_edges
+
+    monkeypatch.setattr(experiment, "_run_cell", _scripted_run)
+    path = tmp_path / "edges.toml"
+    path.write_text(BEYOND)
+    exp = load_experiment(path)
+    lines: list[str] = []
+    run = dict(runs_root=tmp_path / "runs", results_root=tmp_path / "results", progress=False)
+    summary = run_experiment(exp, **run, log=lines.append)
+    results = tmp_path / "results" / "edges"
+    past = [line.split(": ")[1] for line in lines if "search past the grid" in line]
+    # the nearest value first, each across both dropouts; 1.0 scores below 0.3, so the search stops
+    assert past == [
+        f"tune/{m}/lr={lr}/dropout={d}"
+        for m, lr in (("high", 0.3), ("low", 0.003), ("high", 1.0))
+        for d in (0.0, 0.5)
+    ]
+    assert summary["chosen"] == {
+        "high": {"lr": 0.3, "dropout": 0.5},
+        "low": {"lr": 0.003, "dropout": 0.5},  # the list ends: still on its (new) lower end
+        "inside": {"lr": 0.03, "dropout": 0.5},
+    }
+    lr = {c.labels["method"]: c.config.lr for c in exp.cells(summary["chosen"])}
+    assert lr == {"high": 0.3, "low": 0.003, "inside": 0.03}
+    assert all(json.loads((results / m / "seed=0" / "config.json").read_text())["config"]["lr"]
+               == lr[m] for m in lr)  # fmt: skip
+    checks = [c.key for c in exp.convergence_cells(summary["chosen"])]
+    assert "check/high/lr=0.3/dropout=0.5/length=2" in checks and len(checks) == 6
+    assert summary["checks_missing"] == 0
+    # the report: points past the grid are marked, and only a choice on the searched ends flagged
+    points = summary["search"]["high"]
+    assert [p["lr"] for p in points if p.get("beyond")] == [0.3, 0.3, 1.0, 1.0]
+    assert search_edges(summary) == {"low": ["lr"]}
+    table = _search_table(summary)
+    assert "| high | 0.3 | 0.5 | 90.50 **(chosen)** (past the grid) |" in table
+    assert sum("(past the grid)" in line for line in table) == 6
+    chosen_rows = _chosen_table(exp, results, summary)
+    assert any(row.startswith("| high | lr=0.3, dropout=0.5 | 90.50 |") for row in chosen_rows)
+    # nothing runs twice
+    again: list[str] = []
+    run_experiment(exp, **run, log=again.append)
+    assert not [line for line in again if "search" in line or "cell" in line]
+    for bad, message in [
+        ("{ lr = [0.05] }", r"lists \[0.05\], inside the searched range"),
+        ("{ width = [2.0] }", "not a searched numeric axis"),
+        ("{ lr = [] }", "is a list of numbers"),
+        ("[0.3]", "beyond is"),
+    ]:
+        path.write_text(BEYOND.replace("{ lr = [3.0, 0.003, 1.0, 0.3] }", bad))
+        with pytest.raises(ValueError, match=message):
+            load_experiment(path)

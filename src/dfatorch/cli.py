@@ -246,11 +246,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         if args.list:
             from collections import Counter
 
-            from .experiment import cell_status, search_diverged, select
+            from .experiment import cell_status, search_cells, search_diverged, select
 
             results = Path(args.results_root) / exp.name
             chosen, searched = select(exp, results)
-            cells = exp.tuning_cells() + exp.cells(chosen if exp.tune else None)
+            cells = search_cells(exp, results) + exp.cells(chosen if exp.tune else None)
             cells += exp.convergence_cells(chosen)
             width = max((len(c.key) for c in cells), default=0)
             counts: Counter[str] = Counter()

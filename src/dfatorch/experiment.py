@@ -41,6 +41,9 @@ hyper-parameter search on a validation split::
     metric = "final"            # or "best": the validation accuracy that decides
     check_longer = 2            # optional: train each chosen point on a fresh seed for 1x and 2x
                                 # its epochs, to see whether a longer schedule scores higher
+    beyond = { lr = [3e-5, 3e-3] }  # optional: values past a searched axis' ends, tried one at a
+                                # time (nearest first, across the other axes' values) for a group
+                                # whose choice sits on that end, until it sits inside
 
 Every cell is a run folder under ``runs_root``; when it finishes, its ``config.json`` and
 ``metrics.jsonl`` are copied under ``results_root`` (small text files, meant to be committed), and a
@@ -57,6 +60,7 @@ import json
 import math
 import shutil
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -69,7 +73,15 @@ from .callbacks import TrainingDiverged
 from .rundir import RunDir
 from .train import TrainConfig, summarize, train
 
-__all__ = ["Cell", "Experiment", "aggregate", "load_experiment", "run_experiment"]
+__all__ = [
+    "Cell",
+    "Experiment",
+    "aggregate",
+    "load_experiment",
+    "run_experiment",
+    "search_cells",
+    "select",
+]
 
 #: Config fields that do not change what a cell computes (a cell run elsewhere still counts): where
 #: the data is read from; the memory layout, which changes float rounding only (a test bounds two
@@ -171,21 +183,26 @@ class Experiment:
                 label = method["label"]
                 if not any(tuple(p.get(k) for k in by) == group for p in self._grid_points(label)):
                     continue  # no grid block of this method has this value
-                overrides = {k: v for k, v in method.items() if k != "label"}
                 for values in itertools.product(*axes.values()):
-                    point = dict(zip(axes, values))
-                    tune_run = {
-                        **self.tune_fixed,
-                        **self._validation(),
-                        "seed": self.tune_seed,
-                        "eval_test": False,
-                    }
-                    config = self._config(overrides, fixed, point, tune_run)
-                    key = "/".join(
-                        ["tune", label, *(f"{k}={v}" for k, v in {**fixed, **point}.items())]
-                    )
-                    cells.append(Cell(key, config, {"method": label, **fixed, **point}))
+                    cells.append(self.search_cell(label, fixed, dict(zip(axes, values))))
         return [cells for cells in stages.values() if cells]
+
+    def search_cell(self, label: str, fixed: dict[str, Any], point: dict[str, Any]) -> Cell:
+        """The search run of method ``label`` at the ``by`` values ``fixed`` and the searched
+        values ``point``."""
+        method = next(m for m in self.methods if m["label"] == label)
+        overrides = {k: v for k, v in method.items() if k != "label"}
+        tune_run = {**self.tune_fixed, **self._validation(), "seed": self.tune_seed,
+                    "eval_test": False}  # fmt: skip
+        config = self._config(overrides, fixed, point, tune_run)
+        key = "/".join(["tune", label, *(f"{k}={v}" for k, v in {**fixed, **point}.items())])
+        return Cell(key, config, {"method": label, **fixed, **point})
+
+    @property
+    def tune_beyond(self) -> dict[str, list[Any]]:
+        """``[tune] beyond``: per searched axis, the values past its ends that a group whose
+        choice sits on an end tries next (see :func:`search_cells`)."""
+        return dict((self.tune or {}).get("beyond", {}))
 
     def planned_cells(self) -> list[Cell]:
         """Every measured cell the file declares, whether or not its search has chosen (searched
@@ -211,11 +228,17 @@ class Experiment:
         if not factor:
             return []
         seed = self.tune_seed + 1
+        by = list((self.tune or {}).get("by", []))
         cells = []
-        for cell in self.tuning_cells():
-            picked = chosen.get(self.search_group(cell.labels))
-            if picked is None or picked != {k: cell.labels[k] for k in picked}:
+        groups: dict[str, Cell] = {}
+        for cell in self.tuning_cells():  # one search cell per group gives its method and values
+            groups.setdefault(self.search_group(cell.labels), cell)
+        for group, first in groups.items():
+            picked = chosen.get(group)
+            if picked is None:
                 continue
+            fixed = {k: first.labels[k] for k in by}
+            cell = self.search_cell(first.labels["method"], fixed, picked)
             for length in (1, factor):
                 config = TrainConfig.from_dict(
                     {**cell.config.to_dict(), "seed": seed, "epochs": cell.config.epochs * length}
@@ -258,7 +281,7 @@ class Experiment:
         return cells
 
 
-_TUNE_KEYS = {"val_fraction", "val_size", "seed", "by", "metric", "check_longer"}
+_TUNE_KEYS = {"val_fraction", "val_size", "seed", "by", "metric", "check_longer", "beyond"}
 
 
 def _is_list(value: Any) -> bool:
@@ -278,10 +301,31 @@ def _valid_convergence_check(check: Any) -> bool:
         and len(epochs) == 2
         and all(type(e) is int for e in epochs)
         and 0 < epochs[0] < epochs[1]
-        and isinstance(gain, int | float)
-        and not isinstance(gain, bool)
+        and _is_number(gain)
         and 0 < gain < math.inf
     )
+
+
+def _check_beyond(path: Path, tune: dict[str, Any]) -> None:
+    beyond = tune.get("beyond", {})
+    if not isinstance(beyond, dict):
+        raise ValueError(f"{path}: [tune] beyond is {{ axis = [values] }}, got {beyond!r}")
+    for axis, values in beyond.items():
+        grid = tune.get(axis)
+        if not (_is_list(grid) and grid and all(_is_number(v) for v in grid)):
+            raise ValueError(f"{path}: [tune] beyond names {axis!r}, not a searched numeric axis")
+        if not (_is_list(values) and values and all(_is_number(v) for v in values)):
+            raise ValueError(f"{path}: [tune] beyond.{axis} is a list of numbers, got {values!r}")
+        inside = [v for v in values if min(grid) <= v <= max(grid)]
+        if inside:
+            raise ValueError(
+                f"{path}: [tune] beyond.{axis} lists {inside}, inside the searched range "
+                f"[{min(grid)}, {max(grid)}]: only values past its ends belong there"
+            )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -316,6 +360,7 @@ def load_experiment(path: str | Path) -> Experiment:
             f"{path}: [tune] sets epochs for the search runs only, so check_longer would test "
             "their schedule, not the measured runs': drop one of them"
         )
+    _check_beyond(path, data.get("tune") or {})
     for extra in data.get("extra_fraction_points", []):
         if not (
             isinstance(extra, dict)
@@ -570,35 +615,92 @@ def _train_in_processes(cell: Cell, run: RunDir, resume: bool, progress: bool, n
     return False
 
 
-def select(exp: Experiment, results_dir: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Pick the tuned values per group from finished search cells.
+#: a search cell with its score (None while not run, or diverged) and whether it diverged
+_Scored = tuple[Cell, float | None, bool]
 
-    Returns ``(chosen, search)``: the values for every group whose search is complete, and the
-    whole search (every point's validation accuracy) for the report.
-    """
-    if not exp.tune:
-        return {}, {}
-    axes = list(exp.tune_axes)
-    metric = exp.tune.get("metric", "final")
-    groups: dict[str, list[tuple[dict[str, Any], float | None, bool]]] = {}
-    for cell in exp.tuning_cells():
-        group = exp.search_group(cell.labels)
+
+def _searched(exp: Experiment, results_dir: Path) -> dict[str, list[_Scored]]:
+    """Per search group, its cells with their scores: the grid's, then those past the grid's ends
+    that ``[tune] beyond`` adds while the group's finished search chooses an end. An added value
+    is searched across the grid values of the other axes; the next one is added only once those
+    runs have finished and the choice still sits on the (new) end."""
+    metric = (exp.tune or {}).get("metric", "final")
+
+    def scored(cell: Cell) -> _Scored:
         history = cell_results(results_dir, cell)
         score = None
         if history is not None:
             s = summarize(history)
             score = s["best_acc"] if metric == "best" else s["final_acc"]
-        diverged = cell_diverged(results_dir, cell) is not None
-        groups.setdefault(group, []).append(({k: cell.labels[k] for k in axes}, score, diverged))
+        return cell, score, cell_diverged(results_dir, cell) is not None
+
+    groups: dict[str, list[_Scored]] = {}
+    for cell in exp.tuning_cells():
+        groups.setdefault(exp.search_group(cell.labels), []).append(scored(cell))
+    beyond, axes = exp.tune_beyond, exp.tune_axes
+    by = list((exp.tune or {}).get("by", []))
+    for points in groups.values():
+        labels = points[0][0].labels
+        fixed = {k: labels[k] for k in by}
+        searched = {axis: list(axes[axis]) for axis in beyond}
+        while (best := _best(points, list(axes))) is not None:
+            added = []
+            for axis, extra in beyond.items():
+                low, high = min(searched[axis]), max(searched[axis])
+                if best[axis] == high and any(v > high for v in extra):
+                    value = min(v for v in extra if v > high)  # the nearest first
+                elif best[axis] == low and any(v < low for v in extra):
+                    value = max(v for v in extra if v < low)
+                else:
+                    continue
+                searched[axis].append(value)
+                others = {a: v for a, v in axes.items() if a != axis}
+                for combo in itertools.product(*others.values()):
+                    point = {a: value if a == axis else dict(zip(others, combo))[a] for a in axes}
+                    added.append(scored(exp.search_cell(labels["method"], fixed, point)))
+            if not added:
+                break
+            points += added
+    return groups
+
+
+def _best(points: list[_Scored], axes: list[str]) -> dict[str, Any] | None:
+    """The searched values of the best-scoring point, once every point has finished (a diverged
+    point loses); None before, or if every point diverged."""
+    scored = [(cell, s) for cell, s, _ in points if s is not None]
+    if not scored or not all(s is not None or d for _, s, d in points):
+        return None
+    best = max(scored, key=lambda cs: cs[1])[0]  # ties: the first listed point wins
+    return {k: best.labels[k] for k in axes}
+
+
+def search_cells(exp: Experiment, results_dir: Path) -> list[Cell]:
+    """Every search cell of ``exp`` as its results stand: the grid's and those past its ends
+    (``[tune] beyond``)."""
+    return [cell for points in _searched(exp, results_dir).values() for cell, _, _ in points]
+
+
+def select(exp: Experiment, results_dir: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Pick the tuned values per group from finished search cells.
+
+    Returns ``(chosen, search)``: the values for every group whose search is complete (past the
+    grid's ends too, where ``[tune] beyond`` asks), and the whole search (every point's
+    validation accuracy, ``"beyond": True`` on points past the grid) for the report.
+    """
+    if not exp.tune:
+        return {}, {}
+    axes = list(exp.tune_axes)
+    grid = {c.key for c in exp.tuning_cells()}
     chosen, search = {}, {}
-    for group, points in groups.items():
+    for group, points in _searched(exp, results_dir).items():
         search[group] = [
-            {**p, "val_acc": s, **({"diverged": True} if d else {})} for p, s, d in points
-        ]
-        scored = [(p, s) for p, s, _ in points if s is not None]
-        if scored and all(s is not None or d for _, s, d in points):
-            best = max(scored, key=lambda ps: ps[1])  # ties: the first listed value wins
-            chosen[group] = best[0]
+            {**{k: c.labels[k] for k in axes}, "val_acc": s,
+             **({"diverged": True} if d else {}), **({} if c.key in grid else {"beyond": True})}
+            for c, s, d in points
+        ]  # fmt: skip
+        best = _best(points, axes)
+        if best is not None:
+            chosen[group] = best
     return chosen, search
 
 
@@ -645,6 +747,8 @@ def run_experiment(
     def shard_of(cell: Cell) -> int:
         if cell.key in place:
             return place[cell.key] % count
+        if cell.key.startswith("tune/"):  # a search point past the grid: spread by its name
+            return zlib.crc32(cell.key.encode()) % count
         # a convergence check (its key names the chosen point): after the sweep, by its group
         group = groups.index(exp.search_group(cell.labels))
         # the long run alternates sides from group to group, so two shards share the long runs
@@ -668,7 +772,7 @@ def run_experiment(
                     log(f"[{exp.name}] {cell.key} diverged: {why.splitlines()[0]}")
 
     def searches_held_elsewhere() -> bool:
-        for cell in exp.tuning_cells():
+        for cell in search_cells(exp, results_dir):
             if not _cell_done(results_dir, cell):
                 with _cell_lock(runs_dir / f"{cell.key}.lock") as held:
                     if not held:
@@ -678,19 +782,26 @@ def run_experiment(
     seen: set[str] = set()
 
     def run_chosen() -> bool:
-        """Run the measured cells not offered yet of every group whose search is done, then
-        those groups' convergence checks."""
+        """Run the search points past the grid that finished searches call for (``[tune]
+        beyond``), then the measured cells not offered yet of every group whose search is done,
+        then those groups' convergence checks."""
+        past = [
+            c for c in search_cells(exp, results_dir) if c.key not in place and c.key not in seen
+        ]
+        seen.update(c.key for c in past)
+        run(past, "search past the grid")
         chosen, _ = select(exp, results_dir)
         fresh = [c for c in exp.cells(chosen) if c.key not in seen]
         checks = [c for c in exp.convergence_cells(chosen) if c.key not in seen]
         seen.update(c.key for c in fresh + checks)
         run(fresh, "cell")
         run(checks, "check")
-        return bool(fresh or checks)
+        return bool(past or fresh or checks)
 
     for stage in exp.tuning_stages():
         run(stage, "search")
-        run_chosen()
+        while run_chosen():  # a search past the grid can finish a group's search
+            pass
     waiting = False
     while True:
         busy = searches_held_elsewhere()  # before select: a search ending now is seen there

@@ -25,6 +25,7 @@ from .experiment import (
     format_point,
     format_value,
     load_experiment,
+    search_cells,
     select,
 )
 from .plots import plot_curves, plot_probes, save_figure
@@ -302,7 +303,7 @@ def _chosen_table(exp: Experiment, results_dir: Path, summary: dict[str, Any]) -
     if not chosen:
         return []
     runs = {}
-    for cell in exp.tuning_cells():
+    for cell in search_cells(exp, results_dir):
         group = exp.search_group(cell.labels)
         if chosen.get(group) == {k: cell.labels[k] for k in chosen.get(group, {})}:
             runs[group] = cell
@@ -358,7 +359,7 @@ def _search_table(summary: dict[str, Any]) -> list[str]:
     search, chosen = summary["search"], summary["chosen"]
     if not search:
         return []
-    axes = [k for k in next(iter(search.values()))[0] if k not in ("val_acc", "diverged")]
+    axes = [k for k in next(iter(search.values()))[0] if k not in ("val_acc", "diverged", "beyond")]
     edges = search_edges(summary)
     lines = [
         "| group | " + " | ".join(axes) + " | validation acc (%) |",
@@ -374,6 +375,8 @@ def _search_table(summary: dict[str, Any]) -> list[str]:
                 acc = "diverged"
             else:
                 acc = "not run" if p["val_acc"] is None else f"{100 * p['val_acc']:.2f}"
+            if p.get("beyond"):  # added by ``[tune] beyond``: the group chose the grid's end
+                mark += " (past the grid)"
             values = " | ".join(format_value(p[a]) for a in axes)
             lines.append(f"| {group} | {values} | {acc}{mark} |")
     if edges:
