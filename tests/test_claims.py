@@ -271,3 +271,41 @@ def test_a_reference_from_another_experiment_pairs_by_seed():
     lost = Evidence("follow", "a", "b", at={"fraction": 0.1}, reference_experiment="nope")
     with pytest.raises(ValueError, match="no experiment named 'nope'"):
         evaluate(Claim(id="(x)", source="S", text="t", evidence=(lost,)), summaries)
+
+
+def test_a_comparison_whose_convergence_check_failed_is_not_converged():
+    """Where the experiment checks convergence (`check_longer`), a side whose longer check run
+    gained CONVERGED_POINTS or more makes the comparison "not converged", keeping what the interval
+    alone says; a gain just below the bar, or a check at another grid point, changes nothing."""
+    from dfatorch.experiment import CONVERGED_POINTS
+
+    claim = _claim("above")
+    summary = _summary(a=[0.70, 0.71, 0.72], b=[0.60, 0.61, 0.60])
+    bar = CONVERGED_POINTS / 100
+
+    def check(gain):
+        return {"seed": 101, "epochs": [10, 20], "val_acc": [0.5, 0.5 + gain], "diverged": [0, 0]}
+
+    summary["exp"]["convergence"] = {
+        "a/fraction=0.1/epochs=10": check(bar - 1e-6),
+        "b/fraction=0.2/epochs=10": check(0.3),  # another grid point
+    }
+    (c,) = evaluate(claim, summary)
+    assert c.verdict == "holds" and c.unconverged == ()
+    summary["exp"]["convergence"]["b/fraction=0.1/epochs=10"] = check(bar + 0.0125)
+    (c,) = evaluate(claim, summary)
+    assert (c.verdict, c.interval_verdict) == ("not converged", "holds")
+    assert [m for m, _ in c.unconverged] == ["b"]
+    assert c.unconverged[0][1] == pytest.approx(CONVERGED_POINTS + 1.25)
+    assert overall([c, *evaluate(claim, _summary(a=[0.7, 0.71], b=[0.6, 0.61]))]) == (
+        "mixed: holds in 1 of 2; not converged in 1 of 2"
+    )
+    head, detail = verdict_tables([claim], summary)
+    assert "**not converged**" in head[2]
+    gain = CONVERGED_POINTS + 1.25
+    assert detail[2].endswith(
+        f"| not converged (the interval alone: holds; the longer check run gained b +{gain:.2f} "
+        "points) |"
+    )
+    summary["exp"]["convergence"]["b/fraction=0.1/epochs=10"]["val_acc"][1] = None  # not run
+    assert evaluate(claim, summary)[0].verdict == "holds"

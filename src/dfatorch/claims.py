@@ -30,7 +30,10 @@ comparison's verdict follows from its interval only:
 - ``within`` (A is no more than ``margin`` points below B): *holds* if the interval lies above
   ``−margin``, *contradicted* if below it;
 - otherwise *not shown* (the interval straddles the boundary); *no interval* with one seed on
-  either side; *not run* where the cells are missing.
+  either side; *not run* where the cells are missing;
+- *not converged*, whatever the interval says, where the experiment checks convergence
+  (``[tune] check_longer``) and the check of either method at that point failed (its longer run
+  gained :data:`~dfatorch.experiment.CONVERGED_POINTS` or more).
 
 A claim's verdict combines its comparisons that have an interval: the common verdict if they
 agree, else *mixed* with the counts.
@@ -46,7 +49,7 @@ from typing import Any
 
 from ._io import read_toml
 from ._stats import Difference, seed_contrast
-from .experiment import format_point
+from .experiment import CONVERGED_POINTS, format_point
 
 __all__ = ["Claim", "Comparison", "Evidence", "evaluate", "load_claims", "verdict_tables"]
 
@@ -90,6 +93,10 @@ class Comparison:
     verdict: str
     #: seeds of either side that diverged, left out of the difference (a verdict on survivors)
     diverged: int = 0
+    #: the interval's verdict, kept where ``verdict`` is "not converged"
+    interval_verdict: str = ""
+    #: ``(method, gain in points)`` of each side whose convergence check failed
+    unconverged: tuple[tuple[str, float], ...] = ()
 
 
 def load_claims(path: str | Path) -> list[Claim]:
@@ -163,6 +170,19 @@ def _finals(
     return finals or None, int(rows[0].get("diverged", 0))
 
 
+def _check_gain(summary: Mapping[str, Any], method: str, at: Mapping[str, Any]) -> float | None:
+    """The points of validation accuracy that ``method``'s convergence check at ``at`` gained from
+    the longer schedule (``[tune] check_longer``); None without a finished check."""
+    for group, check in (summary.get("convergence") or {}).items():
+        label, *parts = group.split("/")
+        values = dict(part.split("=", 1) for part in parts)
+        if label != method or any(values.get(k, str(v)) != str(v) for k, v in at.items()):
+            continue
+        short, long = check["val_acc"]
+        return None if short is None or long is None else 100 * (long - short)
+    return None
+
+
 def _verdict(kind: str, margin: float, d: Difference) -> str:
     if d.low is None or d.high is None:
         return "no interval"
@@ -196,7 +216,13 @@ def evaluate(claim: Claim, summaries: Mapping[str, Mapping[str, Any]]) -> list[C
             continue
         weights = [1.0, -1.0] if ev.baseline_at is None else [1.0, -1.0, -1.0, 1.0]
         d = seed_contrast(groups, weights, LEVEL)  # type: ignore[arg-type]
-        out.append(Comparison(ev, d, _verdict(claim.kind, claim.margin, d), sum(diverged)))
+        verdict = _verdict(claim.kind, claim.margin, d)
+        gains = [(m, _check_gain(summary, m, at)) for at in points for summary, m in sides]
+        late = tuple((m, g) for m, g in gains if g is not None and g >= CONVERGED_POINTS)
+        if late:
+            out.append(Comparison(ev, d, "not converged", sum(diverged), verdict, late))
+        else:
+            out.append(Comparison(ev, d, verdict, sum(diverged)))
     return out
 
 
@@ -303,8 +329,13 @@ def verdict_tables(
         )
         for c in comparisons:
             diff, interval, test = _interval(c)
+            verdict = c.verdict
+            if c.unconverged:
+                gains = ", ".join(f"{m} {g:+.2f}" for m, g in c.unconverged)
+                verdict += (f" (the interval alone: {c.interval_verdict}; the longer check run "
+                            f"gained {gains} points)")  # fmt: skip
             detail.append(
                 f"| {claim.id} | {_setting(c.evidence)} | {_compared(c.evidence)} | {diff} | "
-                f"{interval} | {test} | {c.verdict} |"
+                f"{interval} | {test} | {verdict} |"
             )
     return head, detail

@@ -90,6 +90,14 @@ __all__ = [
 NEUTRAL = {"data_dir", "device", "download", "channels_last"}
 
 
+#: the convergence check (``[tune] check_longer``): the chosen point's longer run scoring this many
+#: points more on validation than its run of the search's length (both on one fresh seed) says the
+#: schedule was too short. Runs of two seeds in the small-data study differ by about this much by
+#: chance (√2 × the seed spread at 0.5% and 1%: 1.5 to 2.4 points); two runs of one seed share
+#: their subset and initial weights and presumably differ by less (not measured).
+CONVERGED_POINTS = 2.0
+
+
 @dataclass(frozen=True)
 class Cell:
     """One run of an experiment: where it lives, what it trains and its labels for tables."""

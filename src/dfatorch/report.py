@@ -18,6 +18,7 @@ from ._io import write_json
 from ._stats import mean_std, seed_contrast, welch
 from .claims import load_claims, verdict_tables
 from .experiment import (
+    CONVERGED_POINTS,
     Experiment,
     aggregate,
     cell_diverged,
@@ -269,13 +270,6 @@ LONG_TABLE = 40
 #: the plateau criterion: validation accuracy rose by less than this (points) since the last
 #: evaluation at or before two thirds of the run
 PLATEAU_POINTS = 1.0
-
-#: the convergence check (``[tune] check_longer``): the chosen point's longer run scoring this many
-#: points more on validation than its run of the search's length (both on one fresh seed) says the
-#: schedule was too short. Runs of two seeds in the small-data study differ by about this much by
-#: chance (√2 × the seed spread at 0.5% and 1%: 1.5 to 2.4 points); two runs of one seed share
-#: their subset and initial weights and presumably differ by less (not measured).
-CONVERGED_POINTS = 2.0
 
 
 def plateau_rise(
@@ -932,8 +926,10 @@ def _verdict_section(path: Path, summaries: dict[str, dict[str, Any]]) -> list[s
         "order and initial weights), Welch's where their seeds differ. A comparison *holds* "
         "when its interval lies wholly on the claimed side of the boundary, is *contradicted* "
         "when it lies wholly on the other side, and is *not shown* when it straddles it; one "
-        "seed on either side gives *no interval*. A claim's verdict combines its comparisons "
-        "that have an interval.",
+        "seed on either side gives *no interval*. It is *not converged* when its experiment "
+        "checks convergence (`check_longer`) and the check failed for either method: the "
+        "difference is then one of under-trained runs, whatever its interval says. A claim's "
+        "verdict combines its comparisons that have an interval.",
         "",
         *head,
         "",
