@@ -664,7 +664,8 @@ def _searched(exp: Experiment, results_dir: Path) -> dict[str, list[_Scored]]:
                 searched[axis].append(value)
                 others = {a: v for a, v in axes.items() if a != axis}
                 for combo in itertools.product(*others.values()):
-                    point = {a: value if a == axis else dict(zip(others, combo))[a] for a in axes}
+                    point = {**dict(zip(others, combo)), axis: value}
+                    point = {a: point[a] for a in axes}  # in the file's order, as cell keys are
                     added.append(scored(exp.search_cell(labels["method"], fixed, point)))
             if not added:
                 break
