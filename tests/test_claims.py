@@ -283,16 +283,17 @@ def test_a_comparison_whose_convergence_check_failed_is_not_converged():
     summary = _summary(a=[0.70, 0.71, 0.72], b=[0.60, 0.61, 0.60])
     bar = CONVERGED_POINTS / 100
 
-    def check(gain):
-        return {"seed": 101, "epochs": [10, 20], "val_acc": [0.5, 0.5 + gain], "diverged": [0, 0]}
+    def check(method, fraction, gain):
+        return {"method": method, "at": {"fraction": fraction, "epochs": 10}, "seed": 101,
+                "epochs": [10, 20], "val_acc": [0.5, 0.5 + gain], "diverged": [0, 0]}  # fmt: skip
 
     summary["exp"]["convergence"] = {
-        "a/fraction=0.1/epochs=10": check(bar - 1e-6),
-        "b/fraction=0.2/epochs=10": check(0.3),  # another grid point
+        "a/fraction=0.1/epochs=10": check("a", 0.1, bar - 1e-6),
+        "b/fraction=0.2/epochs=10": check("b", 0.2, 0.3),  # another grid point
     }
     (c,) = evaluate(claim, summary)
     assert c.verdict == "holds" and c.unconverged == ()
-    summary["exp"]["convergence"]["b/fraction=0.1/epochs=10"] = check(bar + 0.0125)
+    summary["exp"]["convergence"]["b/fraction=0.1/epochs=10"] = check("b", 0.1, bar + 0.0125)
     (c,) = evaluate(claim, summary)
     assert (c.verdict, c.interval_verdict) == ("not converged", "holds")
     assert [m for m, _ in c.unconverged] == ["b"]

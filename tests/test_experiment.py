@@ -1021,7 +1021,8 @@ def test_the_convergence_check_reruns_each_chosen_point_on_a_fresh_seed_1x_and_f
         finals[cell.key] = history[-1]["val_acc"]
     for group in chosen:
         short, long = (finals[f"check/{group}/lr={chosen[group]['lr']}/length={n}"] for n in (1, 3))
-        want = {"seed": 101, "epochs": [2, 6], "val_acc": [short, long], "diverged": [False] * 2}
+        want = {"method": group.split("/")[0], "at": {"fraction": 0.5}, "seed": 101,
+                "epochs": [2, 6], "val_acc": [short, long], "diverged": [False] * 2}  # fmt: skip
         assert summary["convergence"][group] == want
     table = _chosen_table(exp, results, summary)
     assert table[0].endswith("| gain (points) | converged |")

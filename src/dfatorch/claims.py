@@ -173,10 +173,8 @@ def _finals(
 def _check_gain(summary: Mapping[str, Any], method: str, at: Mapping[str, Any]) -> float | None:
     """The points of validation accuracy that ``method``'s convergence check at ``at`` gained from
     the longer schedule (``[tune] check_longer``); None without a finished check."""
-    for group, check in (summary.get("convergence") or {}).items():
-        label, *parts = group.split("/")
-        values = dict(part.split("=", 1) for part in parts)
-        if label != method or any(values.get(k, str(v)) != str(v) for k, v in at.items()):
+    for check in (summary.get("convergence") or {}).values():
+        if check["method"] != method or any(check["at"].get(k, v) != v for k, v in at.items()):
             continue
         short, long = check["val_acc"]
         return None if short is None or long is None else 100 * (long - short)

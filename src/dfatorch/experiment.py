@@ -236,17 +236,8 @@ class Experiment:
         if not factor:
             return []
         seed = self.tune_seed + 1
-        by = list((self.tune or {}).get("by", []))
         cells = []
-        groups: dict[str, Cell] = {}
-        for cell in self.tuning_cells():  # one search cell per group gives its method and values
-            groups.setdefault(self.search_group(cell.labels), cell)
-        for group, first in groups.items():
-            picked = chosen.get(group)
-            if picked is None:
-                continue
-            fixed = {k: first.labels[k] for k in by}
-            cell = self.search_cell(first.labels["method"], fixed, picked)
+        for cell in self.chosen_cells(chosen).values():
             for length in (1, factor):
                 config = TrainConfig.from_dict(
                     {**cell.config.to_dict(), "seed": seed, "epochs": cell.config.epochs * length}
@@ -254,6 +245,20 @@ class Experiment:
                 key = "check/" + cell.key.removeprefix("tune/") + f"/length={length}"
                 cells.append(Cell(key, config, {**cell.labels, "length": length}))
         return cells
+
+    def chosen_cells(self, chosen: dict[str, dict[str, Any]]) -> dict[str, Cell]:
+        """Per search group in ``chosen``, the search cell of its chosen point (which may lie past
+        the grid: ``[tune] beyond``)."""
+        by = list((self.tune or {}).get("by", []))
+        firsts: dict[str, Cell] = {}
+        for cell in self.tuning_cells():  # one search cell per group gives its method and values
+            firsts.setdefault(self.search_group(cell.labels), cell)
+        return {
+            group: self.search_cell(first.labels["method"],
+                                    {k: first.labels[k] for k in by}, chosen[group])
+            for group, first in firsts.items()
+            if group in chosen
+        }  # fmt: skip
 
     @property
     def tune_seed(self) -> int:
@@ -905,16 +910,19 @@ def aggregate(exp: Experiment, results_dir: str | Path) -> dict[str, Any]:
 
 
 def _convergence(exp: Experiment, results_dir: Path, chosen: dict[str, Any]) -> dict[str, Any]:
-    """Per chosen group, its convergence check: the seed, the two runs' epochs, their validation
-    accuracies (by the search's metric; None while not run) and whether each diverged."""
+    """Per chosen group, its convergence check: the method, its ``by`` values, the seed, the two
+    runs' epochs, their validation accuracies (by the search's metric; None while not run) and
+    whether each diverged."""
     key = "best_acc" if (exp.tune or {}).get("metric") == "best" else "final_acc"
     out: dict[str, Any] = {}
     for cell in exp.convergence_cells(chosen):
         history = cell_results(results_dir, cell)
+        by = {k: cell.labels[k] for k in (exp.tune or {}).get("by", [])}
         check = out.setdefault(
             exp.search_group(cell.labels),
-            {"seed": cell.config.seed, "epochs": [], "val_acc": [], "diverged": []},
-        )
+            {"method": cell.labels["method"], "at": by, "seed": cell.config.seed, "epochs": [],
+             "val_acc": [], "diverged": []},
+        )  # fmt: skip
         check["epochs"].append(cell.config.epochs)
         check["val_acc"].append(None if history is None else summarize(history)[key])
         check["diverged"].append(cell_diverged(results_dir, cell) is not None)

@@ -26,7 +26,6 @@ from .experiment import (
     format_point,
     format_value,
     load_experiment,
-    search_cells,
     select,
 )
 from .plots import plot_curves, plot_probes, save_figure
@@ -296,11 +295,7 @@ def _chosen_table(exp: Experiment, results_dir: Path, summary: dict[str, Any]) -
     chosen = summary["chosen"]
     if not chosen:
         return []
-    runs = {}
-    for cell in search_cells(exp, results_dir):
-        group = exp.search_group(cell.labels)
-        if chosen.get(group) == {k: cell.labels[k] for k in chosen.get(group, {})}:
-            runs[group] = cell
+    runs = exp.chosen_cells(chosen)
     edges = search_edges(summary)
     checks = summary.get("convergence") or {}
     extra = " check on a fresh seed: epochs → validation acc (%) | gain (points) | converged |"
