@@ -889,6 +889,17 @@ def test_each_search_stage_is_followed_by_its_measured_cells(tmp_path):
     ] * 2 + ["tune/dfa0.2"] * 2 + ["bp0.2", "dfa0.2"]
     measured = exp.cells(select(exp, tmp_path / "results" / "staged")[0])
     assert len(measured) == 4 and all(c.config.val_size == 0 for c in measured)
+    # every search done and the measured cells all offered at once (a restart): cheapest first,
+    # by the stage of their search, not method by method
+    for method in ("bp", "dfa"):
+        shutil.rmtree(tmp_path / "results" / "staged" / method)
+    again: list[str] = []
+    run_experiment(exp, runs_root=tmp_path / "runs2", results_root=tmp_path / "results",
+                   progress=False, log=again.append)  # fmt: skip
+    assert [line.split(": ")[1] for line in again] == [
+        "bp/fraction=0.5/seed=0", "dfa/fraction=0.5/seed=0",
+        "bp/fraction=0.2/seed=0", "dfa/fraction=0.2/seed=0",
+    ]  # fmt: skip
 
 
 def test_plateau_rise_is_the_gain_over_the_last_third():
@@ -1021,8 +1032,9 @@ def test_the_convergence_check_reruns_each_chosen_point_on_a_fresh_seed_1x_and_f
         finals[cell.key] = history[-1]["val_acc"]
     for group in chosen:
         short, long = (finals[f"check/{group}/lr={chosen[group]['lr']}/length={n}"] for n in (1, 3))
-        want = {"method": group.split("/")[0], "at": {"fraction": 0.5}, "seed": 101,
-                "epochs": [2, 6], "val_acc": [short, long], "diverged": [False] * 2}  # fmt: skip
+        want = {"method": group.split("/")[0], "at": {"fraction": 0.5}, "search": group,
+                "seed": 101, "epochs": [2, 6], "val_acc": [short, long],
+                "diverged": [False] * 2}  # fmt: skip
         assert summary["convergence"][group] == want
     table = _chosen_table(exp, results, summary)
     assert table[0].endswith("| gain (points) | converged |")
@@ -1361,3 +1373,122 @@ def test_a_choice_on_the_grids_end_is_searched_past_it_until_it_sits_inside(tmp_
         path.write_text(BEYOND.replace("{ lr = [3.0, 0.003, 1.0, 0.3] }", bad))
         with pytest.raises(ValueError, match=message):
             load_experiment(path)
+
+
+SEARCH_AT = """
+name = "longer"
+[base]
+dataset = "digits"
+model = "mlp"
+[[methods]]
+label = "high"
+method = "bp"
+[[methods]]
+label = "inside"
+method = "bp"
+[[grid]]
+epochs = [2]
+seed = [0]
+[[grid]]
+methods = ["inside"]
+epochs = [4]
+seed = [0, 1]
+search_at = { epochs = 2 }
+[tune]
+lr = [0.01, 0.03, 0.1]
+by = ["epochs"]
+check_longer = 2
+"""
+
+
+def test_a_block_measured_longer_takes_the_choice_of_the_shorter_search(tmp_path, monkeypatch):
+    """A ``[[grid]]`` block with ``search_at`` trains its measured runs with the choice of the
+    search at those ``by`` values (no search of its own), and its convergence check trains the
+    chosen point for the block's epochs and ``check_longer`` times as many, sharing the run that
+    the shorter group's check already trained."""
+    import dfatorch.experiment as experiment
+    from dfatorch.claims import _check_gain
+    from dfatorch.report import _chosen_table
+
+    monkeypatch.setattr(experiment, "_run_cell", _scripted_run)
+    path = tmp_path / "longer.toml"
+    path.write_text(SEARCH_AT)
+    exp = load_experiment(path)
+    assert [c.key for c in exp.tuning_cells()] == [
+        f"tune/{m}/epochs=2/lr={lr}" for m in ("high", "inside") for lr in (0.01, 0.03, 0.1)
+    ]
+    lines: list[str] = []
+    summary = run_experiment(exp, runs_root=tmp_path / "runs", results_root=tmp_path / "results",
+                             progress=False, log=lines.append)  # fmt: skip
+    assert summary["chosen"] == {"high/epochs=2": {"lr": 0.1}, "inside/epochs=2": {"lr": 0.03}}
+    longer = {c.key: (c.config.lr, c.config.epochs) for c in exp.cells(summary["chosen"])}
+    assert longer["inside/epochs=4/seed=1"] == (0.03, 4)
+    assert longer["inside/epochs=2/seed=0"] == (0.03, 2) and len(longer) == 4
+    # the check of the 4-epoch group: 4 and 8 epochs, the 4-epoch run shared with the 2-epoch group
+    check = summary["convergence"]["inside/epochs=4"]
+    assert check["at"] == {"epochs": 4} and check["search"] == "inside/epochs=2"
+    assert check["epochs"] == [4, 8]
+    assert summary["convergence"]["inside/epochs=2"]["epochs"] == [2, 4]
+    ran = [line.split(": ")[1] for line in lines if " check " in line and "another" not in line]
+    assert sorted(ran) == sorted(
+        [f"check/high/epochs=2/lr=0.1/length={n}" for n in (1, 2)]
+        + [f"check/inside/epochs=2/lr=0.03/length={n}" for n in (1, 2, 4)]
+    )
+    assert summary["checks_missing"] == 0 and summary["cells_missing"] == 0
+    # a claim at the 4-epoch point reads that group's check (the scripted runs gain nothing)
+    assert _check_gain(summary, "inside", {"epochs": 4}) == 0.0
+    assert _check_gain(summary, "inside", {"epochs": 3}) is None
+    rows = _chosen_table(exp, tmp_path / "results" / "longer", summary)
+    assert [r.split(" | ")[:2] for r in rows if "epochs=4" in r] == [
+        ["| inside/epochs=4", "the choice of inside/epochs=2"]
+    ]
+    for bad, message in [
+        ("{ seed = 2 }", "table of \\[tune\\] by axes"),
+        ("{ epochs = [2] }", "one value per axis"),
+        ("2", "search_at is a table"),
+    ]:
+        path.write_text(SEARCH_AT.replace("{ epochs = 2 }", bad))
+        with pytest.raises(ValueError, match=message):
+            load_experiment(path)
+
+
+def test_the_fraction_plot_shows_one_configuration_per_point(tmp_path):
+    """A fraction measured at two schedules is plotted at the longer (and the caption says so);
+    rows that differ in another axis are separate series; with no series of two fractions there
+    is no plot."""
+    from dfatorch.report import _fraction_plot, _longer_caption, fraction_series
+
+    def row(method, acc, **labels):
+        runs = [{"final_acc": acc - 0.01}, {"final_acc": acc + 0.01}]
+        return {"method": method, **labels, "final_acc_mean": acc, "seeds": 2, "runs": runs}
+
+    (tmp_path / "f.toml").write_text(
+        'name = "f"\n[[methods]]\nlabel = "bp"\nmethod = "bp"\n'
+        "[[grid]]\nfraction = [0.01, 0.1]\nepochs = [10]\nseed = [0, 1]\n"
+        "[[grid]]\nfraction = [0.1]\nepochs = [20]\nseed = [0, 1]\n"
+    )
+    exp = load_experiment(tmp_path / "f.toml")
+    rows = [
+        row("bp", 0.40, fraction=0.01, epochs=10),
+        row("bp", 0.50, fraction=0.1, epochs=10),
+        row("bp", 0.60, fraction=0.1, epochs=20),  # the longest, neither first nor last
+        row("bp", 0.55, fraction=0.1, epochs=15),
+    ]
+    summary = {"name": "f", "rows": rows}
+    series = fraction_series(exp, {"f": summary}, {"f": exp})
+    assert [(p.fraction, p.mean) for p in series["bp"]] == [(0.01, 40.0), (0.1, 60.0)]
+    assert "10% at 20 epochs (also measured at 10, 15)" in " ".join(_longer_caption(summary))
+    assert _longer_caption({"rows": rows[:2]}) == []  # one schedule per fraction
+    # another axis that varies: a series per value, never two configurations in one point
+    (tmp_path / "g.toml").write_text(
+        'name = "g"\n[[methods]]\nlabel = "bp"\nmethod = "bp"\n'
+        '[[grid]]\ndataset = ["mnist"]\nfraction = [0.05]\nseed = [0]\n'
+        '[[grid]]\ndataset = ["digits"]\nfraction = [0.1]\nseed = [0]\n'
+    )
+    other = load_experiment(tmp_path / "g.toml")
+    both = {"name": "g", "rows": [row("bp", 0.3, dataset="mnist", fraction=0.05),
+                                  row("bp", 0.4, dataset="digits", fraction=0.1)]}  # fmt: skip
+    split = fraction_series(other, {"g": both}, {"g": other})
+    assert sorted(split) == ["bp (dataset=digits)", "bp (dataset=mnist)"]
+    assert _fraction_plot(split, "g", tmp_path / "g.png") is None
+    assert _fraction_plot(series, "f", tmp_path / "f.png") is not None

@@ -148,19 +148,30 @@ class Experiment:
         """Every key the grid varies, in order of first appearance."""
         keys: list[str] = []
         for block in self.grid:
-            keys += [k for k in block if k not in keys and k != "methods"]
+            keys += [k for k in block if k not in keys and k not in _BLOCK_KEYS]
         return keys
 
     def _grid_points(self, label: str | None = None) -> list[dict[str, Any]]:
         """The grid's points (for method ``label``: the blocks that apply to it)."""
-        points = []
+        return [point for point, _ in self._grid_entries(label)]
+
+    def _grid_entries(
+        self, label: str | None = None
+    ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """The grid's points, each with the ``by`` values of the search whose choice it trains
+        with: its own, but for those its block's ``search_at`` names (a block measured at a longer
+        schedule than its search ran)."""
+        by = list((self.tune or {}).get("by", []))
+        entries = []
         for block in self.grid or [{}]:
             if label is not None and label not in block.get("methods", [label]):
                 continue
-            keys = [k for k in block if k != "methods"]
+            keys = [k for k in block if k not in _BLOCK_KEYS]
             for values in itertools.product(*(block[k] for k in keys)):
-                points.append(dict(zip(keys, values)))
-        return points
+                point = dict(zip(keys, values))
+                searched = {k: point.get(k) for k in by} | block.get("search_at", {})
+                entries.append((point, searched))
+        return entries
 
     def _config(self, *layers: dict[str, Any]) -> TrainConfig:
         merged: dict[str, Any] = {}
@@ -183,13 +194,14 @@ class Experiment:
         by = list(self.tune.get("by", []))
         axes = self.tune_axes
         stages: dict[tuple[Any, ...], list[Cell]] = {}
-        for point in self._grid_points():
-            stages.setdefault(tuple(point.get(k) for k in by), [])
+        for _, searched in self._grid_entries():
+            stages.setdefault(tuple(searched[k] for k in by), [])
         for group, cells in stages.items():
             fixed = dict(zip(by, group))
             for method in self.methods:
                 label = method["label"]
-                if not any(tuple(p.get(k) for k in by) == group for p in self._grid_points(label)):
+                entries = self._grid_entries(label)
+                if not any(tuple(s[k] for k in by) == group for _, s in entries):
                     continue  # no grid block of this method has this value
                 for values in itertools.product(*axes.values()):
                     cells.append(self.search_cell(label, fixed, dict(zip(axes, values))))
@@ -222,29 +234,58 @@ class Experiment:
         by = list((self.tune or {}).get("by", []))
         return _group_key(labels["method"], {k: labels.get(k) for k in by})
 
-    def convergence_cells(self, chosen: dict[str, dict[str, Any]]) -> list[Cell]:
-        """The convergence check (``[tune] check_longer = F``): each chosen point trained twice
-        more, once for its search epochs and once for ``F`` times as many, both on a fresh seed
-        (the search's + 1, so a fresh training subset, validation split and initialisation where
-        the seed draws them; the two runs share all three): the chosen point's own search score is
-        the best of its grid, lucky by selection, and would make any rerun look worse. The runs
-        keep the search's configuration, ``[tune]``'s scalar overrides included (an ``epochs``
-        there is refused; a search-only ``target_epsilon`` or ``fraction`` would be checked as
-        searched, not as measured). The report gives the gain of the longer run. Empty without
+    def measured_groups(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Per group of measured cells (its method and ``by`` values), the search group whose
+        choice it trains with (itself, unless its grid block sets ``search_at``) and its ``by``
+        values."""
+        by = list((self.tune or {}).get("by", []))
+        return {
+            _group_key(m["label"], at): (_group_key(m["label"], searched), at)
+            for m in self.methods
+            for point, searched in self._grid_entries(m["label"])
+            for at in [{k: point.get(k) for k in by}]
+        }
+
+    def convergence_checks(
+        self, chosen: dict[str, dict[str, Any]]
+    ) -> dict[str, tuple[dict[str, Any], list[Cell]]]:
+        """The convergence check (``[tune] check_longer = F``), per measured group whose search
+        has chosen: its ``by`` values and two runs of the chosen point, one as long as the group's
+        measured runs (their ``epochs`` where ``by`` names it, else the search's) and one ``F``
+        times longer, both on a fresh seed (the search's + 1, so a fresh training subset,
+        validation split and initialisation where the seed draws them; the two runs share all
+        three): the chosen point's own search score is the best of its grid, lucky by selection,
+        and would make any rerun look worse. The runs keep the search's configuration,
+        ``[tune]``'s scalar overrides included (an ``epochs`` there is refused; a search-only
+        ``target_epsilon`` or ``fraction`` would be checked as searched, not as measured). A run's
+        key names its length in search schedules, so two groups measured at 1x and 2x the search's
+        epochs share the 2x run. The report gives the gain of the longer run. Empty without
         ``check_longer``."""
         factor = (self.tune or {}).get("check_longer")
         if not factor:
-            return []
+            return {}
         seed = self.tune_seed + 1
-        cells = []
-        for cell in self.chosen_cells(chosen).values():
-            for length in (1, factor):
-                config = TrainConfig.from_dict(
-                    {**cell.config.to_dict(), "seed": seed, "epochs": cell.config.epochs * length}
-                )
-                key = "check/" + cell.key.removeprefix("tune/") + f"/length={length}"
-                cells.append(Cell(key, config, {**cell.labels, "length": length}))
-        return cells
+        runs = self.chosen_cells(chosen)
+        checks = {}
+        for group, (search, at) in self.measured_groups().items():
+            if search not in runs:
+                continue
+            cell = runs[search]
+            base = at.get("epochs", cell.config.epochs)
+            pair = []
+            for epochs in (base, base * factor):
+                config = TrainConfig.from_dict({**cell.config.to_dict(), "seed": seed,
+                                                "epochs": epochs})  # fmt: skip
+                length = epochs / cell.config.epochs
+                key = "check/" + cell.key.removeprefix("tune/") + f"/length={length:g}"
+                pair.append(Cell(key, config, {**cell.labels, "length": length}))
+            checks[group] = (at, pair)
+        return checks
+
+    def convergence_cells(self, chosen: dict[str, dict[str, Any]]) -> list[Cell]:
+        """The runs of :meth:`convergence_checks`, each once."""
+        cells = {c.key: c for _, pair in self.convergence_checks(chosen).values() for c in pair}
+        return list(cells.values())
 
     def chosen_cells(self, chosen: dict[str, dict[str, Any]]) -> dict[str, Cell]:
         """Per search group in ``chosen``, the search cell of its chosen point (which may lie past
@@ -275,14 +316,13 @@ class Experiment:
 
     def cells(self, chosen: dict[str, dict[str, Any]] | None = None) -> list[Cell]:
         """The measured cells; ``chosen`` maps a tuning group key to its selected values."""
-        by = list((self.tune or {}).get("by", []))
         cells = []
         for method in self.methods:
             overrides = {k: v for k, v in method.items() if k != "label"}
-            for point in self._grid_points(method["label"]):
+            for point, searched in self._grid_entries(method["label"]):
                 picked: dict[str, Any] = {}
                 if self.tune:
-                    group = _group_key(method["label"], {k: point.get(k) for k in by})
+                    group = _group_key(method["label"], searched)
                     if chosen is None or group not in chosen:
                         continue  # its search is not finished yet
                     picked = chosen[group]
@@ -295,6 +335,9 @@ class Experiment:
 
 
 _TUNE_KEYS = {"val_fraction", "val_size", "seed", "by", "metric", "check_longer", "beyond"}
+#: keys of a ``[[grid]]`` block that are not axes: the methods it applies to, and the ``by`` values
+#: of the search its measured runs take their choice from (``search_at``)
+_BLOCK_KEYS = {"methods", "search_at"}
 
 
 def _is_list(value: Any) -> bool:
@@ -337,6 +380,20 @@ def _check_beyond(path: Path, tune: dict[str, Any]) -> None:
             )
 
 
+def _check_search_at(path: Path, block: dict[str, Any], tune: dict[str, Any]) -> None:
+    """Refuse a ``search_at`` that is not a table of ``[tune] by`` axes with single values."""
+    if "search_at" not in block:
+        return
+    at, by = block["search_at"], list(tune.get("by", []))
+    if not (isinstance(at, dict) and at and set(at) <= set(by)):
+        raise ValueError(
+            f"{path}: a [[grid]] block's search_at is a table of [tune] by axes ({by}) with the "
+            f"values whose search its runs take their choice from, got {at!r}"
+        )
+    if any(_is_list(v) for v in at.values()):
+        raise ValueError(f"{path}: search_at names one value per axis, got {at!r}")
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -359,6 +416,7 @@ def load_experiment(path: str | Path) -> Experiment:
         stray = sorted(set(block.get("methods", [])) - set(labels))
         if stray:
             raise ValueError(f"{path}: a [[grid]] block names unknown methods {stray}")
+        _check_search_at(path, block, data.get("tune") or {})
     if not (isinstance(data.get("nproc", 1), int) and data.get("nproc", 1) >= 1):
         raise ValueError(f"{path}: nproc must be a positive integer, got {data['nproc']!r}")
     if not isinstance(data.get("diagnostics", False), bool):
@@ -436,11 +494,11 @@ def _check_pairs(exp: Experiment, planned: list[Cell], short: int, long: int) ->
 
 
 def _all_groups(exp: Experiment) -> list[str]:
-    by = list((exp.tune or {}).get("by", []))
+    """The search groups that measured cells take their choice from."""
     return [
-        _group_key(m["label"], {k: p.get(k) for k in by})
+        _group_key(m["label"], searched)
         for m in exp.methods
-        for p in exp._grid_points(m["label"])
+        for _, searched in exp._grid_entries(m["label"])
     ]
 
 
@@ -757,6 +815,8 @@ def run_experiment(
     place = {c.key: i for i, c in enumerate(every)}
     # the search groups in the order their stages run
     groups = list(dict.fromkeys(exp.search_group(c.labels) for c in exp.tuning_cells()))
+    stage_of = {exp.search_group(c.labels): i for i, s in enumerate(exp.tuning_stages()) for c in s}
+    measured = exp.measured_groups()
 
     def shard_of(cell: Cell) -> int:
         if cell.key in place:
@@ -806,6 +866,8 @@ def run_experiment(
         run(past, "search past the grid")
         chosen, _ = select(exp, results_dir)
         fresh = [c for c in exp.cells(chosen) if c.key not in seen]
+        # cheapest first: by the stage of the search they take their choice from
+        fresh.sort(key=lambda c: stage_of.get(measured[exp.search_group(c.labels)][0], 0))
         checks = [c for c in exp.convergence_cells(chosen) if c.key not in seen]
         seen.update(c.key for c in fresh + checks)
         run(fresh, "cell")
@@ -848,10 +910,11 @@ def aggregate(exp: Experiment, results_dir: str | Path) -> dict[str, Any]:
         len(exp.cells({g: {} for g in _all_groups(exp)})) - len(cells) - never if exp.tune else 0
     )
     convergence = _convergence(exp, results_dir, chosen)
-    checks_missing = sum(v is None and not d for c in convergence.values()
-                         for v, d in zip(c["val_acc"], c["diverged"]))  # fmt: skip
+    checks_missing = sum(cell_results(results_dir, c) is None and not cell_diverged(results_dir, c)
+                         for c in exp.convergence_cells(chosen))  # fmt: skip
     if exp.tune and exp.tune.get("check_longer"):  # groups not chosen yet: their checks wait too
-        checks_missing += 2 * len(set(_all_groups(exp)) - set(chosen) - set(failed))
+        waiting = {s for s, _ in exp.measured_groups().values()} - set(chosen) - set(failed)
+        checks_missing += 2 * len(waiting)
     for cell in cells:
         history = cell_results(results_dir, cell)
         group = {k: v for k, v in cell.labels.items() if k != "seed"}
@@ -910,22 +973,21 @@ def aggregate(exp: Experiment, results_dir: str | Path) -> dict[str, Any]:
 
 
 def _convergence(exp: Experiment, results_dir: Path, chosen: dict[str, Any]) -> dict[str, Any]:
-    """Per chosen group, its convergence check: the method, its ``by`` values, the seed, the two
-    runs' epochs, their validation accuracies (by the search's metric; None while not run) and
-    whether each diverged."""
+    """Per measured group whose search has chosen, its convergence check: the method, its ``by``
+    values, the search group it took its choice from, the seed, the two runs' epochs, their
+    validation accuracies (by the search's metric; None while not run) and whether each
+    diverged."""
     key = "best_acc" if (exp.tune or {}).get("metric") == "best" else "final_acc"
+    searches = exp.measured_groups()
     out: dict[str, Any] = {}
-    for cell in exp.convergence_cells(chosen):
-        history = cell_results(results_dir, cell)
-        by = {k: cell.labels[k] for k in (exp.tune or {}).get("by", [])}
-        check = out.setdefault(
-            exp.search_group(cell.labels),
-            {"method": cell.labels["method"], "at": by, "seed": cell.config.seed, "epochs": [],
-             "val_acc": [], "diverged": []},
-        )  # fmt: skip
-        check["epochs"].append(cell.config.epochs)
-        check["val_acc"].append(None if history is None else summarize(history)[key])
-        check["diverged"].append(cell_diverged(results_dir, cell) is not None)
+    for group, (at, pair) in exp.convergence_checks(chosen).items():
+        histories = [cell_results(results_dir, cell) for cell in pair]
+        out[group] = {
+            "method": pair[0].labels["method"], "at": at, "search": searches[group][0],
+            "seed": pair[0].config.seed, "epochs": [c.config.epochs for c in pair],
+            "val_acc": [None if h is None else summarize(h)[key] for h in histories],
+            "diverged": [cell_diverged(results_dir, c) is not None for c in pair],
+        }  # fmt: skip
     return out
 
 

@@ -291,7 +291,8 @@ def plateau_rise(
 def _chosen_table(exp: Experiment, results_dir: Path, summary: dict[str, Any]) -> list[str]:
     """Per search group, the chosen point, its validation accuracy, whether its search run had
     reached a plateau (:data:`PLATEAU_POINTS`, measured by :func:`plateau_rise`) and, where the
-    experiment checks it, the convergence check (:data:`CONVERGED_POINTS`)."""
+    experiment checks it, the convergence check (:data:`CONVERGED_POINTS`); then, per group
+    measured at another schedule with that choice (``search_at``), its own check."""
     chosen = summary["chosen"]
     if not chosen:
         return []
@@ -321,6 +322,10 @@ def _chosen_table(exp: Experiment, results_dir: Path, summary: dict[str, Any]) -
         if checks:
             row += _convergence_columns(checks.get(group))
         lines.append(row)
+        # groups measured at another schedule with this choice (``search_at``): their own checks
+        lines += [f"| {other} | the choice of {group} | - | - | - |" + _convergence_columns(check)
+                  for other, check in checks.items()
+                  if check.get("search") == group and other != group]  # fmt: skip
     return lines
 
 
@@ -465,17 +470,22 @@ def fraction_series(
     """What the accuracy-against-fraction plot draws, per method in ``fraction`` order: the
     experiment's own rows that have a fraction, and the rows of other experiments at the grid
     points its ``extra_fraction_points`` name (methods matched by label; the fraction their runs
-    trained on). A named experiment outside this report lends nothing; a point that names no
-    grid point of it is refused."""
+    trained on). A method whose rows differ in another axis (a dataset, a model) has a series
+    per value, so that a point is one configuration; where it has rows at several schedules at
+    one fraction (a fraction measured again for longer), the longest (:func:`longest_rows`). A
+    named experiment outside this report lends nothing; a point that names no grid point of it
+    is refused."""
     series: dict[str, list[FractionPoint]] = defaultdict(list)
 
     def point(row: Mapping[str, Any], fraction: float, source: str | None) -> FractionPoint:
         half = 100 * mean_interval(dict(row))
         return FractionPoint(fraction, 100 * row["final_acc_mean"], half, row["seeds"], source)
 
-    for r in summaries[exp.name]["rows"]:
-        if r.get("fraction") is not None and r["final_acc_mean"] is not None:
-            series[r["method"]].append(point(r, r["fraction"], None))
+    rows = summaries[exp.name]["rows"]
+    others = [a for a in exp.axes if a not in ("seed", "fraction", "epochs")
+              and len({format_value(r.get(a)) for r in rows}) > 1]  # fmt: skip
+    for (name, _), r in longest_rows(rows, others).items():
+        series[name].append(point(r, r["fraction"], None))
     own = {method: {p.fraction for p in points} for method, points in series.items()}
     labels = {m["label"] for m in exp.methods}
     for extra in exp.extra_fraction_points:
@@ -512,14 +522,46 @@ def fraction_series(
     return {method: sorted(points, key=lambda p: p.fraction) for method, points in series.items()}
 
 
+def longest_rows(
+    rows: Sequence[Mapping[str, Any]], others: Sequence[str] = ()
+) -> dict[tuple[str, float], Mapping[str, Any]]:
+    """Per series (the method, with its values of the axes ``others``, as ``dfa (model=gru)``)
+    and fraction, the row with a result that trained the most epochs."""
+    out: dict[tuple[str, float], Mapping[str, Any]] = {}
+    for r in rows:
+        if r.get("fraction") is None or r["final_acc_mean"] is None:
+            continue
+        setting = ", ".join(f"{a}={format_value(r.get(a))}" for a in others)
+        key = (f"{r['method']} ({setting})" if setting else r["method"], r["fraction"])
+        if key not in out or (r.get("epochs") or 0) > (out[key].get("epochs") or 0):
+            out[key] = r
+    return out
+
+
+def _longer_caption(summary: Mapping[str, Any]) -> list[str]:
+    """Under the fraction plot: the fractions with results at several schedules, and which the
+    plot shows."""
+    schedules: dict[float, set[int]] = defaultdict(set)
+    for r in summary["rows"]:
+        if r.get("fraction") is not None and r["final_acc_mean"] is not None:
+            schedules[r["fraction"]].add(r.get("epochs") or 0)
+    parts = [f"{100 * f:g}% at {max(e)} epochs (also measured at "
+             + ", ".join(str(x) for x in sorted(e)[:-1]) + ")"
+             for f, e in sorted(schedules.items()) if len(e) > 1]  # fmt: skip
+    if not parts:
+        return []
+    return ["Where a fraction was measured at several schedules, the plot shows the longest: "
+            + "; ".join(parts) + ".", ""]  # fmt: skip
+
+
 def _fraction_plot(
     series: Mapping[str, Sequence[FractionPoint]], title: str, path: Path
 ) -> Path | None:
     """Final test accuracy against the training-set fraction (log axis), 95% intervals; points
     borrowed from another experiment are hollow squares, not joined to the line."""
     fractions = sorted({p.fraction for points in series.values() for p in points})
-    if len(fractions) < 2:
-        return None
+    if max((len(points) for points in series.values()), default=0) < 2:
+        return None  # no line to draw: no series has two fractions
     fig = Figure(figsize=(6, 4.2))
     ax = fig.subplots()
     for i, (method, points) in enumerate(series.items()):
@@ -615,11 +657,12 @@ def _tied(exp: Experiment, axis: str) -> bool:
 
 def _axis_plot(exp: Experiment, results_dir: Path, axis: str, path: Path) -> Path | None:
     """Final test accuracy (and, where probed, final alignment per layer) against a numeric axis
-    with at least three values, one line per series of :func:`axis_series` (mean over seeds)."""
+    on which some series of :func:`axis_series` has at least three values, one line per series
+    (mean over seeds)."""
     acc, align, level = axis_series(exp, results_dir, axis)
+    if max((len(per) for per in acc.values()), default=0) < 3:
+        return None  # a trend needs three points on one line
     values = {v for per in acc.values() for v in per}
-    if len(values) < 3:
-        return None
     panels = 1 + sum(1 for m in align if align[m])
     fig = Figure(figsize=(5.2 * panels, 4.0))
     axes = fig.subplots(1, panels, squeeze=False)[0]
@@ -835,11 +878,13 @@ def write_report(
                 "at or before two thirds of the run"
                 + (
                     "; converged: retrained on a fresh seed (the search's + 1: a new training "
-                    "subset, validation split and initialisation) for the search's epochs and "
-                    f"for {exp.tune['check_longer']}x as many, the chosen point gained less than "
-                    f"{CONVERGED_POINTS:g} points of validation accuracy from the longer schedule; "
+                    "subset, validation split and initialisation) for the measured runs' epochs "
+                    f"and for {exp.tune['check_longer']}x as many, the chosen point gained less "
+                    f"than {CONVERGED_POINTS:g} points of validation accuracy from the longer "
+                    "schedule; "
                     "its runs and the search's are on different subsets and the search's score is "
-                    "the best of its grid, so only the check's two runs compare"
+                    "the best of its grid, so only the check's two runs compare; a group "
+                    "measured with another group's choice (`search_at`) has its own check row"
                     if (exp.tune or {}).get("check_longer")
                     else ""
                 )
@@ -860,6 +905,7 @@ def write_report(
             link = fraction_png.relative_to(out.parent)
             lines += [f"![accuracy against training-set fraction]({link})", ""]
             lines += _borrowed_caption(exp, series)
+            lines += _longer_caption(summary)
         lines += _probe_tables(exp, results_dir, axes)
         lines += _clipping_table(exp, results_dir, axes)
         for axis in axes:
