@@ -1417,6 +1417,8 @@ def test_a_block_measured_longer_takes_the_choice_of_the_shorter_search(tmp_path
     assert [c.key for c in exp.tuning_cells()] == [
         f"tune/{m}/epochs=2/lr={lr}" for m in ("high", "inside") for lr in (0.01, 0.03, 0.1)
     ]
+    # before anything ran: high waits for 1x and 2x, inside for 1x, 2x and 4x (2x shared)
+    assert aggregate(exp, tmp_path / "nothing")["checks_missing"] == 5
     lines: list[str] = []
     summary = run_experiment(exp, runs_root=tmp_path / "runs", results_root=tmp_path / "results",
                              progress=False, log=lines.append)  # fmt: skip
@@ -1442,6 +1444,25 @@ def test_a_block_measured_longer_takes_the_choice_of_the_shorter_search(tmp_path
     assert [r.split(" | ")[:2] for r in rows if "epochs=4" in r] == [
         ["| inside/epochs=4", "the choice of inside/epochs=2"]
     ]
+    # measured only at the longer schedule: the search's own row points to the group's check
+    only = tmp_path / "only" / "longer.toml"
+    only.parent.mkdir()
+    only.write_text(
+        SEARCH_AT.replace(
+            "epochs = [2]\nseed = [0]\n", 'epochs = [2]\nseed = [0]\nmethods = ["high"]\n'
+        )
+    )
+    alone = load_experiment(only)
+    summary = aggregate(alone, tmp_path / "results" / "longer")
+    assert sorted(summary["convergence"]) == ["high/epochs=2", "inside/epochs=4"]
+    rows = _chosen_table(alone, tmp_path / "results" / "longer", summary)
+    assert next(r for r in rows if r.startswith("| inside/epochs=2 |")).endswith(
+        "| measured at another schedule only: below | - | - |"
+    )
+    # one group, two searches' choices: refused
+    path.write_text(SEARCH_AT + '[[grid]]\nmethods = ["inside"]\nepochs = [4]\nseed = [2]\n')
+    with pytest.raises(ValueError, match="inside at epochs 4 would take the choices of two"):
+        load_experiment(path)
     for bad, message in [
         ("{ seed = 2 }", "table of \\[tune\\] by axes"),
         ("{ epochs = [2] }", "one value per axis"),
@@ -1477,7 +1498,11 @@ def test_the_fraction_plot_shows_one_configuration_per_point(tmp_path):
     summary = {"name": "f", "rows": rows}
     series = fraction_series(exp, {"f": summary}, {"f": exp})
     assert [(p.fraction, p.mean) for p in series["bp"]] == [(0.01, 40.0), (0.1, 60.0)]
-    assert "10% at 20 epochs (also measured at 10, 15)" in " ".join(_longer_caption(summary))
+    assert "bp at 10%: 20 epochs (also measured at 10, 15)." in " ".join(_longer_caption(summary))
+    # per method: another method's schedules are not this one's
+    dfa = [row("dfa", 0.30, fraction=0.01, epochs=10), row("dfa", 0.35, fraction=0.01, epochs=30)]
+    caption = " ".join(_longer_caption({"rows": rows + dfa}))
+    assert "longest: dfa at 1%: 30 epochs (also measured at 10); bp at 10%: 20 epochs" in caption
     assert _longer_caption({"rows": rows[:2]}) == []  # one schedule per fraction
     # another axis that varies: a series per value, never two configurations in one point
     (tmp_path / "g.toml").write_text(
@@ -1491,4 +1516,7 @@ def test_the_fraction_plot_shows_one_configuration_per_point(tmp_path):
     split = fraction_series(other, {"g": both}, {"g": other})
     assert sorted(split) == ["bp (dataset=digits)", "bp (dataset=mnist)"]
     assert _fraction_plot(split, "g", tmp_path / "g.png") is None
+    other.extra_fraction_points = [{"experiment": "f", "at": {}}]
+    with pytest.raises(ValueError, match=r"one series, but its rows also vary in \['dataset'\]"):
+        fraction_series(other, {"g": both, "f": summary}, {"g": other, "f": exp})
     assert _fraction_plot(series, "f", tmp_path / "f.png") is not None

@@ -40,10 +40,14 @@ hyper-parameter search on a validation split::
     by = ["fraction"]
     metric = "final"            # or "best": the validation accuracy that decides
     check_longer = 2            # optional: train each chosen point on a fresh seed for 1x and 2x
-                                # its epochs, to see whether a longer schedule scores higher
+                                # its measured runs' epochs, to see whether longer scores higher
     beyond = { lr = [3e-5, 3e-3] }  # optional: values past a searched axis' ends, tried one at a
                                 # time (nearest first, across the other axes' values) for a group
                                 # whose choice sits on that end, until it sits inside
+
+A ``[[grid]]`` block may also set ``search_at = { epochs = 30 }`` (``by`` axes only): its
+measured runs then take the choice of the search at those values instead of a search of their
+own, e.g. to measure at 60 epochs what was searched at 30 (their check trains 60 and 120).
 
 Every cell is a run folder under ``runs_root``; when it finishes, its ``config.json`` and
 ``metrics.jsonl`` are copied under ``results_root`` (small text files, meant to be committed), and a
@@ -91,7 +95,7 @@ NEUTRAL = {"data_dir", "device", "download", "channels_last"}
 
 
 #: the convergence check (``[tune] check_longer``): the chosen point's longer run scoring this many
-#: points more on validation than its run of the search's length (both on one fresh seed) says the
+#: points more on validation than its run of the measured length (both on one fresh seed) says the
 #: schedule was too short. Runs of two seeds in the small-data study differ by about this much by
 #: chance (√2 × the seed spread at 0.5% and 1%: 1.5 to 2.4 points); two runs of one seed share
 #: their subset and initial weights and presumably differ by less (not measured).
@@ -261,8 +265,7 @@ class Experiment:
         key names its length in search schedules, so two groups measured at 1x and 2x the search's
         epochs share the 2x run. The report gives the gain of the longer run. Empty without
         ``check_longer``."""
-        factor = (self.tune or {}).get("check_longer")
-        if not factor:
+        if not (self.tune or {}).get("check_longer"):
             return {}
         seed = self.tune_seed + 1
         runs = self.chosen_cells(chosen)
@@ -271,16 +274,26 @@ class Experiment:
             if search not in runs:
                 continue
             cell = runs[search]
-            base = at.get("epochs", cell.config.epochs)
             pair = []
-            for epochs in (base, base * factor):
-                config = TrainConfig.from_dict({**cell.config.to_dict(), "seed": seed,
-                                                "epochs": epochs})  # fmt: skip
-                length = epochs / cell.config.epochs
+            for length in self.check_lengths(at, cell.config.epochs):
+                config = TrainConfig.from_dict(
+                    {
+                        **cell.config.to_dict(),
+                        "seed": seed,
+                        "epochs": round(cell.config.epochs * length),
+                    }
+                )
                 key = "check/" + cell.key.removeprefix("tune/") + f"/length={length:g}"
                 pair.append(Cell(key, config, {**cell.labels, "length": length}))
             checks[group] = (at, pair)
         return checks
+
+    def check_lengths(self, at: dict[str, Any], search_epochs: int) -> tuple[float, float]:
+        """The two lengths of a measured group's convergence check, in search schedules: its
+        measured runs' epochs (``at``'s, else the search's) and ``check_longer`` times as many."""
+        factor = (self.tune or {}).get("check_longer", 1)
+        base = at.get("epochs", search_epochs) / search_epochs
+        return base, base * factor
 
     def convergence_cells(self, chosen: dict[str, dict[str, Any]]) -> list[Cell]:
         """The runs of :meth:`convergence_checks`, each once."""
@@ -394,6 +407,25 @@ def _check_search_at(path: Path, block: dict[str, Any], tune: dict[str, Any]) ->
         raise ValueError(f"{path}: search_at names one value per axis, got {at!r}")
 
 
+def _check_search_groups(exp: Experiment) -> None:
+    """Refuse measured cells of one method and ``by`` values that would take two searches'
+    choices (one table row, two configurations)."""
+    if not exp.tune:
+        return
+    by = list(exp.tune.get("by", []))
+    for method in exp.methods:
+        takes: dict[str, str] = {}
+        for point, searched in exp._grid_entries(method["label"]):
+            at = {k: point.get(k) for k in by}
+            search = _group_key(method["label"], searched)
+            first = takes.setdefault(_group_key(method["label"], at), search)
+            if first != search:
+                raise ValueError(
+                    f"{exp.path}: {method['label']} at {format_point(at)} would take the choices "
+                    f"of two searches, {first} and {search} (search_at): one per group"
+                )
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -469,6 +501,7 @@ def load_experiment(path: str | Path) -> Experiment:
     )
     # build every cell once so that a typo fails now, not hours into the sweep
     exp.tuning_cells()
+    _check_search_groups(exp)
     planned = exp.planned_cells()
     if check is not None:
         _check_pairs(exp, planned, *check["epochs"])
@@ -825,9 +858,17 @@ def run_experiment(
             return zlib.crc32(cell.key.encode()) % count
         # a convergence check (its key names the chosen point): after the sweep, by its group
         group = groups.index(exp.search_group(cell.labels))
+        length = cell.labels["length"]
+        if length not in (1, (exp.tune or {}).get("check_longer")):  # measured longer: by name
+            return zlib.crc32(cell.key.encode()) % count
         # the long run alternates sides from group to group, so two shards share the long runs
-        second = (cell.labels["length"] > 1) != (group % 2 == 1)
+        second = (length > 1) != (group % 2 == 1)
         return (len(place) + 2 * group + second) % count
+
+    def stage_rank(cell: Cell) -> int:
+        """A measured cell's place in a cheapest-first sweep: its search's stage."""
+        search, _ = measured.get(exp.search_group(cell.labels), ("", {}))
+        return stage_of.get(search, 0)
 
     def run(cells: Iterable[Cell], what: str) -> None:
         mine = [c for c in cells if shard_of(c) == index]
@@ -866,8 +907,7 @@ def run_experiment(
         run(past, "search past the grid")
         chosen, _ = select(exp, results_dir)
         fresh = [c for c in exp.cells(chosen) if c.key not in seen]
-        # cheapest first: by the stage of the search they take their choice from
-        fresh.sort(key=lambda c: stage_of.get(measured[exp.search_group(c.labels)][0], 0))
+        fresh.sort(key=stage_rank)
         checks = [c for c in exp.convergence_cells(chosen) if c.key not in seen]
         seen.update(c.key for c in fresh + checks)
         run(fresh, "cell")
@@ -913,8 +953,12 @@ def aggregate(exp: Experiment, results_dir: str | Path) -> dict[str, Any]:
     checks_missing = sum(cell_results(results_dir, c) is None and not cell_diverged(results_dir, c)
                          for c in exp.convergence_cells(chosen))  # fmt: skip
     if exp.tune and exp.tune.get("check_longer"):  # groups not chosen yet: their checks wait too
-        waiting = {s for s, _ in exp.measured_groups().values()} - set(chosen) - set(failed)
-        checks_missing += 2 * len(waiting)
+        epochs = {exp.search_group(c.labels): c.config.epochs for c in exp.tuning_cells()}
+        waiting = {(search, length)
+                   for search, at in exp.measured_groups().values()
+                   if search not in chosen and search not in failed
+                   for length in exp.check_lengths(at, epochs[search])}  # fmt: skip
+        checks_missing += len(waiting)
     for cell in cells:
         history = cell_results(results_dir, cell)
         group = {k: v for k, v in cell.labels.items() if k != "seed"}

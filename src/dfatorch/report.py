@@ -319,13 +319,15 @@ def _chosen_table(exp: Experiment, results_dir: Path, summary: dict[str, Any]) -
             since = f"{100 * rise[1]:+.2f} (since epoch {rise[0]})"
             verdict = "yes" if 100 * rise[1] < PLATEAU_POINTS else "**no**"
         row = f"| {group} | {values} | {100 * score:.2f} | {since} | {verdict} |"
-        if checks:
+        # groups measured at another schedule with this choice (``search_at``): their own checks
+        others = {o: c for o, c in checks.items() if c.get("search") == group and o != group}
+        if checks and group not in checks and others:
+            row += " measured at another schedule only: below | - | - |"
+        elif checks:
             row += _convergence_columns(checks.get(group))
         lines.append(row)
-        # groups measured at another schedule with this choice (``search_at``): their own checks
-        lines += [f"| {other} | the choice of {group} | - | - | - |" + _convergence_columns(check)
-                  for other, check in checks.items()
-                  if check.get("search") == group and other != group]  # fmt: skip
+        lines += [f"| {o} | the choice of {group} | - | - | - |" + _convergence_columns(c)
+                  for o, c in others.items()]  # fmt: skip
     return lines
 
 
@@ -484,6 +486,11 @@ def fraction_series(
     rows = summaries[exp.name]["rows"]
     others = [a for a in exp.axes if a not in ("seed", "fraction", "epochs")
               and len({format_value(r.get(a)) for r in rows}) > 1]  # fmt: skip
+    if others and exp.extra_fraction_points:
+        raise ValueError(
+            f"{exp.name}: extra_fraction_points lend each method one series, but its rows also "
+            f"vary in {others}"
+        )
     for (name, _), r in longest_rows(rows, others).items():
         series[name].append(point(r, r["fraction"], None))
     own = {method: {p.fraction for p in points} for method, points in series.items()}
@@ -539,19 +546,19 @@ def longest_rows(
 
 
 def _longer_caption(summary: Mapping[str, Any]) -> list[str]:
-    """Under the fraction plot: the fractions with results at several schedules, and which the
-    plot shows."""
-    schedules: dict[float, set[int]] = defaultdict(set)
+    """Under the fraction plot: the methods with results at several schedules at one fraction,
+    and which the plot shows."""
+    schedules: dict[tuple[float, str], set[int]] = defaultdict(set)
     for r in summary["rows"]:
         if r.get("fraction") is not None and r["final_acc_mean"] is not None:
-            schedules[r["fraction"]].add(r.get("epochs") or 0)
-    parts = [f"{100 * f:g}% at {max(e)} epochs (also measured at "
+            schedules[r["fraction"], r["method"]].add(r.get("epochs") or 0)
+    parts = [f"{method} at {100 * f:g}%: {max(e)} epochs (also measured at "
              + ", ".join(str(x) for x in sorted(e)[:-1]) + ")"
-             for f, e in sorted(schedules.items()) if len(e) > 1]  # fmt: skip
+             for (f, method), e in sorted(schedules.items()) if len(e) > 1]  # fmt: skip
     if not parts:
         return []
-    return ["Where a fraction was measured at several schedules, the plot shows the longest: "
-            + "; ".join(parts) + ".", ""]  # fmt: skip
+    return ["Where a method was measured at several schedules at one fraction, the plot shows the "
+            "longest: " + "; ".join(parts) + ".", ""]  # fmt: skip
 
 
 def _fraction_plot(
