@@ -1121,6 +1121,12 @@ def test_peer_sections_come_per_model_checks_before_accuracy(tmp_path):
     ]
 
 
+def _row(method, acc, **labels):
+    """A summary row of two seeds at ``acc`` ± 0.01 (the fraction-plot tests)."""
+    runs = [{"final_acc": acc - 0.01}, {"final_acc": acc + 0.01}]
+    return {"method": method, **labels, "final_acc_mean": acc, "seeds": 2, "runs": runs}
+
+
 def test_the_fraction_plot_borrows_the_named_points_of_another_experiment(tmp_path):
     """``extra_fraction_points`` adds another experiment's rows at ``at`` (methods matched by
     label, at the fraction their runs trained on), marked as borrowed; a loose ``at``, one that
@@ -1132,10 +1138,6 @@ def test_the_fraction_plot_borrows_the_named_points_of_another_experiment(tmp_pa
         fraction_series,
         mean_interval,
     )
-
-    def row(method, acc, **labels):
-        runs = [{"final_acc": acc - 0.01}, {"final_acc": acc + 0.01}]
-        return {"method": method, **labels, "final_acc_mean": acc, "seeds": 2, "runs": runs}
 
     (tmp_path / "small.toml").write_text(
         'name = "small"\nextra_fraction_points = [\n'
@@ -1153,20 +1155,20 @@ def test_the_fraction_plot_borrows_the_named_points_of_another_experiment(tmp_pa
     )
     small, full = load_experiment(tmp_path / "small.toml"), load_experiment(tmp_path / "full.toml")
     summaries = {
-        "small": {"name": "small", "rows": [row("bp", 0.40, fraction=0.01),
-                                            row("bp", 0.60, fraction=0.1),
-                                            {**row("bdfa", 0.0, fraction=0.1),
+        "small": {"name": "small", "rows": [_row("bp", 0.40, fraction=0.01),
+                                            _row("bp", 0.60, fraction=0.1),
+                                            {**_row("bdfa", 0.0, fraction=0.1),
                                              "final_acc_mean": None},  # every seed diverged
-                                            row("bdfa", 0.30, fraction=0.01)]},
-        "full": {"name": "full", "rows": [row("bp", 0.80, dataset="cifar10", epochs=30),
-                                          row("bp", 0.82, dataset="cifar10", epochs=60),
-                                          row("bp", 0.50, dataset="cifar100", epochs=30),
-                                          row("bdfa", 0.70, dataset="cifar10", epochs=30),
-                                          row("dfa", 0.70, dataset="cifar10", epochs=30)]},
+                                            _row("bdfa", 0.30, fraction=0.01)]},
+        "full": {"name": "full", "rows": [_row("bp", 0.80, dataset="cifar10", epochs=30),
+                                          _row("bp", 0.82, dataset="cifar10", epochs=60),
+                                          _row("bp", 0.50, dataset="cifar100", epochs=30),
+                                          _row("bdfa", 0.70, dataset="cifar10", epochs=30),
+                                          _row("dfa", 0.70, dataset="cifar10", epochs=30)]},
     }  # fmt: skip
     experiments = {"small": small, "full": full}
     series = fraction_series(small, summaries, experiments)
-    hw = 100 * mean_interval(row("bp", 0.5))
+    hw = 100 * mean_interval(_row("bp", 0.5))
     assert hw > 0
     assert series == {
         "bp": [(0.01, 40.0, hw, 2, None), (0.1, 60.0, hw, 2, None), (0.5, 80.0, hw, 2, "full")],
@@ -1364,13 +1366,19 @@ def test_a_choice_on_the_grids_end_is_searched_past_it_until_it_sits_inside(tmp_
     again: list[str] = []
     run_experiment(exp, **run, log=again.append)
     assert not [line for line in again if "search" in line or "cell" in line]
-    for bad, message in [
+    _assert_refused(path, BEYOND, "{ lr = [3.0, 0.003, 1.0, 0.3] }", [
         ("{ lr = [0.05] }", r"lists \[0.05\], inside the searched range"),
         ("{ width = [2.0] }", "not a searched numeric axis"),
         ("{ lr = [] }", "is a list of numbers"),
         ("[0.3]", "beyond is"),
-    ]:
-        path.write_text(BEYOND.replace("{ lr = [3.0, 0.003, 1.0, 0.3] }", bad))
+    ])  # fmt: skip
+
+
+def _assert_refused(path: Path, spec: str, good: str, cases: list[tuple[str, str]]) -> None:
+    """Each ``(bad, message)``: ``spec`` with ``good`` replaced by ``bad`` fails to load with
+    ``message``."""
+    for bad, message in cases:
+        path.write_text(spec.replace(good, bad))
         with pytest.raises(ValueError, match=message):
             load_experiment(path)
 
@@ -1463,14 +1471,11 @@ def test_a_block_measured_longer_takes_the_choice_of_the_shorter_search(tmp_path
     path.write_text(SEARCH_AT + '[[grid]]\nmethods = ["inside"]\nepochs = [4]\nseed = [2]\n')
     with pytest.raises(ValueError, match="inside at epochs 4 would take the choices of two"):
         load_experiment(path)
-    for bad, message in [
+    _assert_refused(path, SEARCH_AT, "{ epochs = 2 }", [
         ("{ seed = 2 }", "table of \\[tune\\] by axes"),
         ("{ epochs = [2] }", "one value per axis"),
         ("2", "search_at is a table"),
-    ]:
-        path.write_text(SEARCH_AT.replace("{ epochs = 2 }", bad))
-        with pytest.raises(ValueError, match=message):
-            load_experiment(path)
+    ])  # fmt: skip
 
 
 def test_the_fraction_plot_shows_one_configuration_per_point(tmp_path):
@@ -1479,10 +1484,6 @@ def test_the_fraction_plot_shows_one_configuration_per_point(tmp_path):
     is no plot."""
     from dfatorch.report import _fraction_plot, _longer_caption, fraction_series
 
-    def row(method, acc, **labels):
-        runs = [{"final_acc": acc - 0.01}, {"final_acc": acc + 0.01}]
-        return {"method": method, **labels, "final_acc_mean": acc, "seeds": 2, "runs": runs}
-
     (tmp_path / "f.toml").write_text(
         'name = "f"\n[[methods]]\nlabel = "bp"\nmethod = "bp"\n'
         "[[grid]]\nfraction = [0.01, 0.1]\nepochs = [10]\nseed = [0, 1]\n"
@@ -1490,17 +1491,20 @@ def test_the_fraction_plot_shows_one_configuration_per_point(tmp_path):
     )
     exp = load_experiment(tmp_path / "f.toml")
     rows = [
-        row("bp", 0.40, fraction=0.01, epochs=10),
-        row("bp", 0.50, fraction=0.1, epochs=10),
-        row("bp", 0.60, fraction=0.1, epochs=20),  # the longest, neither first nor last
-        row("bp", 0.55, fraction=0.1, epochs=15),
+        _row("bp", 0.40, fraction=0.01, epochs=10),
+        _row("bp", 0.50, fraction=0.1, epochs=10),
+        _row("bp", 0.60, fraction=0.1, epochs=20),  # the longest, neither first nor last
+        _row("bp", 0.55, fraction=0.1, epochs=15),
     ]
     summary = {"name": "f", "rows": rows}
     series = fraction_series(exp, {"f": summary}, {"f": exp})
     assert [(p.fraction, p.mean) for p in series["bp"]] == [(0.01, 40.0), (0.1, 60.0)]
     assert "bp at 10%: 20 epochs (also measured at 10, 15)." in " ".join(_longer_caption(summary))
     # per method: another method's schedules are not this one's
-    dfa = [row("dfa", 0.30, fraction=0.01, epochs=10), row("dfa", 0.35, fraction=0.01, epochs=30)]
+    dfa = [
+        _row("dfa", 0.30, fraction=0.01, epochs=10),
+        _row("dfa", 0.35, fraction=0.01, epochs=30),
+    ]
     caption = " ".join(_longer_caption({"rows": rows + dfa}))
     assert "longest: dfa at 1%: 30 epochs (also measured at 10); bp at 10%: 20 epochs" in caption
     assert _longer_caption({"rows": rows[:2]}) == []  # one schedule per fraction
@@ -1511,8 +1515,8 @@ def test_the_fraction_plot_shows_one_configuration_per_point(tmp_path):
         '[[grid]]\ndataset = ["digits"]\nfraction = [0.1]\nseed = [0]\n'
     )
     other = load_experiment(tmp_path / "g.toml")
-    both = {"name": "g", "rows": [row("bp", 0.3, dataset="mnist", fraction=0.05),
-                                  row("bp", 0.4, dataset="digits", fraction=0.1)]}  # fmt: skip
+    both = {"name": "g", "rows": [_row("bp", 0.3, dataset="mnist", fraction=0.05),
+                                  _row("bp", 0.4, dataset="digits", fraction=0.1)]}  # fmt: skip
     split = fraction_series(other, {"g": both}, {"g": other})
     assert sorted(split) == ["bp (dataset=digits)", "bp (dataset=mnist)"]
     assert _fraction_plot(split, "g", tmp_path / "g.png") is None
