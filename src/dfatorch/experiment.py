@@ -528,11 +528,7 @@ def _check_pairs(exp: Experiment, planned: list[Cell], short: int, long: int) ->
 
 def _all_groups(exp: Experiment) -> list[str]:
     """The search groups that measured cells take their choice from."""
-    return [
-        _group_key(m["label"], searched)
-        for m in exp.methods
-        for _, searched in exp._grid_entries(m["label"])
-    ]
+    return list(dict.fromkeys(search for search, _ in exp.measured_groups().values()))
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
