@@ -946,8 +946,10 @@ def aggregate(exp: Experiment, results_dir: str | Path) -> dict[str, Any]:
         len(exp.cells({g: {} for g in _all_groups(exp)})) - len(cells) - never if exp.tune else 0
     )
     convergence = _convergence(exp, results_dir, chosen)
-    checks_missing = sum(cell_results(results_dir, c) is None and not cell_diverged(results_dir, c)
-                         for c in exp.convergence_cells(chosen))  # fmt: skip
+    # a run two groups share (``search_at``) counts once: by its search and epochs
+    checks_missing = len({(c["search"], epochs) for c in convergence.values()
+                          for epochs, acc, diverged in zip(c["epochs"], c["val_acc"], c["diverged"])
+                          if acc is None and not diverged})  # fmt: skip
     if exp.tune and exp.tune.get("check_longer"):  # groups not chosen yet: their checks wait too
         epochs = {exp.search_group(c.labels): c.config.epochs for c in exp.tuning_cells()}
         waiting = {(search, length)

@@ -484,8 +484,7 @@ def fraction_series(
         return FractionPoint(fraction, 100 * row["final_acc_mean"], half, row["seeds"], source)
 
     rows = summaries[exp.name]["rows"]
-    others = [a for a in exp.axes if a not in ("seed", "fraction", "epochs")
-              and len({format_value(r.get(a)) for r in rows}) > 1]  # fmt: skip
+    others = _varying_axes(exp, rows, ("seed", "fraction", "epochs"))
     if others and exp.extra_fraction_points:
         raise ValueError(
             f"{exp.name}: extra_fraction_points lend each method one series, but its rows also "
@@ -538,8 +537,7 @@ def longest_rows(
     for r in rows:
         if r.get("fraction") is None or r["final_acc_mean"] is None:
             continue
-        setting = ", ".join(f"{a}={format_value(r.get(a))}" for a in others)
-        key = (f"{r['method']} ({setting})" if setting else r["method"], r["fraction"])
+        key = (_series_name(r, others), r["fraction"])
         if key not in out or (r.get("epochs") or 0) > (out[key].get("epochs") or 0):
             out[key] = r
     return out
@@ -612,6 +610,22 @@ def _final_alignment(history: list[dict[str, Any]], key: str = "mean") -> dict[s
     return {}
 
 
+def _varying_axes(
+    exp: Experiment, labels: Sequence[Mapping[str, Any]], leave_out: Sequence[str]
+) -> list[str]:
+    """The grid axes, but ``leave_out``, on which ``labels`` (cells' labels or table rows) take
+    more than one value: a plotted series fixes them, so that a point is one configuration."""
+    return [a for a in exp.axes if a not in leave_out
+            and len({format_value(x.get(a)) for x in labels}) > 1]  # fmt: skip
+
+
+def _series_name(labels: Mapping[str, Any], others: Sequence[str]) -> str:
+    """A plotted series: the method, with its values of the axes ``others``
+    (``dfa (model=gru)``)."""
+    setting = ", ".join(f"{a}={format_value(labels.get(a))}" for a in others)
+    return f"{labels['method']} ({setting})" if setting else labels["method"]
+
+
 def axis_series(
     exp: Experiment, results_dir: Path, axis: str
 ) -> tuple[dict[str, dict[float, list[float]]], dict[str, dict[str, dict[float, list[float]]]],
@@ -622,8 +636,7 @@ def axis_series(
     final accuracies of the series without this axis (drawn as levels)."""
     chosen, _ = select(exp, results_dir)
     cells = list(exp.cells(chosen or None))
-    others = [a for a in exp.axes if a not in ("seed", axis)
-              and len({format_value(c.labels.get(a)) for c in cells}) > 1]  # fmt: skip
+    others = _varying_axes(exp, [c.labels for c in cells], ("seed", axis))
     acc: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     align: dict[str, dict[str, dict[float, list[float]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list))
@@ -634,8 +647,7 @@ def axis_series(
         history = cell_results(results_dir, cell)
         if history is None:
             continue
-        setting = ", ".join(f"{a}={format_value(cell.labels.get(a))}" for a in others)
-        series = f"{cell.labels['method']} ({setting})" if setting else cell.labels["method"]
+        series = _series_name(cell.labels, others)
         final = summarize(history)["final_acc"]
         if value is None:
             if final is not None:
