@@ -978,6 +978,31 @@ def test_shards_split_the_search_by_place_in_the_whole_sweep(tmp_path):
     assert done[0] == set(keys[0::2]) and done[1] == set(keys[1::2])
 
 
+def test_a_worker_told_which_methods_runs_only_their_cells(tmp_path, capsys):
+    """`--methods bdfa` runs bdfa's search and measured cells and nothing of bp's; a later
+    worker without it runs the rest; an unknown label is a one-line error before any run."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(SPEC)
+    roots = ["--runs-root", str(tmp_path / "runs"), "--results-root", str(tmp_path / "results")]
+    assert main(["experiment", str(path), *roots, "--no-progress", "--methods", "bdfa"]) == 0
+    exp = load_experiment(path)
+    results = tmp_path / "results" / "tiny"
+    chosen, _ = select(exp, results)
+    assert list(chosen) == ["bdfa/fraction=0.5"]
+    everything = exp.tuning_cells() + exp.cells({"bp/fraction=0.5": {"lr": 1e-4}, **chosen})
+    ran = {c.key for c in everything if (results / c.key / "metrics.jsonl").exists()}
+    assert ran == {c.key for c in everything if c.labels["method"] == "bdfa"} and len(ran) == 4
+    assert aggregate(exp, results)["cells_missing"] == 2  # bp's measured cells, not yet run
+    assert main(["experiment", str(path), *roots, "--no-progress"]) == 0
+    assert aggregate(exp, results)["cells_missing"] == 0
+    capsys.readouterr()
+    assert main(["experiment", str(path), *roots, "--methods", "bp,dfa"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("tiny: no method labelled 'dfa' (the file has bp, bdfa)")
+    assert main(["experiment", str(path), "--methods", ","]) == 2
+    assert "--methods wants labels" in capsys.readouterr().err
+
+
 def test_the_report_names_the_stages_with_no_finished_run(tmp_path):
     from dfatorch.report import _stages_not_run
 

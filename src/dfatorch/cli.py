@@ -238,6 +238,13 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def _labels(text: str) -> list[str]:
+    labels = [t.strip() for t in text.split(",") if t.strip()]
+    if not labels:
+        raise argparse.ArgumentTypeError(f"--methods wants labels, comma-separated: {text!r}")
+    return labels
+
+
 def cmd_experiment(args: argparse.Namespace) -> int:
     from .experiment import INTERRUPTED_EXIT, load_experiment, run_experiment
 
@@ -273,6 +280,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                 shard=args.shard,
                 progress=not args.no_progress,
                 nproc=args.nproc or exp.nproc,
+                methods=args.methods,
             )
         except KeyboardInterrupt:
             print(f"{exp.name}: stopped; the same command resumes the sweep from the last "
@@ -527,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=_positive_int, default=None, metavar="N",
                    help="train each cell in N data-parallel processes (default: the file's "
                         "nproc, else 1)")  # fmt: skip
+    p.add_argument("--methods", type=_labels, default=None, metavar="LABEL[,LABEL...]",
+                   help="run only these methods' cells (searches and checks included), to "
+                        "spend scarce compute on one comparison first (default: all)")  # fmt: skip
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser(

@@ -54,7 +54,8 @@ Every cell is a run folder under ``runs_root``; when it finishes, its ``config.j
 cell with results there is never run again: an interrupted sweep resumes where it stopped, also on
 another machine. Workers started side by side on one machine share the cells: each takes the next
 unfinished cell that no other worker holds (an OS lock per cell, released even when a worker is
-killed). ``--shard i/n`` splits the cells between machines that share no folder.
+killed). ``--shard i/n`` splits the cells between machines that share no folder; ``--methods``
+runs only some methods' cells, to spend scarce compute on one comparison first.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ import math
 import shutil
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -821,6 +822,7 @@ def run_experiment(
     log: Callable[[str], None] = print,
     nproc: int = 1,
     poll_seconds: float = 20.0,
+    methods: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """Run every unfinished cell (search first, then the measured cells whose search is done,
     then its convergence check if the file asks for one), then aggregate. Returns the summary
@@ -831,6 +833,9 @@ def run_experiment(
     search (checking every ``poll_seconds``) and then shares its group's measured cells, instead
     of leaving them all to the other worker.
 
+    ``methods`` (labels) runs only those methods' cells, searches and checks included, to spend
+    scarce compute on one comparison first; the summary still covers every method.
+
     Ctrl-C stops the sweep: ``KeyboardInterrupt`` is raised after the running cell saved its
     checkpoint (or, if the Ctrl-C came during its last evaluation, its results); calling again
     resumes.
@@ -838,6 +843,12 @@ def run_experiment(
     runs_dir = Path(runs_root) / exp.name
     results_dir = Path(results_root) / exp.name
     index, count = shard
+    labels = [m["label"] for m in exp.methods]
+    unknown = sorted(set(methods or ()) - set(labels))
+    if unknown:
+        raise ValueError(f"{exp.name}: no method labelled {', '.join(map(repr, unknown))} "
+                         f"(the file has {', '.join(labels)})")  # fmt: skip
+    wanted = set(labels if methods is None else methods)
 
     # a cell's shard follows from its place in the whole sweep, however the cells are offered
     every = exp.tuning_cells() + exp.cells({g: {} for g in _all_groups(exp)})
@@ -867,7 +878,7 @@ def run_experiment(
         return stage_of.get(search, 0)
 
     def run(cells: Iterable[Cell], what: str) -> None:
-        mine = [c for c in cells if shard_of(c) == index]
+        mine = [c for c in cells if shard_of(c) == index and c.labels["method"] in wanted]
         todo = [c for c in mine if not _cell_done(results_dir, c)]
         for n, cell in enumerate(todo, 1):
             # Beside the run folder, not in it: a stale run folder is deleted with what is in it.
@@ -884,7 +895,7 @@ def run_experiment(
 
     def searches_held_elsewhere() -> bool:
         for cell in search_cells(exp, results_dir):
-            if not _cell_done(results_dir, cell):
+            if cell.labels["method"] in wanted and not _cell_done(results_dir, cell):
                 with _cell_lock(runs_dir / f"{cell.key}.lock") as held:
                     if not held:
                         return True
