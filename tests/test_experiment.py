@@ -993,6 +993,16 @@ def test_a_worker_told_which_methods_runs_only_their_cells(tmp_path, capsys):
     ran = {c.key for c in everything if (results / c.key / "metrics.jsonl").exists()}
     assert ran == {c.key for c in everything if c.labels["method"] == "bdfa"} and len(ran) == 4
     assert aggregate(exp, results)["cells_missing"] == 2  # bp's measured cells, not yet run
+    capsys.readouterr()
+    assert main(["experiment", str(path), *roots, "--list", "--methods", "bp"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed[:-1]] == [
+        "tune/bp/fraction=0.5/lr=0.0001",
+        "tune/bp/fraction=0.5/lr=0.003",
+    ]
+    assert listed[-1].startswith("tiny: 2 cells: 2 pending; 1 searches unfinished")
+    assert main(["experiment", str(path), *roots, "--list", "--methods", "bdfa"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "tiny: 4 cells: 4 done"  # not bp's search
     assert main(["experiment", str(path), *roots, "--no-progress"]) == 0
     assert aggregate(exp, results)["cells_missing"] == 0
     capsys.readouterr()

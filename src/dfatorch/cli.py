@@ -253,19 +253,28 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         if args.list:
             from collections import Counter
 
-            from .experiment import cell_status, search_cells, search_diverged, select
+            from .experiment import (
+                cell_status,
+                method_labels,
+                search_cells,
+                search_diverged,
+                select,
+            )
 
             results = Path(args.results_root) / exp.name
             chosen, searched = select(exp, results)
             cells = search_cells(exp, results) + exp.cells(chosen if exp.tune else None)
             cells += exp.convergence_cells(chosen)
+            wanted = method_labels(exp, args.methods)
+            cells = [c for c in cells if c.labels["method"] in wanted]
             width = max((len(c.key) for c in cells), default=0)
             counts: Counter[str] = Counter()
             for cell in cells:
                 status = cell_status(Path(args.runs_root) / exp.name, results, cell)
                 counts[status] += 1
                 print(f"{cell.key:<{width}}  {status}")
-            open_searches = {exp.search_group(c.labels) for c in exp.tuning_cells()}
+            open_searches = {exp.search_group(c.labels) for c in exp.tuning_cells()
+                             if c.labels["method"] in wanted}  # fmt: skip
             open_searches -= {*chosen, *search_diverged(searched)}
             waiting = (f"; {len(open_searches)} searches unfinished, their measured cells (and "
                        "checks) not listed yet" if open_searches else "")  # fmt: skip
@@ -536,8 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train each cell in N data-parallel processes (default: the file's "
                         "nproc, else 1)")  # fmt: skip
     p.add_argument("--methods", type=_labels, default=None, metavar="LABEL[,LABEL...]",
-                   help="run only these methods' cells (searches and checks included), to "
-                        "spend scarce compute on one comparison first (default: all)")  # fmt: skip
+                   help="run (or list) only these methods' cells, searches and checks "
+                        "included, to spend scarce compute on one comparison first "
+                        "(default: all)")  # fmt: skip
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser(

@@ -812,6 +812,17 @@ def search_diverged(search: dict[str, list[dict[str, Any]]]) -> list[str]:
     return [g for g, points in search.items() if points and all(p.get("diverged") for p in points)]
 
 
+def method_labels(exp: Experiment, methods: Collection[str] | None = None) -> set[str]:
+    """The labels of ``methods`` (every method of ``exp`` for None); ValueError for a label the
+    file does not have."""
+    labels = [m["label"] for m in exp.methods]
+    unknown = sorted(set(methods or ()) - set(labels))
+    if unknown:
+        raise ValueError(f"{exp.name}: no method labelled {', '.join(map(repr, unknown))} "
+                         f"(the file has {', '.join(labels)})")  # fmt: skip
+    return set(labels if methods is None else methods)
+
+
 def run_experiment(
     exp: Experiment,
     *,
@@ -843,12 +854,7 @@ def run_experiment(
     runs_dir = Path(runs_root) / exp.name
     results_dir = Path(results_root) / exp.name
     index, count = shard
-    labels = [m["label"] for m in exp.methods]
-    unknown = sorted(set(methods or ()) - set(labels))
-    if unknown:
-        raise ValueError(f"{exp.name}: no method labelled {', '.join(map(repr, unknown))} "
-                         f"(the file has {', '.join(labels)})")  # fmt: skip
-    wanted = set(labels if methods is None else methods)
+    wanted = method_labels(exp, methods)
 
     # a cell's shard follows from its place in the whole sweep, however the cells are offered
     every = exp.tuning_cells() + exp.cells({g: {} for g in _all_groups(exp)})
