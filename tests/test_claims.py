@@ -275,8 +275,9 @@ def test_a_reference_from_another_experiment_pairs_by_seed():
 
 def test_a_comparison_whose_convergence_check_failed_is_not_converged():
     """Where the experiment checks convergence (`check_longer`), a side whose longer check run
-    gained CONVERGED_POINTS or more makes the comparison "not converged", keeping what the interval
-    alone says; a gain just below the bar, or a check at another grid point, changes nothing."""
+    gained CONVERGED_POINTS or more makes the comparison "not converged", and one whose check has
+    not finished "not checked", keeping what the interval alone says; a gain just below the bar,
+    or a check at another grid point, changes nothing."""
     from dfatorch.experiment import CONVERGED_POINTS
 
     claim = _claim("above")
@@ -308,5 +309,15 @@ def test_a_comparison_whose_convergence_check_failed_is_not_converged():
         f"| not converged (the interval alone: holds; the longer check run gained b +{gain:.2f} "
         "points) |"
     )
-    summary["exp"]["convergence"]["b/fraction=0.1/epochs=10"]["val_acc"][1] = None  # not run
+    # a check not finished yet: the verdict waits for it, the interval's is kept
+    summary["exp"]["convergence"]["b/fraction=0.1/epochs=10"]["val_acc"][1] = None
+    (c,) = evaluate(claim, summary)
+    assert (c.verdict, c.interval_verdict, c.unchecked) == ("not checked", "holds", ("b",))
+    head, detail = verdict_tables([claim], summary)
+    assert "**not checked**" in head[2]
+    assert detail[2].endswith(
+        "| not checked (the interval alone: holds; the convergence check of b has not finished) |"
+    )
+    # no check at that point at all (an experiment without `check_longer`): the interval decides
+    del summary["exp"]["convergence"]["b/fraction=0.1/epochs=10"]
     assert evaluate(claim, summary)[0].verdict == "holds"

@@ -33,7 +33,8 @@ comparison's verdict follows from its interval only:
   either side; *not run* where the cells are missing;
 - *not converged*, whatever the interval says, where the experiment checks convergence
   (``[tune] check_longer``) and the check of either method at that point failed (its longer run
-  gained :data:`~dfatorch.experiment.CONVERGED_POINTS` or more).
+  gained :data:`~dfatorch.experiment.CONVERGED_POINTS` or more); *not checked* where it checks
+  convergence but the check of either method at that point has not finished.
 
 A claim's verdict combines its comparisons that have an interval: the common verdict if they
 agree, else *mixed* with the counts.
@@ -93,10 +94,12 @@ class Comparison:
     verdict: str
     #: seeds of either side that diverged, left out of the difference (a verdict on survivors)
     diverged: int = 0
-    #: the interval's verdict, kept where ``verdict`` is "not converged"
+    #: the interval's verdict, kept where ``verdict`` is "not converged" or "not checked"
     interval_verdict: str = ""
     #: ``(method, gain in points)`` of each side whose convergence check failed
     unconverged: tuple[tuple[str, float], ...] = ()
+    #: the sides whose convergence check has not finished
+    unchecked: tuple[str, ...] = ()
 
 
 def load_claims(path: str | Path) -> list[Claim]:
@@ -170,15 +173,23 @@ def _finals(
     return finals or None, int(rows[0].get("diverged", 0))
 
 
+def _check_of(
+    summary: Mapping[str, Any], method: str, at: Mapping[str, Any]
+) -> Mapping[str, Any] | None:
+    """``method``'s convergence check at ``at`` (``[tune] check_longer``), finished or not; None
+    where the experiment has none there."""
+    for check in (summary.get("convergence") or {}).values():
+        if check["method"] == method and all(check["at"].get(k, v) == v for k, v in at.items()):
+            return check
+    return None
+
+
 def _check_gain(summary: Mapping[str, Any], method: str, at: Mapping[str, Any]) -> float | None:
     """The points of validation accuracy that ``method``'s convergence check at ``at`` gained from
     the longer schedule (``[tune] check_longer``); None without a finished check."""
-    for check in (summary.get("convergence") or {}).values():
-        if check["method"] != method or any(check["at"].get(k, v) != v for k, v in at.items()):
-            continue
-        short, long = check["val_acc"]
-        return None if short is None or long is None else 100 * (long - short)
-    return None
+    check = _check_of(summary, method, at)
+    short, long = check["val_acc"] if check else (None, None)
+    return None if short is None or long is None else 100 * (long - short)
 
 
 def _verdict(kind: str, margin: float, d: Difference) -> str:
@@ -215,10 +226,16 @@ def evaluate(claim: Claim, summaries: Mapping[str, Mapping[str, Any]]) -> list[C
         weights = [1.0, -1.0] if ev.baseline_at is None else [1.0, -1.0, -1.0, 1.0]
         d = seed_contrast(groups, weights, LEVEL)  # type: ignore[arg-type]
         verdict = _verdict(claim.kind, claim.margin, d)
-        gains = [(m, _check_gain(summary, m, at)) for at in points for summary, m in sides]
+        checked = [(summary, m, at) for at in points for summary, m in sides
+                   if _check_of(summary, m, at) is not None]  # fmt: skip
+        gains = [(m, _check_gain(summary, m, at)) for summary, m, at in checked]
         late = tuple((m, g) for m, g in gains if g is not None and g >= CONVERGED_POINTS)
+        unchecked = tuple(m for m, g in gains if g is None)
         if late:
             out.append(Comparison(ev, d, "not converged", sum(diverged), verdict, late))
+        elif unchecked:
+            out.append(Comparison(ev, d, "not checked", sum(diverged), verdict,
+                                  unchecked=unchecked))  # fmt: skip
         else:
             out.append(Comparison(ev, d, verdict, sum(diverged)))
     return out
@@ -332,6 +349,9 @@ def verdict_tables(
                 gains = ", ".join(f"{m} {g:+.2f}" for m, g in c.unconverged)
                 verdict += (f" (the interval alone: {c.interval_verdict}; the longer check run "
                             f"gained {gains} points)")  # fmt: skip
+            elif c.unchecked:
+                verdict += (f" (the interval alone: {c.interval_verdict}; the convergence check "
+                            f"of {', '.join(c.unchecked)} has not finished)")  # fmt: skip
             detail.append(
                 f"| {claim.id} | {_setting(c.evidence)} | {_compared(c.evidence)} | {diff} | "
                 f"{interval} | {test} | {verdict} |"
