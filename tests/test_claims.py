@@ -312,12 +312,33 @@ def test_a_comparison_whose_convergence_check_failed_is_not_converged():
     # a check not finished yet: the verdict waits for it, the interval's is kept
     summary["exp"]["convergence"]["b/fraction=0.1/epochs=10"]["val_acc"][1] = None
     (c,) = evaluate(claim, summary)
-    assert (c.verdict, c.interval_verdict, c.unchecked) == ("not checked", "holds", ("b",))
+    assert (c.verdict, c.interval_verdict) == ("not checked", "holds")
+    assert c.unchecked == (("b", "has not finished"),)
     head, detail = verdict_tables([claim], summary)
     assert "**not checked**" in head[2]
     assert detail[2].endswith(
         "| not checked (the interval alone: holds; the convergence check of b has not finished) |"
     )
+    # a diverged check run is finished but tells nothing either; a failed check outweighs it
+    summary["exp"]["convergence"]["b/fraction=0.1/epochs=10"]["diverged"] = [0, 1]
+    assert evaluate(claim, summary)[0].unchecked == (("b", "diverged"),)
+    summary["exp"]["convergence"]["a/fraction=0.1/epochs=10"] = check("a", 0.1, bar + 0.01)
+    (c,) = evaluate(claim, summary)
+    assert (c.verdict, c.unchecked, [m for m, _ in c.unconverged]) == ("not converged", (), ["a"])
+    summary["exp"]["convergence"]["a/fraction=0.1/epochs=10"] = check("a", 0.1, 0.0)
     # no check at that point at all (an experiment without `check_longer`): the interval decides
     del summary["exp"]["convergence"]["b/fraction=0.1/epochs=10"]
     assert evaluate(claim, summary)[0].verdict == "holds"
+    # a difference of differences names each side's grid point
+    wide = _summary(a=[0.70, 0.71, 0.72], b=[0.60, 0.61, 0.60])
+    wide["exp"]["rows"] += [{**r, "fraction": 0.2} for r in wide["exp"]["rows"]]
+    wide["exp"]["convergence"] = {
+        "a/fraction=0.2/epochs=10": {**check("a", 0.2, 0.0), "val_acc": [0.5, None]},
+        "b/fraction=0.1/epochs=10": {**check("b", 0.1, 0.0), "val_acc": [None, None]},
+    }
+    ev = Evidence("exp", "a", "b", at={"fraction": 0.2}, baseline_at={"fraction": 0.1})
+    (c,) = evaluate(Claim("(x)", "S", "t", kind="above", evidence=(ev,)), wide)
+    assert c.unchecked == (
+        ("a at fraction 0.2", "has not finished"),
+        ("b at fraction 0.1", "has not finished"),
+    )

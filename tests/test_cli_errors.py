@@ -161,6 +161,17 @@ CASES = [
           "--no-progress"], ("checkpoint.pt",)),
     Case("experiment-shard-bad", ["experiment", "ok.toml", "--shard", "3/2"], ("--shard",),
          argparse=True),
+    Case("experiment-methods-unknown",
+         ["experiment", "ok.toml", "--runs-root", "xr", "--results-root", "xs", "--methods",
+          "bp,dfa"], ("no method labelled 'dfa'", "the file has bp")),
+    Case("experiment-list-methods-unknown", ["experiment", "ok.toml", "--list", "--methods", "x"],
+         ("no method labelled 'x'",)),
+    # the second file's label is refused before the first file runs (its checkpoint would fail)
+    Case("experiment-methods-unknown-in-second-file",
+         ["experiment", "ok.toml", "other.toml", "--runs-root", "xruns", "--results-root", "xs",
+          "--no-progress", "--methods", "bp"], ("other: no method labelled 'bp'",)),
+    Case("experiment-methods-empty", ["experiment", "ok.toml", "--methods", ","], ("--methods",),
+         argparse=True),
     # report
     Case("report-missing-file", ["report", "missing.toml", "--out", "rep/R.md"],
          ("missing.toml",)),
@@ -204,6 +215,10 @@ def _write_inputs(root: Path) -> None:
         '[[methods]]\nlabel = "x"\nmethod = "bdfaa"\n'
     )
     (root / "garbage.toml").write_text("this is not toml\n")
+    (root / "other.toml").write_text(
+        'name = "other"\n[base]\ndataset = "digits"\nmodel = "mlp"\nepochs = 1\n'
+        '[[methods]]\nlabel = "dfa"\nmethod = "dfa"\n'
+    )
     (root / "ok.toml").write_text(
         'name = "ok"\n[base]\ndataset = "digits"\nmodel = "mlp"\nepochs = 1\n'
         '[[methods]]\nlabel = "bp"\nmethod = "bp"\n'

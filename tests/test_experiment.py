@@ -1003,6 +1003,20 @@ def test_a_worker_told_which_methods_runs_only_their_cells(tmp_path, capsys):
     assert listed[-1].startswith("tiny: 2 cells: 2 pending; 1 searches unfinished")
     assert main(["experiment", str(path), *roots, "--list", "--methods", "bdfa"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "tiny: 4 cells: 4 done"  # not bp's search
+    if sys.platform != "win32":  # no flock on Windows
+        import fcntl
+
+        # another worker holds bp's search: a worker told to run bdfa does not wait for it
+        def log(line: str) -> None:
+            assert "waiting" not in line, line
+
+        lock_path = tmp_path / "runs" / "tiny" / f"{exp.tuning_cells()[0].key}.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            where = dict(runs_root=tmp_path / "runs", results_root=results.parent)
+            run_experiment(exp, **where, progress=False, log=log, poll_seconds=0.01,
+                           methods=["bdfa"])  # fmt: skip
     assert main(["experiment", str(path), *roots, "--no-progress"]) == 0
     assert aggregate(exp, results)["cells_missing"] == 0
     capsys.readouterr()

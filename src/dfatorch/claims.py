@@ -34,7 +34,7 @@ comparison's verdict follows from its interval only:
 - *not converged*, whatever the interval says, where the experiment checks convergence
   (``[tune] check_longer``) and the check of either method at that point failed (its longer run
   gained :data:`~dfatorch.experiment.CONVERGED_POINTS` or more); *not checked* where it checks
-  convergence but the check of either method at that point has not finished.
+  convergence but the check of either method at that point has not finished, or diverged.
 
 A claim's verdict combines its comparisons that have an interval: the common verdict if they
 agree, else *mixed* with the counts.
@@ -96,10 +96,12 @@ class Comparison:
     diverged: int = 0
     #: the interval's verdict, kept where ``verdict`` is "not converged" or "not checked"
     interval_verdict: str = ""
-    #: ``(method, gain in points)`` of each side whose convergence check failed
+    #: ``(side, gain in points)`` of each side whose convergence check failed (a side: the
+    #: method, with its grid point where the comparison has a ``baseline_at``)
     unconverged: tuple[tuple[str, float], ...] = ()
-    #: the sides whose convergence check has not finished
-    unchecked: tuple[str, ...] = ()
+    #: ``(side, why)`` of each side whose convergence check tells nothing: "has not finished"
+    #: or "diverged"
+    unchecked: tuple[tuple[str, str], ...] = ()
 
 
 def load_claims(path: str | Path) -> list[Claim]:
@@ -184,12 +186,18 @@ def _check_of(
     return None
 
 
+def _gain(check: Mapping[str, Any]) -> float | None:
+    """The points of validation accuracy a convergence check gained from the longer schedule;
+    None while either run has not finished, or if either diverged."""
+    short, long = check["val_acc"]
+    return None if short is None or long is None else 100 * (long - short)
+
+
 def _check_gain(summary: Mapping[str, Any], method: str, at: Mapping[str, Any]) -> float | None:
     """The points of validation accuracy that ``method``'s convergence check at ``at`` gained from
     the longer schedule (``[tune] check_longer``); None without a finished check."""
     check = _check_of(summary, method, at)
-    short, long = check["val_acc"] if check else (None, None)
-    return None if short is None or long is None else 100 * (long - short)
+    return None if check is None else _gain(check)
 
 
 def _verdict(kind: str, margin: float, d: Difference) -> str:
@@ -226,16 +234,25 @@ def evaluate(claim: Claim, summaries: Mapping[str, Mapping[str, Any]]) -> list[C
         weights = [1.0, -1.0] if ev.baseline_at is None else [1.0, -1.0, -1.0, 1.0]
         d = seed_contrast(groups, weights, LEVEL)  # type: ignore[arg-type]
         verdict = _verdict(claim.kind, claim.margin, d)
-        checked = [(summary, m, at) for at in points for summary, m in sides
-                   if _check_of(summary, m, at) is not None]  # fmt: skip
-        gains = [(m, _check_gain(summary, m, at)) for summary, m, at in checked]
-        late = tuple((m, g) for m, g in gains if g is not None and g >= CONVERGED_POINTS)
-        unchecked = tuple(m for m, g in gains if g is None)
+        late: dict[str, float] = {}
+        unchecked: dict[str, str] = {}
+        for at in points:
+            for summary, m in sides:
+                check = _check_of(summary, m, at)
+                if check is None:
+                    continue
+                side = m if ev.baseline_at is None else f"{m} at {format_point(at)}"
+                gain = _gain(check)
+                if gain is not None and gain >= CONVERGED_POINTS:
+                    late[side] = gain
+                elif gain is None:  # a diverged run is finished, but tells nothing either
+                    unchecked[side] = "diverged" if any(check["diverged"]) else "has not finished"
         if late:
-            out.append(Comparison(ev, d, "not converged", sum(diverged), verdict, late))
+            out.append(Comparison(ev, d, "not converged", sum(diverged), verdict,
+                                  tuple(late.items())))  # fmt: skip
         elif unchecked:
             out.append(Comparison(ev, d, "not checked", sum(diverged), verdict,
-                                  unchecked=unchecked))  # fmt: skip
+                                  unchecked=tuple(unchecked.items())))  # fmt: skip
         else:
             out.append(Comparison(ev, d, verdict, sum(diverged)))
     return out
@@ -350,8 +367,9 @@ def verdict_tables(
                 verdict += (f" (the interval alone: {c.interval_verdict}; the longer check run "
                             f"gained {gains} points)")  # fmt: skip
             elif c.unchecked:
+                why = ", ".join(f"of {side} {reason}" for side, reason in c.unchecked)
                 verdict += (f" (the interval alone: {c.interval_verdict}; the convergence check "
-                            f"of {', '.join(c.unchecked)} has not finished)")  # fmt: skip
+                            f"{why})")  # fmt: skip
             detail.append(
                 f"| {claim.id} | {_setting(c.evidence)} | {_compared(c.evidence)} | {diff} | "
                 f"{interval} | {test} | {verdict} |"

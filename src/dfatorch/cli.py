@@ -246,20 +246,16 @@ def _labels(text: str) -> list[str]:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from .experiment import INTERRUPTED_EXIT, load_experiment, run_experiment
+    from .experiment import INTERRUPTED_EXIT, load_experiment, method_labels, run_experiment
 
-    for file in args.files:
-        exp = load_experiment(file)
+    experiments = [load_experiment(file) for file in args.files]  # every file's errors first
+    for exp in experiments:
+        method_labels(exp, args.methods)
+    for exp in experiments:
         if args.list:
             from collections import Counter
 
-            from .experiment import (
-                cell_status,
-                method_labels,
-                search_cells,
-                search_diverged,
-                select,
-            )
+            from .experiment import cell_status, search_cells, search_diverged, select
 
             results = Path(args.results_root) / exp.name
             chosen, searched = select(exp, results)
