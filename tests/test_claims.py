@@ -325,6 +325,11 @@ def test_a_comparison_whose_convergence_check_failed_is_not_converged():
     summary["exp"]["convergence"]["a/fraction=0.1/epochs=10"] = check("a", 0.1, bar + 0.01)
     (c,) = evaluate(claim, summary)
     assert (c.verdict, c.unchecked, [m for m, _ in c.unconverged]) == ("not converged", (), ["a"])
+    # ... whichever side comes first
+    summary["exp"]["convergence"]["a/fraction=0.1/epochs=10"]["val_acc"][1] = None
+    summary["exp"]["convergence"]["b/fraction=0.1/epochs=10"] = check("b", 0.1, bar + 0.01)
+    (c,) = evaluate(claim, summary)
+    assert (c.verdict, c.unchecked, [m for m, _ in c.unconverged]) == ("not converged", (), ["b"])
     summary["exp"]["convergence"]["a/fraction=0.1/epochs=10"] = check("a", 0.1, 0.0)
     # no check at that point at all (an experiment without `check_longer`): the interval decides
     del summary["exp"]["convergence"]["b/fraction=0.1/epochs=10"]
