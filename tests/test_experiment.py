@@ -1464,7 +1464,7 @@ def test_a_block_measured_longer_takes_the_choice_of_the_shorter_search(tmp_path
     chosen point for the block's epochs and ``check_longer`` times as many, sharing the run that
     the shorter group's check already trained."""
     import dfatorch.experiment as experiment
-    from dfatorch.claims import _check_gain
+    from dfatorch.claims import _check_of, _gain
     from dfatorch.report import _chosen_table
 
     monkeypatch.setattr(experiment, "_run_cell", _scripted_run)
@@ -1495,8 +1495,8 @@ def test_a_block_measured_longer_takes_the_choice_of_the_shorter_search(tmp_path
     )
     assert summary["checks_missing"] == 0 and summary["cells_missing"] == 0
     # a claim at the 4-epoch point reads that group's check (the scripted runs gain nothing)
-    assert _check_gain(summary, "inside", {"epochs": 4}) == 0.0
-    assert _check_gain(summary, "inside", {"epochs": 3}) is None
+    assert _gain(_check_of(summary, "inside", {"epochs": 4})) == 0.0
+    assert _check_of(summary, "inside", {"epochs": 3}) is None
     rows = _chosen_table(exp, tmp_path / "results" / "longer", summary)
     assert [r.split(" | ")[:2] for r in rows if "epochs=4" in r] == [
         ["| inside/epochs=4", "the choice of inside/epochs=2"]

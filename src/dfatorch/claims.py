@@ -193,13 +193,6 @@ def _gain(check: Mapping[str, Any]) -> float | None:
     return None if short is None or long is None else 100 * (long - short)
 
 
-def _check_gain(summary: Mapping[str, Any], method: str, at: Mapping[str, Any]) -> float | None:
-    """The points of validation accuracy that ``method``'s convergence check at ``at`` gained from
-    the longer schedule (``[tune] check_longer``); None without a finished check."""
-    check = _check_of(summary, method, at)
-    return None if check is None else _gain(check)
-
-
 def _verdict(kind: str, margin: float, d: Difference) -> str:
     if d.low is None or d.high is None:
         return "no interval"

@@ -249,8 +249,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from .experiment import INTERRUPTED_EXIT, load_experiment, method_labels, run_experiment
 
     experiments = [load_experiment(file) for file in args.files]  # every file's errors first
-    for exp in experiments:
-        method_labels(exp, args.methods)
+    wanted = {exp.name: method_labels(exp, args.methods) for exp in experiments}
     for exp in experiments:
         if args.list:
             from collections import Counter
@@ -261,8 +260,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             chosen, searched = select(exp, results)
             cells = search_cells(exp, results) + exp.cells(chosen if exp.tune else None)
             cells += exp.convergence_cells(chosen)
-            wanted = method_labels(exp, args.methods)
-            cells = [c for c in cells if c.labels["method"] in wanted]
+            cells = [c for c in cells if c.labels["method"] in wanted[exp.name]]
             width = max((len(c.key) for c in cells), default=0)
             counts: Counter[str] = Counter()
             for cell in cells:
@@ -270,7 +268,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                 counts[status] += 1
                 print(f"{cell.key:<{width}}  {status}")
             open_searches = {exp.search_group(c.labels) for c in exp.tuning_cells()
-                             if c.labels["method"] in wanted}  # fmt: skip
+                             if c.labels["method"] in wanted[exp.name]}  # fmt: skip
             open_searches -= {*chosen, *search_diverged(searched)}
             waiting = (f"; {len(open_searches)} searches unfinished, their measured cells (and "
                        "checks) not listed yet" if open_searches else "")  # fmt: skip

@@ -989,8 +989,8 @@ def _verdict_section(path: Path, summaries: dict[str, dict[str, Any]]) -> list[s
         "seed on either side gives *no interval*. It is *not converged* when its experiment "
         "checks convergence (`check_longer`) and the check failed for either method: the "
         "difference is then one of under-trained runs, whatever its interval says; *not "
-        "checked* while such a check has not finished. A claim's verdict combines its "
-        "comparisons that have an interval.",
+        "checked* while such a check has not finished, or where a run of it diverged. A claim's "
+        "verdict combines its comparisons that have an interval.",
         "",
         *head,
         "",
